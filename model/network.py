@@ -1,0 +1,242 @@
+"""The SRDiff-shaped network: an RRDB low-resolution encoder and a conditional U-Net denoiser.
+
+Module and parameter names follow the original code, so an original state dict loads unchanged
+(see `model.upstream`). One deliberate change of structure: the U-Net's projection of the RRDB
+features (`cond_proj`) is exposed as its own method, because it depends only on the LR image and
+must be computed once per image rather than once per diffusion step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+
+# ----------------------------------------------------------------------------- RRDB encoder
+
+
+class ResidualDenseBlock(nn.Module):
+    """Five densely connected 3x3 convolutions with a scaled residual (ESRGAN)."""
+
+    def __init__(self, nf: int, gc: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(nf, gc, 3, 1, 1)
+        self.conv2 = nn.Conv2d(nf + gc, gc, 3, 1, 1)
+        self.conv3 = nn.Conv2d(nf + 2 * gc, gc, 3, 1, 1)
+        self.conv4 = nn.Conv2d(nf + 3 * gc, gc, 3, 1, 1)
+        self.conv5 = nn.Conv2d(nf + 4 * gc, nf, 3, 1, 1)
+        self.lrelu = nn.LeakyReLU(negative_slope=0.2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1 = self.lrelu(self.conv1(x))
+        x2 = self.lrelu(self.conv2(torch.cat((x, x1), 1)))
+        x3 = self.lrelu(self.conv3(torch.cat((x, x1, x2), 1)))
+        x4 = self.lrelu(self.conv4(torch.cat((x, x1, x2, x3), 1)))
+        x5 = self.conv5(torch.cat((x, x1, x2, x3, x4), 1))
+        return x5 * 0.2 + x
+
+
+class RRDB(nn.Module):
+    """Residual-in-residual dense block."""
+
+    def __init__(self, nf: int, gc: int) -> None:
+        super().__init__()
+        self.RDB1 = ResidualDenseBlock(nf, gc)
+        self.RDB2 = ResidualDenseBlock(nf, gc)
+        self.RDB3 = ResidualDenseBlock(nf, gc)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.RDB3(self.RDB2(self.RDB1(x))) * 0.2 + x
+
+
+class RRDBNet(nn.Module):
+    """The LR encoder. Takes LR in [-1, 1]; returns its xscale image in [-1, 1] and its features."""
+
+    def __init__(self, nf: int, nb: int, gc: int, scale: int) -> None:
+        super().__init__()
+        self.num_up = int(math.log2(scale))
+        self.conv_first = nn.Conv2d(3, nf, 3, 1, 1)
+        self.RRDB_trunk = nn.Sequential(*[RRDB(nf, gc) for _ in range(nb)])
+        self.trunk_conv = nn.Conv2d(nf, nf, 3, 1, 1)
+        for i in range(1, self.num_up + 1):
+            self.add_module(f"upconv{i}", nn.Conv2d(nf, nf, 3, 1, 1))
+        self.HRconv = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.conv_last = nn.Conv2d(nf, 3, 3, 1, 1)
+        self.lrelu = nn.LeakyReLU(negative_slope=0.2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        feas: list[Tensor] = []
+        x = (x + 1) / 2
+        fea_first = fea = self.conv_first(x)
+        for block in self.RRDB_trunk:
+            fea = block(fea)
+            feas.append(fea)
+        fea = fea_first + self.trunk_conv(fea)
+        feas.append(fea)
+        for i in range(1, self.num_up + 1):
+            upconv = getattr(self, f"upconv{i}")
+            fea = self.lrelu(upconv(F.interpolate(fea, scale_factor=2, mode="nearest")))
+        out = self.conv_last(self.lrelu(self.HRconv(fea)))
+        return out.clamp(0, 1) * 2 - 1, feas
+
+
+# ----------------------------------------------------------------------------- U-Net denoiser
+
+
+class Mish(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.tanh(F.softplus(x))
+
+
+class SinusoidalPosEmb(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
+        emb = t.float()[:, None] * freqs[None, :]
+        return torch.cat((emb.sin(), emb.cos()), dim=-1)
+
+
+class Block(nn.Module):
+    """Reflection-padded 3x3 convolution and Mish; no normalisation."""
+
+    def __init__(self, dim: int, dim_out: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(dim, dim_out, 3), Mish())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, dim: int, dim_out: int, time_emb_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(Mish(), nn.Linear(time_emb_dim, dim_out))
+        self.block1 = Block(dim, dim_out)
+        self.block2 = Block(dim_out, dim_out)
+        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x: Tensor, time_emb: Tensor) -> Tensor:
+        h = self.block1(x) + self.mlp(time_emb)[:, :, None, None]
+        return self.block2(h) + self.res_conv(x)
+
+
+class Downsample(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.ConvTranspose2d(dim, dim, 4, 2, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Unet(nn.Module):
+    """Predicts the noise in a residual x_t given the timestep and the projected LR condition."""
+
+    def __init__(self, dim: int, dim_mults: tuple[int, ...], cond_channels: int, scale: int) -> None:
+        super().__init__()
+        dims = [3, *(dim * m for m in dim_mults)]
+        in_out = list(zip(dims[:-1], dims[1:], strict=True))
+        n = len(in_out)
+
+        self.cond_proj = nn.ConvTranspose2d(cond_channels, dim, scale * 2, scale, scale // 2)
+        self.time_pos_emb = SinusoidalPosEmb(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 4), Mish(), nn.Linear(dim * 4, dim))
+
+        self.downs = nn.ModuleList()
+        for i, (d_in, d_out) in enumerate(in_out):
+            self.downs.append(nn.ModuleList([
+                ResnetBlock(d_in, d_out, dim),
+                ResnetBlock(d_out, d_out, dim),
+                Downsample(d_out) if i < n - 1 else nn.Identity(),
+            ]))
+        mid = dims[-1]
+        self.mid_block1 = ResnetBlock(mid, mid, dim)
+        self.mid_block2 = ResnetBlock(mid, mid, dim)
+        self.ups = nn.ModuleList()
+        for d_in, d_out in reversed(in_out[1:]):
+            self.ups.append(nn.ModuleList([
+                ResnetBlock(d_out * 2, d_in, dim),
+                ResnetBlock(d_in, d_in, dim),
+                Upsample(d_in),
+            ]))
+        self.final_conv = nn.Sequential(Block(dim, dim), nn.Conv2d(dim, 3, 1))
+
+    def project_cond(self, feats: list[Tensor]) -> Tensor:
+        """Project RRDB features 2, 5, 8, ... to HR size. Depends on the LR image only."""
+        return self.cond_proj(torch.cat(feats[2::3], 1))
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """`cond` is the output of `project_cond`; `t` holds one timestep per sample."""
+        temb = self.mlp(self.time_pos_emb(t))
+        skips = []
+        for i, (resnet, resnet2, downsample) in enumerate(self.downs):
+            x = resnet2(resnet(x, temb), temb)
+            if i == 0:
+                x = x + cond
+            skips.append(x)
+            x = downsample(x)
+        x = self.mid_block2(self.mid_block1(x, temb), temb)
+        for resnet, resnet2, upsample in self.ups:
+            x = torch.cat((x, skips.pop()), dim=1)
+            x = upsample(resnet2(resnet(x, temb), temb))
+        return self.final_conv(x)
+
+
+# ----------------------------------------------------------------------------- the whole network
+
+
+class SRDiffNet(nn.Module):
+    """RRDB encoder + U-Net denoiser, with the original code's parameter names."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rrdb = RRDBNet(cfg.rrdb_num_feat, cfg.rrdb_num_block, cfg.rrdb_growth, cfg.scale)
+        self.denoise_fn = Unet(cfg.hidden_size, cfg.dim_mults, cfg.cond_channels, cfg.scale)
+
+    def encode(self, img_lr: Tensor) -> Tensor:
+        """LR image in [-1, 1] -> the U-Net condition at HR size (computed once per image)."""
+        _, feats = self.rrdb(img_lr)
+        return self.denoise_fn.project_cond(feats)
+
+    def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.denoise_fn(x, t, cond)
+
+
+class Encoder(nn.Module):
+    """Exportable view: LR image -> projected condition."""
+
+    def __init__(self, net: SRDiffNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, img_lr: Tensor) -> Tensor:
+        return self.net.encode(img_lr)
+
+
+class Denoiser(nn.Module):
+    """Exportable view: one denoiser step (x_t, t, condition) -> predicted noise."""
+
+    def __init__(self, net: SRDiffNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.net.denoise(x, t, cond)

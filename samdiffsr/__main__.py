@@ -1,0 +1,5 @@
+import sys
+
+from samdiffsr.cli import main
+
+sys.exit(main())
