@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny random checkpoint in our format and real photos from shared/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+REFERENCE = SHARED / "reference" / "upstream-tiny"
+CORPUS = SHARED / "data" / "corpus-hr"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised `tiny` model saved in our checkpoint format."""
+    from model.checkpoint import CheckpointInfo, save_checkpoint
+    from model.config import PRESETS
+    from model.network import SRDiffNet
+
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    net = SRDiffNet(cfg)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return save_checkpoint(out, net, CheckpointInfo(config=cfg, name="tiny-random",
+                                                    provenance={"source": "tests"}))
+
+
+@pytest.fixture(scope="session")
+def photo() -> Path:
+    """A real photo (PNG) from the shared corpus."""
+    return CORPUS / "val" / "skimage-chelsea.png"
