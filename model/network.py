@@ -9,6 +9,7 @@ must be computed once per image rather than once per diffusion step.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +153,7 @@ class Unet(nn.Module):
     def __init__(self, dim: int, dim_mults: tuple[int, ...], cond_channels: int, scale: int) -> None:
         super().__init__()
         dims = [3, *(dim * m for m in dim_mults)]
-        in_out = list(zip(dims[:-1], dims[1:], strict=True))
+        in_out = list(pairwise(dims))
         n = len(in_out)
 
         self.cond_proj = nn.ConvTranspose2d(cond_channels, dim, scale * 2, scale, scale // 2)

@@ -1,0 +1,161 @@
+"""Image decoding and encoding with Pillow: any mode in, float RGB (+ alpha) out, and back.
+
+Handles EXIF orientation, grayscale, palette, RGBA/LA (alpha kept apart and upscaled separately),
+16-bit PNGs, truncated files and decompression bombs.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class ImageDecodeError(ValueError):
+    """The data is not a decodable image (unknown format, truncated, corrupt)."""
+
+
+class ImageTooLargeError(ValueError):
+    """The image has more pixels than allowed (decompression bombs included)."""
+
+
+@dataclass
+class DecodedImage:
+    rgb: np.ndarray  # float32 (H, W, 3) in [0, 1]
+    alpha: np.ndarray | None = None  # float32 (H, W) in [0, 1]
+    grayscale: bool = False
+    bit_depth: int = 8
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+
+def _to_float(img: Image.Image) -> tuple[np.ndarray, int]:
+    """A single-band or RGB image -> float32 array in [0, 1], and its bit depth."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        # 16-bit PNGs decode as I;16 (or I with values up to 65535).
+        return (np.clip(a, 0, 65535) / 65535.0).astype(np.float32), 16
+    if img.mode == "F":
+        return np.clip(np.asarray(img, dtype=np.float32), 0, 1), 16
+    return np.asarray(img, dtype=np.float32) / 255.0, 8
+
+
+def decode_image(data: bytes | str | Path | BinaryIO, max_pixels: int | None = None) -> DecodedImage:
+    """Decode an image file or bytes. Raises ImageDecodeError / ImageTooLargeError."""
+    src = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(src)
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except ImageTooLargeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLargeError(f"image rejected as a decompression bomb: {e}") from e
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(f"cannot decode image: {e}") from e
+
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        img = img.convert("RGB")
+    elif mode == "La":
+        img = img.convert("LA")
+    elif mode == "RGBa":
+        img = img.convert("RGBA")
+
+    alpha = None
+    if img.mode in ("RGBA", "LA"):
+        alpha = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
+        img = img.convert("RGB" if img.mode == "RGBA" else "L")
+
+    if img.mode == "RGB":
+        rgb, depth = _to_float(img)
+        return DecodedImage(rgb=np.ascontiguousarray(rgb), alpha=alpha, grayscale=False, bit_depth=depth)
+    # Single band: L, I;16, I, F.
+    gray, depth = _to_float(img)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    return DecodedImage(rgb=rgb, alpha=alpha, grayscale=True, bit_depth=depth)
+
+
+def resize_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
+    """Upscale an alpha channel with bicubic interpolation (alpha is not diffused)."""
+    h, w = alpha.shape
+    img = Image.fromarray(alpha.astype(np.float32), mode="F")
+    out = np.asarray(img.resize((w * scale, h * scale), Image.Resampling.BICUBIC), dtype=np.float32)
+    return np.clip(out, 0, 1)
+
+
+def with_rgb(src: DecodedImage, rgb: np.ndarray, scale: int) -> DecodedImage:
+    """The upscaled counterpart of `src`: new RGB, alpha upscaled separately, same mode and depth."""
+    alpha = resize_alpha(src.alpha, scale) if src.alpha is not None else None
+    return replace(src, rgb=np.clip(rgb, 0, 1).astype(np.float32), alpha=alpha)
+
+
+def _quantize(a: np.ndarray, depth: int) -> np.ndarray:
+    if depth == 16:
+        return np.round(np.clip(a, 0, 1) * 65535).astype(np.uint16)
+    return np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
+
+
+def to_pil(img: DecodedImage, fmt: str = "png") -> Image.Image:
+    """Pillow image in the richest mode the output format supports."""
+    fmt = fmt.lower()
+    sixteen = img.bit_depth == 16 and fmt == "png" and img.grayscale and img.alpha is None
+    if sixteen:  # Pillow writes 16-bit PNGs for single-band images only.
+        return Image.fromarray(_quantize(img.rgb[:, :, 0], 16), mode="I;16")
+    rgb8 = _quantize(img.rgb, 8)
+    base = Image.fromarray(rgb8[:, :, 0], mode="L") if img.grayscale else Image.fromarray(rgb8, mode="RGB")
+    if img.alpha is not None and fmt != "jpeg":
+        a = Image.fromarray(_quantize(img.alpha, 8), mode="L")
+        base = base.convert("LA" if img.grayscale else "RGBA")
+        base.putalpha(a)
+    return base
+
+
+def encode_image(img: DecodedImage, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode to PNG (lossless), JPEG or WebP (lossy, `quality` 1-100)."""
+    key = fmt.lower()
+    if key not in FORMATS:
+        raise ValueError(f"unsupported output format {fmt!r}; choose png, jpeg or webp")
+    if not 1 <= quality <= 100:
+        raise ValueError("quality must be in 1..100")
+    pil = to_pil(img, key)
+    buf = io.BytesIO()
+    if FORMATS[key] == "PNG":
+        pil.save(buf, format="PNG", compress_level=6)
+    elif FORMATS[key] == "JPEG":
+        pil.save(buf, format="JPEG", quality=quality)
+    else:
+        pil.save(buf, format="WEBP", quality=quality)
+    return buf.getvalue()
+
+
+def save_image(img: DecodedImage, path: str | Path, quality: int = 95) -> None:
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    path.write_bytes(encode_image(img, "jpeg" if fmt == "jpg" else fmt, quality))

@@ -1,0 +1,172 @@
+"""One runtime interface over three backends: eager torch, TorchScript and ONNX Runtime.
+
+A runtime does two things: `encode` (LR image -> projected condition, once per image) and
+`denoise` (x_t, t, condition -> predicted noise, once per step). Everything else (sampling,
+tiling, batching) is backend-independent and lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.checkpoint import CheckpointInfo, load_checkpoint
+from model.config import ModelConfig
+from model.diffusion import Schedule, make_schedule
+from model.export import FILES, export, is_current, weights_digest
+from model.network import SRDiffNet
+
+log = logging.getLogger(__name__)
+BACKENDS = ("torch", "torchscript", "onnx")
+
+
+class Runtime(Protocol):
+    backend: str
+    device: torch.device
+    info: CheckpointInfo
+    schedule: Schedule
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    def encode(self, img_lr: Tensor) -> Tensor: ...
+
+    def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor: ...
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+class _Base:
+    backend = "base"
+
+    def __init__(self, info: CheckpointInfo, device: torch.device) -> None:
+        self.info = info
+        self.device = device
+        self.schedule = make_schedule(info.config.timesteps, info.config.beta_s).to(device)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.info.config
+
+
+class TorchRuntime(_Base):
+    backend = "torch"
+
+    def __init__(self, net: SRDiffNet, info: CheckpointInfo, device: torch.device) -> None:
+        super().__init__(info, device)
+        self.net = net.to(device).eval()
+
+    @torch.inference_mode()
+    def encode(self, img_lr: Tensor) -> Tensor:
+        return self.net.encode(img_lr.to(self.device))
+
+    @torch.inference_mode()
+    def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.net.denoise(x.to(self.device), t.to(self.device), cond.to(self.device))
+
+
+class TorchScriptRuntime(_Base):
+    backend = "torchscript"
+
+    def __init__(self, export_dir: Path, info: CheckpointInfo, device: torch.device) -> None:
+        super().__init__(info, device)
+        enc, den = (export_dir / f for f in FILES["torchscript"])
+        self.encoder = torch.jit.load(str(enc), map_location=device).eval()
+        self.denoiser = torch.jit.load(str(den), map_location=device).eval()
+
+    @torch.inference_mode()
+    def encode(self, img_lr: Tensor) -> Tensor:
+        return self.encoder(img_lr.to(self.device))
+
+    @torch.inference_mode()
+    def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.denoiser(x.to(self.device), t.to(self.device), cond.to(self.device))
+
+
+def onnx_providers(device: torch.device) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", *wanted]
+    return [p for p in wanted if p in available]
+
+
+class OnnxRuntime(_Base):
+    backend = "onnx"
+
+    def __init__(self, export_dir: Path, info: CheckpointInfo, device: torch.device) -> None:
+        super().__init__(info, device)
+        import onnxruntime as ort
+
+        enc, den = (export_dir / f for f in FILES["onnx"])
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        providers = onnx_providers(device)
+        self.encoder = self._session(ort, enc, opts, providers)
+        self.denoiser = self._session(ort, den, opts, providers)
+        self.providers = self.denoiser.get_providers()
+
+    @staticmethod
+    def _session(ort, path: Path, opts, providers: list[str]):
+        # A provider listed as available can still fail to start (e.g. TensorRT libraries missing).
+        for i in range(len(providers)):
+            try:
+                return ort.InferenceSession(str(path), opts, providers=providers[i:])
+            except Exception as e:  # onnxruntime raises its own exception types
+                if i == len(providers) - 1:
+                    raise
+                log.warning("ONNX Runtime provider %s unavailable (%s); falling back", providers[i], e)
+        raise RuntimeError("no ONNX Runtime provider")
+
+    def _run(self, session, feeds: dict[str, np.ndarray]) -> Tensor:
+        out = session.run(None, feeds)[0]
+        return torch.from_numpy(out).to(self.device)
+
+    def encode(self, img_lr: Tensor) -> Tensor:
+        return self._run(self.encoder, {"img_lr": _np(img_lr, np.float32)})
+
+    def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self._run(self.denoiser, {"x": _np(x, np.float32), "t": _np(t, np.int64),
+                                         "cond": _np(cond, np.float32)})
+
+
+def _np(t: Tensor, dtype: type) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to("cpu").numpy().astype(dtype, copy=False))
+
+
+def default_export_dir(net: SRDiffNet) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "samdiffsr" / "exports"
+    return base / weights_digest(net)
+
+
+def load_runtime(checkpoint: str | Path, backend: str = "torch", device: str = "auto",
+                 export_dir: str | Path | None = None) -> Runtime:
+    """Load a checkpoint and wrap it in the requested backend (exporting it first if needed)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    dev = resolve_device(device)
+    net, info = load_checkpoint(checkpoint, "cpu")
+    if backend == "torch":
+        return TorchRuntime(net, info, dev)
+    out = Path(export_dir) if export_dir is not None else default_export_dir(net)
+    if not is_current(out, net, backend):
+        log.info("exporting %s to %s", backend, out)
+        export(net, info, out, (backend,))
+    if backend == "torchscript":
+        return TorchScriptRuntime(out, info, dev)
+    return OnnxRuntime(out, info, dev)
