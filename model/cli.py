@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 CONFORMANCE_GROUP = "samdiffsr.conformance"
 # Tensors of a reference directory that are inputs; every other tensor is an expected output.
@@ -22,6 +23,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="output checkpoint directory")
     p.add_argument("--name", help="model name recorded in the checkpoint (default: the file's stem)")
     p.set_defaults(func=cmd_import_upstream)
+
+    p = sub.add_parser("export", help="export a checkpoint's encoder and denoiser step to TorchScript / ONNX")
+    p.add_argument("checkpoint", help="checkpoint directory (or original .ckpt)")
+    p.add_argument("output", help="export directory")
+    p.add_argument("--format", choices=["torchscript", "onnx", "all"], default="all")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("upscale", help="upscale an image file or a folder of images x4")
+    p.add_argument("input", help="image file or folder")
+    p.add_argument("output", help="output file (extension picks the format) or folder (PNG files)")
+    p.add_argument("--checkpoint", default="checkpoints/default", help="checkpoint directory or original .ckpt")
+    p.add_argument("--steps", type=int, help="denoiser steps (default: the checkpoint's default)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the checkpoint's default (ddim)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=64, help="LR tile size")
+    p.add_argument("--overlap", type=int, default=8, help="LR overlap between tiles")
+    p.add_argument("--batch", type=int, default=16, help="tiles per denoiser call")
+    p.add_argument("--backend", choices=["torch", "torchscript", "onnx"], default="torch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
+    p.set_defaults(func=cmd_upscale)
 
 
 def _extra_checks() -> tuple[list, list[str]]:
@@ -70,3 +93,68 @@ def cmd_import_upstream(args: argparse.Namespace) -> int:
     n = sum(p.numel() for p in net.parameters())
     print(f"imported {args.input} -> {out} ({n:,} parameters; config {info.config.to_dict()})")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.export import export
+
+    try:
+        net, info = load_checkpoint(args.checkpoint)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    formats = ("torchscript", "onnx") if args.format == "all" else (args.format,)
+    out = export(net, info, args.output, formats)
+    print(f"exported {', '.join(formats)} -> {out}")
+    return 0
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def _jobs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        dst.mkdir(parents=True, exist_ok=True)
+        return [(p, dst / f"{p.stem}.png") for p in files]
+    if dst.is_dir():
+        return [(src, dst / f"{src.stem}.png")]
+    return [(src, dst)]
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from model.checkpoint import CheckpointError
+    from model.imaging import ImageDecodeError, decode_image, save_image
+    from model.runtime import load_runtime
+    from model.upscale import Upscaler, default_steps
+
+    src, dst = Path(args.input), Path(args.output)
+    if not src.exists():
+        print(f"error: {src} does not exist", file=sys.stderr)
+        return 2
+    try:
+        runtime = load_runtime(args.checkpoint, args.backend, args.device)
+        upscaler = Upscaler(runtime, tile=args.tile, overlap=args.overlap, max_batch=args.batch)
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    steps = args.steps or default_steps(runtime.config)
+    failed = 0
+    for path_in, path_out in _jobs(src, dst):
+        try:
+            image = decode_image(path_in)
+        except ImageDecodeError as e:
+            print(f"skipping {path_in}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        grid = upscaler.plan(image.height, image.width)
+        calls = sum(steps for _ in range(0, len(grid), args.batch))
+        with tqdm(total=calls, desc=path_in.name, unit="step") as bar:
+            out = upscaler.upscale(image, steps=steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
+                                   on_step=lambda _n: bar.update(1))
+        save_image(out, path_out, quality=args.quality)
+        print(f"{path_in} ({image.width}x{image.height}) -> {path_out} ({out.width}x{out.height})")
+    return 1 if failed else 0
