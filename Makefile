@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,17 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP)
+# System tools the deploy checks run (tests/test_deploy_*.py): promtool and prometheus (Debian `prometheus`),
+# docker-compose (validates the compose files, no Docker engine needed). Installed only when missing, and only
+# as root where apt-get exists; otherwise those tests say what is missing.
+system-deps:
+	@if command -v promtool >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus docker-compose >/dev/null; \
+	else echo "system-deps: promtool/docker-compose missing; install Debian's prometheus and docker-compose" >&2; fi
+
+test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
