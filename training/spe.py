@@ -3,6 +3,23 @@
 A fixed position map P of the image's size is built; every mask region is painted with one
 value, the mean of P * mask over the whole image (as the original code computes it). Regions
 are painted in order (later masks overwrite earlier ones) and uncovered pixels stay 0.
+
+Position maps (rows = image height, cols = image width):
+
+- ``rope`` (default, the paper's): rotary position embedding applied to an all-ones (rows x cols)
+  tensor, rows as the sequence axis and columns as the features. Verified against the original
+  code's output (``samdiffsr verify-reference``). The original only handled even widths (the
+  rotary library needs an even feature count); for an odd width the last column is left
+  unrotated (value 1), which is how the library treats features beyond its rotary dimension.
+- ``sincos``: ``P[i, j] = sin(f_cols(j)) * cos(sin(f_rows(i)))`` with ``f_n(k) = 1000 ** (2k / n)``.
+  The original code built this from the row count only, as a (rows x rows) matrix, so it only worked
+  for square images; here each axis uses its own length, which is identical for square images and
+  well defined for any shape.
+- ``linear``: the outer product of two random uniform vectors (fixed seed, so maps are reproducible).
+- ``cosine``: no map; each region gets the cosine similarity between its mask and an all-ones image.
+
+The original code indexed with the 0/1 ``uint8`` arrays that pycocotools returns for the non-RoPE
+variants (integer, not boolean, indexing); all variants here paint the masked pixels, as intended.
 """
 
 from __future__ import annotations
@@ -22,16 +39,23 @@ def rope_position_map(rows: int, cols: int) -> np.ndarray:
     """RoPE applied to an all-ones (rows x cols) tensor: rows are the sequence, columns the features."""
     from rotary_embedding_torch import RotaryEmbedding
 
-    rotary = RotaryEmbedding(dim=cols)
-    return rotary.rotate_queries_or_keys(torch.ones(1, 1, rows, cols))[0, 0].numpy()
+    ones = torch.ones(1, 1, rows, cols)
+    rot_dim = cols - cols % 2  # odd widths: the last feature column stays unrotated
+    if rot_dim == 0:
+        return ones[0, 0].numpy()
+    rotary = RotaryEmbedding(dim=rot_dim)
+    return rotary.rotate_queries_or_keys(ones)[0, 0].numpy()
+
+
+def _sincos_freqs(n: int) -> np.ndarray:
+    return 1.0 / np.power(0.001, 2.0 * np.arange(n) / n)
 
 
 def sincos_position_map(rows: int, cols: int) -> np.ndarray:
-    vct = np.array([[1 / np.power(0.001, 2 * i / rows) for i in range(rows)]])
-    row_sin = np.sin(vct)
-    col_cos = np.cos(row_sin.T)
-    full = row_sin * col_cos  # (rows, rows) as in the original; broadcast to the image below
-    return np.resize(full, (rows, cols)) if full.shape != (rows, cols) else full
+    """``sin(f(col)) * cos(sin(f(row)))``; equals the original (square-only) map for square images."""
+    col_term = np.sin(_sincos_freqs(cols))[None, :]
+    row_term = np.cos(np.sin(_sincos_freqs(rows)))[:, None]
+    return row_term * col_term
 
 
 def linear_position_map(rows: int, cols: int, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -46,12 +70,27 @@ POSITION_MAPS: dict[str, Callable[[int, int], np.ndarray]] = {
 }
 
 
-def encode_masks(masks: Sequence[np.ndarray] | np.ndarray, variant: Variant = "rope") -> np.ndarray:
-    """Merge boolean masks (each rows x cols) into one SPE map (float32, rows x cols)."""
+def encode_masks(
+    masks: Sequence[np.ndarray] | np.ndarray,
+    variant: Variant = "rope",
+    shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Merge boolean masks (each rows x cols) into one SPE map (float32, rows x cols).
+
+    With no masks, `shape` gives the size of the all-zero map that is returned.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SPE variant {variant!r}; choose from {VARIANTS}")
     masks = [np.asarray(m, dtype=bool) for m in masks]
     if not masks:
-        raise ValueError("no masks to encode")
+        if shape is None:
+            raise ValueError("no masks to encode and no shape given")
+        return np.zeros(shape, dtype=np.float32)
     rows, cols = masks[0].shape
+    if shape is not None and tuple(shape) != (rows, cols):
+        raise ValueError(f"masks are {rows}x{cols}, expected {shape[0]}x{shape[1]}")
+    if any(m.shape != (rows, cols) for m in masks):
+        raise ValueError("all masks must have the same shape")
     out = np.zeros((rows, cols), dtype=np.float32)
     if variant == "cosine":
         ones = np.ones(rows * cols)
@@ -60,8 +99,6 @@ def encode_masks(masks: Sequence[np.ndarray] | np.ndarray, variant: Variant = "r
             norm = np.linalg.norm(flat)
             out[m] = ones.dot(flat) / (np.linalg.norm(ones) * norm) if norm else 0.0
         return out
-    if variant not in POSITION_MAPS:
-        raise ValueError(f"unknown SPE variant {variant!r}; choose from {VARIANTS}")
     pos = torch.as_tensor(POSITION_MAPS[variant](rows, cols), dtype=torch.float32)
     merged = torch.zeros(rows, cols)
     for m in masks:
