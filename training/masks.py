@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,9 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
 
     counts = rle["counts"]
     rle = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_utils.decode(rle).astype(bool)
+    with warnings.catch_warnings():  # pycocotools' Cython code and numpy 2's copy= protocol
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
 
 
 def mask_annotation(mask: np.ndarray, predicted_iou: float = 1.0, stability_score: float = 1.0,
