@@ -1,0 +1,427 @@
+"""The HTTP API: FastAPI app factory, routes, error handlers.
+
+`create_app(settings)` builds one independent service instance (own model, worker, metrics
+registry). Request handlers decode, tile and encode images in a thread pool; only the batching
+worker (service/batcher.py) runs the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import anyio
+import torch
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.imaging import MEDIA_TYPES, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
+from model.runtime import Runtime, load_runtime
+from model.upscale import Upscaler, default_sampler, default_steps
+from service import pipeline
+from service.batcher import Batcher, BatcherConfig
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    ErrorBody,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidParameter,
+    MissingImage,
+    NotReady,
+    ServiceError,
+    ShuttingDown,
+    Unauthorized,
+    UnsupportedMediaType,
+    error_body,
+    openapi_errors,
+    status_code_name,
+)
+from service.metrics import Metrics
+from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, request_id_of
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+MAX_SEED = 2**63 - 1
+WARMUP_TIMEOUT_S = 600.0
+
+
+# ----------------------------------------------------------------------------- the service state
+
+
+class Service:
+    """The model, its batching worker and the service's lifecycle flags."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, runtime: Runtime | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.runtime = runtime
+        self.upscaler: Upscaler | None = None
+        self.batcher: Batcher | None = None
+        self.steps = 0
+        self.sampler = "ddim"
+        self.ready = threading.Event()
+        self.warmup_error: str | None = None
+        self.draining = False
+
+    def start(self) -> None:
+        """Load the model (unless given), start the worker, warm up in the background."""
+        s = self.settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        rt = self.runtime = self.runtime or load_runtime(s.checkpoint, s.backend, s.device)
+        cfg = rt.config
+        self.upscaler = Upscaler(rt, s.tile_size, s.tile_overlap, s.max_tiles_per_batch)
+        self.steps = s.default_steps or default_steps(cfg)
+        if not 1 <= self.steps <= cfg.timesteps:
+            raise ValueError(f"SAMDIFFSR_DEFAULT_STEPS={self.steps} is outside 1..{cfg.timesteps} "
+                             "(the checkpoint's timesteps)")
+        self.sampler = default_sampler(cfg)
+        self.batcher = Batcher(rt, BatcherConfig(
+            max_batch_tiles=s.max_tiles_per_batch, max_active_tiles=s.active_tiles,
+            max_wait_s=s.max_batch_wait_ms / 1000, max_queue=s.max_queue, continuous=s.continuous_batching,
+            reproducible=s.reproducible, retry_after_s=s.retry_after_s), self.metrics)
+        self.batcher.start()
+        self.metrics.set_model(rt.info.name, rt.backend, str(rt.device))
+        self.metrics.track_gpu_memory(str(rt.device))
+        threading.Thread(target=self._warmup, name="samdiffsr-warmup", daemon=True).start()
+        log.info("serving %s (%s on %s), tile %d, batch %d, default %d %s steps", rt.info.name, rt.backend,
+                 rt.device, s.tile_size, s.max_tiles_per_batch, self.steps, self.sampler)
+
+    def _warmup(self) -> None:
+        """One full-size tile through the worker, so the first request does not pay for set-up."""
+        assert self.batcher is not None and self.runtime is not None
+        tile = self.settings.tile_size
+        try:
+            job = self.batcher.submit(torch.zeros(1, 3, tile, tile), steps=min(2, self.runtime.config.timesteps),
+                                      request_id="warmup")
+            job.future.result(WARMUP_TIMEOUT_S)
+        except Exception as e:
+            self.warmup_error = f"warm-up failed: {e}"
+            log.error(self.warmup_error)
+            return
+        self.ready.set()
+        log.info("model warmed up; ready")
+
+    def begin_drain(self) -> None:
+        """Stop taking new requests (SIGTERM); requests in flight go on."""
+        self.draining = True
+
+    def stop(self) -> None:
+        self.draining = True
+        if self.batcher is not None:
+            if not self.batcher.drain(self.settings.drain_timeout_s):
+                log.warning("drain timeout: %d requests still in progress are failed", self.batcher.queued())
+            self.batcher.stop()
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down and accepts no new requests")
+        if not self.ready.is_set():
+            raise NotReady(self.warmup_error or "the model is still loading or warming up",
+                           retry_after_s=self.settings.retry_after_s)
+
+
+# ----------------------------------------------------------------------------- API models
+
+
+class UpscaleParams(BaseModel):
+    """Parameters of /v1/upscale, as query parameters or as multipart form fields (form wins)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    steps: int | None = Field(None, ge=1, description="Denoiser steps (1 to the model's max_steps); default: "
+                              "the model's default_steps (GET /v1/models).")
+    sampler: Literal["ddim", "ddpm"] | None = Field(None, description="ddim (deterministic, default) or "
+                                                   "ddpm (ancestral; with steps = max_steps exactly the "
+                                                   "original sampler).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Noise seed; default random. The seed used "
+                             "is returned in X-Seed; the same image, seed and parameters give the same bytes.")
+    output_format: Literal["png", "jpeg", "jpg", "webp"] = Field("png", description="Output image format.")
+    quality: int = Field(95, ge=1, le=100, description="Quality of lossy formats (jpeg, webp).")
+
+
+class ModelCard(BaseModel):
+    name: str
+    scale: int
+    backend: str
+    device: str
+    default_steps: int
+    default_sampler: str
+    max_steps: int
+    tile_size: int
+    tile_overlap: int
+    max_tiles_per_batch: int
+    continuous_batching: bool
+    reproducible: bool
+    ready: bool
+    provenance: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    models: list[ModelCard]
+
+
+class Status(BaseModel):
+    status: str
+
+
+def _upscale_openapi() -> dict:
+    props = {"image": {"type": "string", "format": "binary", "description": "The input image."}}
+    props.update(UpscaleParams.model_json_schema()["properties"])
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": props}},
+        "image/*": binary, "application/octet-stream": binary}}}
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    """A new, independent service instance. `runtime` skips loading settings.checkpoint."""
+    metrics = Metrics()
+    service = Service(settings, metrics, runtime)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(service.start)
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(service.stop)
+
+    limits = (f"Limits: bodies up to {settings.max_upload_bytes:,} bytes, images up to "
+              f"{settings.max_pixels:,} pixels, {settings.max_queue} requests in progress at once, "
+              f"{settings.request_timeout_s:g} s per request.")
+    app = FastAPI(
+        title="SAM-DiffSR upscaler",
+        version="0.1.0",
+        summary="x4 diffusion super-resolution with step-level continuous batching.",
+        description=("Send an image, get it back at exactly 4x its size. " + limits + " Every error has the "
+                     "body `{\"error\": {\"code\", \"message\", \"request_id\"}}`."
+                     + (" /v1/* requires `Authorization: Bearer <token>`." if settings.auth_token else "")),
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every response
+    _add_error_handlers(app, metrics)
+
+    bearer = HTTPBearer(auto_error=False, description="SAMDIFFSR_AUTH_TOKEN")
+
+    async def require_token(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        token = settings.auth_token
+        if token is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            raise Unauthorized()
+
+    auth = [Depends(require_token)] if settings.auth_token is not None else []
+
+    @app.get("/healthz", response_model=Status, tags=["operations"], responses=openapi_errors(503))
+    async def healthz() -> Status:
+        """Alive: the process serves HTTP and its worker thread runs (once started)."""
+        if service.batcher is not None and not service.batcher.alive:
+            raise ServiceError("the batching worker has stopped")
+        return Status(status="ok")
+
+    @app.get("/readyz", response_model=Status, tags=["operations"], responses=openapi_errors(503))
+    async def readyz() -> Status:
+        """Ready: model loaded and warmed up, and not shutting down."""
+        service.check_accepting()
+        return Status(status="ready")
+
+    @app.get("/metrics", tags=["operations"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
+    async def metrics_endpoint() -> Response:
+        """Prometheus metrics of this instance."""
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=auth, tags=["upscale"],
+             responses=openapi_errors(401, 503))
+    async def models() -> ModelList:
+        """The loaded model and how it is served."""
+        rt = service.runtime
+        if rt is None:
+            raise NotReady("the model is still loading", retry_after_s=settings.retry_after_s)
+        return ModelList(models=[ModelCard(
+            name=rt.info.name, scale=rt.config.scale, backend=rt.backend, device=str(rt.device),
+            default_steps=service.steps, default_sampler=service.sampler, max_steps=rt.config.timesteps,
+            tile_size=settings.tile_size, tile_overlap=settings.tile_overlap,
+            max_tiles_per_batch=settings.max_tiles_per_batch, continuous_batching=settings.continuous_batching,
+            reproducible=settings.reproducible, ready=service.ready.is_set(), provenance=rt.info.provenance)])
+
+    @app.post(
+        "/v1/upscale", dependencies=auth, tags=["upscale"], response_class=Response,
+        openapi_extra=_upscale_openapi(),
+        responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}, "description": (
+            "The image at exactly 4x. Headers: X-Request-Id, X-Seed (the seed used), X-Steps, X-Sampler, "
+            "X-Tiles, X-Image-Size (WxH), X-Denoiser-Calls / X-Shared-Calls (denoiser calls that advanced "
+            "this request / also advanced others), Server-Timing (decode, queue, sample, encode, total, "
+            "in ms).")},
+            **openapi_errors(400, 401, 413, 415, 422, 500, 503, 504)},
+    )
+    async def upscale(request: Request, params: Annotated[UpscaleParams, Query()]) -> Response:
+        """Upscale an image x4: multipart field `image` (`curl -F image=@photo.jpg`) or the raw image as
+        the body (`Content-Type: image/...`). Any mode Pillow reads: grayscale, RGBA (alpha kept),
+        palette, 16-bit, EXIF-rotated; the output keeps the mode where the format allows."""
+        t_start = time.perf_counter()
+        service.check_accepting()
+        data, params = await _read_upload(request, params)
+        assert service.runtime is not None and service.batcher is not None and service.upscaler is not None
+        cfg = service.runtime.config
+        steps = params.steps or service.steps
+        if steps > cfg.timesteps:
+            raise InvalidParameter(f"steps must be in 1..{cfg.timesteps}, got {steps}")
+        sampler = params.sampler or service.sampler
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        fmt = "jpeg" if params.output_format == "jpg" else params.output_format
+        rid = request_id_of(request.scope) or ""
+
+        prep = await run_in_threadpool(_decode_and_prepare, service.upscaler, data, settings.max_pixels)
+        t_decoded = time.perf_counter()
+        deadline = time.monotonic() + settings.request_timeout_s - (t_decoded - t_start)
+        job = service.batcher.submit(prep.lr_tiles, steps=steps, sampler=sampler, seed=seed, deadline=deadline,
+                                     request_id=rid)
+        x0 = await _wait(request, job, deadline)
+        t_sampled = time.perf_counter()
+        out = await run_in_threadpool(pipeline.finish, service.upscaler, prep, x0)
+        body = await run_in_threadpool(encode_image, out, fmt, params.quality)
+        t_end = time.perf_counter()
+
+        metrics.images.inc()
+        metrics.output_megapixels.inc(out.width * out.height / 1e6)
+        queue_s = (job.started or job.submitted) - job.submitted
+        timing = {"decode": t_decoded - t_start, "queue": queue_s, "sample": t_sampled - t_decoded - queue_s,
+                  "encode": t_end - t_sampled, "total": t_end - t_start}
+        headers = {
+            "X-Seed": str(seed), "X-Steps": str(steps), "X-Sampler": sampler, "X-Tiles": str(len(prep.grid)),
+            "X-Image-Size": f"{out.width}x{out.height}", "X-Denoiser-Calls": str(job.calls),
+            "X-Shared-Calls": str(job.shared_calls),
+            "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in timing.items()),
+        }
+        return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
+
+    return app
+
+
+# ----------------------------------------------------------------------------- request helpers
+
+
+async def _read_upload(request: Request, query: UpscaleParams) -> tuple[bytes, UpscaleParams]:
+    """The image bytes and the parameters (form fields override query parameters)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
+        try:
+            fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
+            try:
+                params = UpscaleParams.model_validate({**query.model_dump(exclude_unset=True), **fields})
+            except ValidationError as e:
+                raise InvalidParameter(_validation_message(e.errors(), "form")) from e
+            image = form.get("image")
+            if not isinstance(image, UploadFile):
+                raise MissingImage("no image: send it as the multipart file field 'image'")
+            part_type = (image.content_type or "application/octet-stream").split(";")[0].strip().lower()
+            if not (part_type.startswith("image/") or part_type == "application/octet-stream"):
+                raise UnsupportedMediaType(f"the 'image' part has type {part_type!r}; expected image/*")
+            data = await image.read()
+        finally:
+            await form.close()
+    elif ctype.startswith("image/") or ctype == "application/octet-stream":
+        params = query
+        data = await request.body()
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data with a file field "
+            "'image' (curl -F image=@photo.jpg) or the raw image with Content-Type image/*")
+    if not data:
+        raise MissingImage("the image is empty")
+    return data, params
+
+
+def _decode_and_prepare(upscaler: Upscaler, data: bytes, max_pixels: int) -> pipeline.Prepared:
+    try:
+        image = decode_image(data, max_pixels=max_pixels)
+    except ImageTooLargeError as e:
+        raise ImageTooLarge(str(e)) from e
+    except ImageDecodeError as e:
+        raise InvalidImage(str(e)) from e
+    return pipeline.prepare(upscaler, image)
+
+
+async def _wait(request: Request, job: Any, deadline: float) -> torch.Tensor:
+    """Wait for the job; cancel it if the client disconnects or the deadline passes."""
+    fut = asyncio.wrap_future(job.future)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                job.cancel("deadline passed")
+                raise DeadlineExceeded("the request's deadline passed before it finished")
+            done, _ = await asyncio.wait({fut}, timeout=min(0.2, left))
+            if done:
+                return fut.result()
+            if await request.is_disconnected():
+                job.cancel("client disconnected")
+                raise Cancelled("the client disconnected")
+    except BaseException:
+        job.cancel("request handler ended")  # a no-op once the job is finished
+        raise
+
+
+def _validation_message(errors: list[dict], where: str) -> str:
+    parts = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p not in ("query", "body")]
+        parts.append(f"{'.'.join(loc) or where}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    def respond(request: Request, status: int, code: str, message: str, kind: str | None,
+                headers: dict[str, str] | None = None) -> JSONResponse:
+        if kind is not None:
+            metrics.error(kind)
+        return JSONResponse(error_body(code, message, request_id_of(request.scope)), status_code=status,
+                            headers=headers)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return respond(request, exc.status, exc.code, exc.message, exc.kind, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return respond(request, 422, "invalid_parameter", _validation_message(list(exc.errors()), "request"),
+                       "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = getattr(exc, "code", None) or status_code_name(exc.status_code)
+        kind = code if exc.status_code in (400, 413) else None
+        return respond(request, exc.status_code, code, str(exc.detail), kind, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return respond(request, 500, "internal_error", f"internal error: {type(exc).__name__}", "internal")
+
+
+__all__ = ["ErrorBody", "Service", "UpscaleParams", "create_app"]

@@ -1,0 +1,131 @@
+"""Errors of the service and their one JSON shape: {"error": {"code", "message", "request_id"}}."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from pydantic import BaseModel
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status, a stable machine-readable code and a human message."""
+
+    status: int = 500
+    code: str = "internal_error"
+    kind: str = "internal"  # label of samdiffsr_errors_total
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidImage(ServiceError):
+    status, code, kind = 400, "invalid_image", "invalid_image"
+
+
+class MissingImage(ServiceError):
+    status, code, kind = 422, "missing_image", "invalid_request"
+
+
+class Unauthorized(ServiceError):
+    status, code, kind = 401, "unauthorized", "unauthorized"
+
+    def __init__(self, message: str = "missing or invalid bearer token") -> None:
+        super().__init__(message, {"WWW-Authenticate": "Bearer"})
+
+
+class PayloadTooLarge(ServiceError):
+    status, code, kind = 413, "payload_too_large", "payload_too_large"
+
+
+class ImageTooLarge(ServiceError):
+    status, code, kind = 413, "image_too_large", "image_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code, kind = 415, "unsupported_media_type", "unsupported_media_type"
+
+
+class InvalidParameter(ServiceError):
+    status, code, kind = 422, "invalid_parameter", "invalid_request"
+
+
+class QueueFull(ServiceError):
+    status, code, kind = 503, "queue_full", "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, {"Retry-After": str(retry_after_s)})
+
+
+class NotReady(ServiceError):
+    status, code, kind = 503, "not_ready", "not_ready"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, {"Retry-After": str(retry_after_s)})
+
+
+class ShuttingDown(ServiceError):
+    status, code, kind = 503, "shutting_down", "shutting_down"
+
+
+class DeadlineExceeded(ServiceError):
+    status, code, kind = 504, "timeout", "timeout"
+
+
+class Cancelled(ServiceError):
+    """The client went away; nobody reads this response."""
+
+    status, code, kind = 499, "cancelled", "disconnected"
+
+
+class OutOfMemory(ServiceError):
+    status, code, kind = 503, "out_of_memory", "oom"
+
+
+class WorkerError(ServiceError):
+    status, code, kind = 500, "worker_error", "worker"
+
+
+# --------------------------------------------------------------------------- response shape
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+def error_body(code: str, message: str, request_id: str | None) -> dict:
+    return {"error": {"code": code, "message": message, "request_id": request_id}}
+
+
+def status_code_name(status: int) -> str:
+    """A code for an HTTP status raised by the framework (404 -> 'not_found')."""
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "error"
+
+
+def openapi_errors(*statuses: int) -> dict[int | str, dict]:
+    """`responses=` entries for the OpenAPI docs of a route."""
+    text = {
+        400: "Undecodable or truncated image, or a malformed multipart body.",
+        401: "Missing or wrong bearer token (only when SAMDIFFSR_AUTH_TOKEN is set).",
+        413: "Body over SAMDIFFSR_MAX_UPLOAD_BYTES (code payload_too_large; rejected while streaming) "
+             "or image over SAMDIFFSR_MAX_PIXELS (code image_too_large; decompression bombs included).",
+        415: "Body is neither multipart/form-data nor an image/* (or application/octet-stream) body.",
+        422: "Invalid or missing parameter (code invalid_parameter / missing_image).",
+        500: "The worker failed on this request (code worker_error); other requests are not affected.",
+        503: "Queue full (queue_full), model not ready (not_ready), shutting down (shutting_down) or out "
+             "of accelerator memory (out_of_memory). Retry after the Retry-After header's seconds.",
+        504: "The request's deadline (SAMDIFFSR_REQUEST_TIMEOUT_S) passed (code timeout).",
+    }
+    return {s: {"model": ErrorBody, "description": text[s]} for s in statuses}

@@ -1,0 +1,53 @@
+"""Run the service with uvicorn; SIGTERM drains in-flight requests before exiting."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from types import FrameType
+
+import uvicorn
+
+from model.checkpoint import CheckpointError
+from model.runtime import load_runtime
+from service.app import Service, create_app
+from service.logs import setup_logging
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: mark the service as draining (readyz -> 503, new requests -> 503) at
+    once; uvicorn then stops listening and waits up to the drain timeout for open requests."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            log.info("signal %d: draining (up to %.0f s), then exiting", sig,
+                     self.service.settings.drain_timeout_s)
+        self.service.begin_drain()
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: Settings) -> int:
+    """Load the checkpoint and serve until SIGTERM/SIGINT. Returns a process exit code."""
+    log_config = setup_logging(settings.log_format, settings.log_level)
+    try:
+        runtime = load_runtime(settings.checkpoint, settings.backend, settings.device)
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: cannot load checkpoint {settings.checkpoint}: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings, runtime=runtime)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=log_config,
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=settings.drain_timeout_s,
+                            server_header=False)
+    server = DrainingServer(config, app.state.service)
+    server.run()
+    if not server.started:
+        print("error: the server did not start (see the log above)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,105 @@
+"""Service settings, read from `SAMDIFFSR_*` environment variables (pydantic-settings).
+
+Every field is one environment variable: `tile_size` <- `SAMDIFFSR_TILE_SIZE`, and so on.
+Invalid values fail at start-up with a message that names the variable.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "SAMDIFFSR_"
+
+
+class Settings(BaseSettings):
+    """Everything the server can be configured with. Passed explicitly; never a global."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- model
+    checkpoint: Path = Field(Path("checkpoints/default"),
+                             description="Checkpoint directory (our format) or an original .ckpt file.")
+    backend: Literal["torch", "torchscript", "onnx"] = Field("torch", description="Inference backend.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    default_steps: int | None = Field(None, ge=1, description="Default sampling steps "
+                                      "(default: the checkpoint's extras['default_steps'], else 20).")
+    # --- tiling and batching
+    tile_size: int = Field(64, ge=8, le=1024, description="LR tile size in pixels (output tiles are 4x).")
+    tile_overlap: int = Field(8, ge=0, description="LR overlap between neighbouring tiles.")
+    max_tiles_per_batch: int = Field(8, ge=1, le=1024, description="Most tiles in one denoiser call.")
+    max_active_tiles: int | None = Field(None, ge=1, description="Most tiles being sampled at once "
+                                         "(encoded, in memory); default 2 x max_tiles_per_batch.")
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long an idle worker waits "
+                                     "for more requests before its first step.")
+    continuous_batching: bool = Field(True, description="Step-level batching across requests; false runs "
+                                      "one request at a time (its own tiles still batched).")
+    reproducible: bool = Field(True, description="Pad every denoiser call to max_tiles_per_batch so "
+                               "a request's output does not depend on what it was batched with.")
+    # --- limits
+    max_queue: int = Field(32, ge=1, description="Most requests accepted at once (waiting or being "
+                           "sampled); beyond it: 503 with Retry-After.")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After value sent with 503 responses.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Deadline of one request (504 after it).")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight requests may "
+                                   "take to finish before the server exits anyway.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body.")
+    max_pixels: int = Field(2048 * 2048, ge=1, description="Largest input image, in pixels.")
+    # --- access and logs
+    auth_token: SecretStr | None = Field(None, description="If set, /v1/* requires "
+                                         "'Authorization: Bearer <token>'.")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("auth_token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            return None  # SAMDIFFSR_AUTH_TOKEN="" means auth off
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.tile_size % 2:
+            raise ValueError(f"SAMDIFFSR_TILE_SIZE must be even, got {self.tile_size}")
+        if self.tile_overlap * 2 > self.tile_size:
+            raise ValueError(f"SAMDIFFSR_TILE_OVERLAP ({self.tile_overlap}) must be at most half of "
+                             f"SAMDIFFSR_TILE_SIZE ({self.tile_size})")
+        if self.max_active_tiles is not None and self.max_active_tiles < self.max_tiles_per_batch:
+            raise ValueError("SAMDIFFSR_MAX_ACTIVE_TILES must be at least SAMDIFFSR_MAX_TILES_PER_BATCH")
+        return self
+
+    @property
+    def active_tiles(self) -> int:
+        return self.max_active_tiles or 2 * self.max_tiles_per_batch
+
+
+def describe_error(err: ValidationError) -> str:
+    """A ValidationError of Settings as lines naming the environment variables."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        name = f"{ENV_PREFIX}{loc.upper()}" if loc else "settings"
+        value = e.get("input")
+        shown = "" if loc == "auth_token" or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{name}: {e['msg']}{shown}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides (e.g. from the command line)."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
