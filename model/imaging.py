@@ -127,7 +127,7 @@ def to_pil(img: DecodedImage, fmt: str = "png") -> Image.Image:
     fmt = fmt.lower()
     sixteen = img.bit_depth == 16 and fmt == "png" and img.grayscale and img.alpha is None
     if sixteen:  # Pillow writes 16-bit PNGs for single-band images only.
-        return Image.fromarray(_quantize(img.rgb[:, :, 0], 16), mode="I;16")
+        return Image.fromarray(_quantize(img.rgb[:, :, 0], 16))  # uint16 -> I;16 (mode= fails on Pillow 13)
     rgb8 = _quantize(img.rgb, 8)
     base = Image.fromarray(rgb8[:, :, 0], mode="L") if img.grayscale else Image.fromarray(rgb8, mode="RGB")
     if img.alpha is not None and fmt != "jpeg":
