@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from model.diffusion import img2res, make_schedule, modulate_noise, q_sample
+from model.diffusion import img2res, make_schedule, modulate_noise, q_sample, res2img
 from model.sampler import Track, sample
 from model.upstream import import_upstream_checkpoint
 
@@ -49,12 +49,12 @@ def compute(ref_dir: str | Path, vectors: dict[str, Tensor]) -> dict[str, Tensor
         for i, f in enumerate(feats):
             out[f"rrdb_feature_{i}"] = f
         cond = net.denoise_fn.project_cond(feats)
-        if "denoise_out" in vectors:
+        if "denoise_x" in vectors:
             out["denoise_out"] = net.denoise(vectors["denoise_x"], vectors["denoise_t"], cond)
         for name, buf in sched.buffers().items():
             out[f"schedule_{name}"] = buf
 
-        if "train_x_start_residual" in vectors:
+        if "train_t" in vectors:
             x0 = img2res(vectors["img_hr"], vectors["img_lr_up"], cfg.res_rescale)
             out["train_x_start_residual"] = x0
             t = vectors["train_t"]
@@ -74,8 +74,6 @@ def compute(ref_dir: str | Path, vectors: dict[str, Tensor]) -> dict[str, Tensor
                 for b in range(noises.shape[1])
             ]
             x0s = torch.stack(sample(net.denoise, sched, tracks))
-            from model.diffusion import res2img
-
             out["sample_out"] = res2img(x0s, vectors["img_lr_up"], cfg.res_rescale, cfg.clip_input)
     return out
 

@@ -101,7 +101,11 @@ def convert_state(state: dict[str, Tensor]) -> tuple[SRDiffNet, ModelConfig]:
             raise CheckpointError("the checkpoint's beta schedule is not the cosine schedule (s=0.008)")
     net = SRDiffNet(cfg)
     weights = {k: v for k, v in state.items() if k.startswith(("rrdb.", "denoise_fn."))}
-    missing, unexpected = net.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = str(e).splitlines()[-1].strip()
+        raise CheckpointError(f"weights do not fit the inferred configuration: {detail}") from e
     if missing or unexpected:
         raise CheckpointError(f"weights do not fit the inferred configuration: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
