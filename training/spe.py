@@ -99,12 +99,11 @@ def encode_masks(
             norm = np.linalg.norm(flat)
             out[m] = ones.dot(flat) / (np.linalg.norm(ones) * norm) if norm else 0.0
         return out
-    pos = torch.as_tensor(POSITION_MAPS[variant](rows, cols), dtype=torch.float32)
-    merged = torch.zeros(rows, cols)
+    pos = np.asarray(POSITION_MAPS[variant](rows, cols), dtype=np.float32)
     for m in masks:
-        mt = torch.from_numpy(m)
-        merged = torch.where(mt, (pos * mt).mean(), merged)
-    return merged.numpy().astype(np.float32)
+        # mean of pos * mask over the whole image, accumulated in float64
+        out[m] = pos[m].sum(dtype=np.float64) / pos.size
+    return out
 
 
 def conformance_check(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
