@@ -30,6 +30,9 @@ from training.masks import (
 )
 from training.spe import VARIANTS, encode_masks, sincos_position_map
 
+# pycocotools' Cython decoder and numpy 2's __array__(copy=...) protocol
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 KEYS = {"segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box"}
 
 
