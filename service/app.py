@@ -32,7 +32,7 @@ from model.imaging import MEDIA_TYPES, ImageDecodeError, ImageTooLargeError, dec
 from model.runtime import Runtime, load_runtime
 from model.upscale import Upscaler, default_sampler, default_steps
 from service import pipeline
-from service.batcher import Batcher, BatcherConfig
+from service.batcher import Batcher, BatcherConfig, Job
 from service.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -221,19 +221,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every response
     _add_error_handlers(app, metrics)
 
-    bearer = HTTPBearer(auto_error=False, description="SAMDIFFSR_AUTH_TOKEN")
-
-    async def require_token(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        token = settings.auth_token
-        if token is None:
-            return
-        given = credentials.credentials if credentials is not None else ""
-        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-            raise Unauthorized()
-
-    auth = [Depends(require_token)] if settings.auth_token is not None else []
+    auth = [Depends(BearerAuth(settings.auth_token.get_secret_value()))] if settings.auth_token else []
 
     @app.get("/healthz", response_model=Status, tags=["operations"], responses=openapi_errors(503))
     async def healthz() -> Status:
@@ -300,7 +288,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         deadline = time.monotonic() + settings.request_timeout_s - (t_decoded - t_start)
         job = service.batcher.submit(prep.lr_tiles, steps=steps, sampler=sampler, seed=seed, deadline=deadline,
                                      request_id=rid)
-        x0 = await _wait(request, job, deadline)
+        x0 = await _wait(service.batcher, request, job, deadline)
         t_sampled = time.perf_counter()
         out = await run_in_threadpool(pipeline.finish, service.upscaler, prep, x0)
         body = await run_in_threadpool(encode_image, out, fmt, params.quality)
@@ -323,6 +311,21 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
 
 # ----------------------------------------------------------------------------- request helpers
+
+_bearer = HTTPBearer(auto_error=False, description="The token of SAMDIFFSR_AUTH_TOKEN.")
+
+
+class BearerAuth:
+    """Dependency: require `Authorization: Bearer <token>` (constant-time comparison)."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token.encode()
+
+    async def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, self.token):
+            raise Unauthorized()
+
 
 
 async def _read_upload(request: Request, query: UpscaleParams) -> tuple[bytes, UpscaleParams]:
@@ -367,24 +370,26 @@ def _decode_and_prepare(upscaler: Upscaler, data: bytes, max_pixels: int) -> pip
     return pipeline.prepare(upscaler, image)
 
 
-async def _wait(request: Request, job: Any, deadline: float) -> torch.Tensor:
-    """Wait for the job; cancel it if the client disconnects or the deadline passes."""
+async def _wait(batcher: Batcher, request: Request, job: Job, deadline: float) -> torch.Tensor:
+    """Wait for the job; drop it if the client disconnects or the deadline passes."""
     fut = asyncio.wrap_future(job.future)
     try:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                job.cancel("deadline passed")
+                batcher.cancel(job, "deadline passed")
                 raise DeadlineExceeded("the request's deadline passed before it finished")
             done, _ = await asyncio.wait({fut}, timeout=min(0.2, left))
             if done:
                 return fut.result()
             if await request.is_disconnected():
-                job.cancel("client disconnected")
+                batcher.cancel(job, "client disconnected")
                 raise Cancelled("the client disconnected")
     except BaseException:
-        job.cancel("request handler ended")  # a no-op once the job is finished
+        batcher.cancel(job, "request handler ended")  # a no-op once the job is finished
         raise
+    finally:
+        fut.cancel()  # no-op when done; else nobody is left to read its result
 
 
 def _validation_message(errors: list[dict], where: str) -> str:

@@ -124,7 +124,7 @@ class Job:
         return self.n_tiles - self.next_tile
 
     def cancel(self, reason: str = "cancelled") -> None:
-        """Ask the worker to drop this job (client disconnected, handler timed out)."""
+        """Ask the worker to drop this job at its next iteration (see also Batcher.cancel)."""
         self.cancel_reason = reason
 
 
@@ -184,6 +184,13 @@ class Batcher:
             self._cv.notify_all()
         return job
 
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
+        """Drop a job now (client gone, deadline passed): its queue slot is free at once and its
+        future fails with Cancelled; the worker discards its tiles at its next iteration."""
+        job.cancel(reason)
+        if self._remove(job):
+            job.future.set_exception(Cancelled(reason))
+
     def drain(self, timeout: float | None = None) -> bool:
         """Stop accepting jobs and wait (up to `timeout` s) for the accepted ones to finish."""
         with self._cv:
@@ -210,6 +217,8 @@ class Batcher:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
+                if not self._jobs:
+                    self.metrics.tiles_in_flight.set(0)
                 self._cv.wait_for(lambda: self._jobs or self._stopping)
                 if self._stopping:
                     return
