@@ -100,9 +100,7 @@ WORKDIR /tmp
 ENV HOME=/tmp \
     SAMDIFFSR_CHECKPOINT=/opt/samdiffsr/checkpoints/default \
     SAMDIFFSR_DEVICE=auto \
-    SAMDIFFSR_LOG_FORMAT=json \
-    NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    SAMDIFFSR_LOG_FORMAT=json
 USER 10001:10001
 EXPOSE 8000
 
