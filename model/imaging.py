@@ -105,7 +105,7 @@ def decode_image(data: bytes | str | Path | BinaryIO, max_pixels: int | None = N
 def resize_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
     """Upscale an alpha channel with bicubic interpolation (alpha is not diffused)."""
     h, w = alpha.shape
-    img = Image.fromarray(alpha.astype(np.float32), mode="F")
+    img = Image.fromarray(alpha.astype(np.float32))  # mode F
     out = np.asarray(img.resize((w * scale, h * scale), Image.Resampling.BICUBIC), dtype=np.float32)
     return np.clip(out, 0, 1)
 
@@ -129,9 +129,9 @@ def to_pil(img: DecodedImage, fmt: str = "png") -> Image.Image:
     if sixteen:  # Pillow writes 16-bit PNGs for single-band images only.
         return Image.fromarray(_quantize(img.rgb[:, :, 0], 16))  # uint16 -> I;16 (mode= fails on Pillow 13)
     rgb8 = _quantize(img.rgb, 8)
-    base = Image.fromarray(rgb8[:, :, 0], mode="L") if img.grayscale else Image.fromarray(rgb8, mode="RGB")
+    base = Image.fromarray(rgb8[:, :, 0] if img.grayscale else rgb8)  # mode L or RGB
     if img.alpha is not None and fmt != "jpeg":
-        a = Image.fromarray(_quantize(img.alpha, 8), mode="L")
+        a = Image.fromarray(_quantize(img.alpha, 8))
         base = base.convert("LA" if img.grayscale else "RGBA")
         base.putalpha(a)
     return base

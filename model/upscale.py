@@ -14,7 +14,7 @@ from model.diffusion import res2img
 from model.imaging import DecodedImage, with_rgb
 from model.runtime import Runtime
 from model.sampler import SamplerName, Track, new_track, step_tracks
-from model.tiling import TileGrid, extract_tiles, plan_tiles, stitch
+from model.tiling import TileGrid, extract_tiles, pad_to, plan_tiles, stitch
 
 DEFAULT_STEPS = 20
 
@@ -61,6 +61,8 @@ class Upscaler:
         sampler = sampler or default_sampler(cfg)
         grid = self.plan(*rgb.shape[:2])
         img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+        # Pad first, so that up(LR) sees the same borders whatever the tiling.
+        img = pad_to(img, grid.padded_height, grid.padded_width)
         img_lr, img_lr_up = lr_inputs(img[None], cfg)
         lr_tiles = extract_tiles(img_lr[0], grid)
         up_tiles = extract_tiles(img_lr_up[0], grid, cfg.scale)
