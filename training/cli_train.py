@@ -1,0 +1,64 @@
+"""`samdiffsr train rrdb|diffusion`: the two training stages (see `training.train`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model: stage 1 (rrdb) then stage 2 (diffusion)",
+                       description="Train SAM-DiffSR. Multi-GPU / multi-node: launch with torchrun, e.g. "
+                       "`torchrun --nproc-per-node 8 -m samdiffsr train diffusion ...`.")
+    tsub = p.add_subparsers(dest="train_command", required=True, metavar="STAGE")
+    for stage, text in (("rrdb", "stage 1: pretrain the RRDB encoder with an L1 loss"),
+                        ("diffusion", "stage 2: train the denoiser (RRDB frozen), noise modulated by SPE")):
+        s = tsub.add_parser(stage, help=text, description=text)
+        s.add_argument("--config", type=Path, help="YAML / TOML / JSON training config (see configs/)")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
+        s.add_argument("--out", type=Path, required=True, help="run directory (checkpoint/, state/, logs)")
+        s.add_argument("--steps", type=int, help="shortcut for --set run.steps=N")
+        s.add_argument("--fresh", action="store_true",
+                       help="ignore a training state in --out instead of resuming from it")
+        s.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if stage == "diffusion":
+            s.add_argument("--rrdb", type=Path, help="stage-1 checkpoint (shortcut for diffusion.rrdb_checkpoint)")
+            s.add_argument("--spe-dir", type=Path, help="SPE maps folder (shortcut for data.spe_dir)")
+            s.add_argument("--no-structure", action="store_true",
+                           help="plain SRDiff: no structure modulation (ablation)")
+        s.set_defaults(func=cmd_train, stage=stage)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import ConfigError, load_config
+    from training.train import train
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"run.steps={args.steps}")
+    if args.stage == "diffusion":
+        if args.rrdb is not None:
+            overrides.append(f"diffusion.rrdb_checkpoint={args.rrdb}")
+        if args.spe_dir is not None:
+            overrides.append(f"data.spe_dir={args.spe_dir}")
+        if args.no_structure:
+            overrides.append("diffusion.structure=false")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"samdiffsr train: {e}") from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if os.environ.get("RANK", "0") == "0":
+        handlers.append(logging.FileHandler(args.out / "train.log"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
+    try:
+        ckpt = train(cfg, args.stage, args.out, resume=not args.fresh, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"samdiffsr train: {e}") from None
+    logging.getLogger("training").info("checkpoint: %s", ckpt)
+    return 0

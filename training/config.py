@@ -1,0 +1,167 @@
+"""Training configuration: one validated pydantic model, read from YAML/TOML with `--set` overrides."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.config import PRESETS, ModelConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    """A preset from `model.config.PRESETS`, with any of `ModelConfig`'s fields overridden."""
+
+    preset: str = "small"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSection:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown model preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        self.build()  # raises ValueError on bad overrides
+        return self
+
+    def build(self) -> ModelConfig:
+        base = PRESETS[self.preset].to_dict()
+        base.update(self.overrides)
+        return ModelConfig.from_dict(base)
+
+
+class DataSection(_Strict):
+    train_dir: Path = Path("../shared/data/corpus-hr/train")
+    val_dir: Path | None = Path("../shared/data/corpus-hr/val")
+    # Directory of SPE maps (<stem>.npy, one per training image), from `samdiffsr masks embed`.
+    spe_dir: Path | None = None
+    # What to do when an image has no SPE map: skip the image, or train it with an all-zero map.
+    missing_spe: Literal["skip", "zeros"] = "skip"
+    cache_dir: Path = Path("runs/cache")
+    hr_patch: int = Field(160, ge=8)
+    batch_size: int = Field(16, ge=1)
+    # Samples per image per epoch (an epoch is len(images) * repeat random patches).
+    repeat: int = Field(100, ge=1)
+    workers: int = Field(2, ge=0)
+    augment: bool = True
+
+
+class OptimSection(_Strict):
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    # Step decay as in the original: lr * gamma ** (step // decay_every).
+    decay_every: int = Field(200_000, ge=1)
+    gamma: float = Field(0.5, gt=0, le=1)
+    clip_grad: float = Field(10.0, ge=0)  # 0 disables clipping
+    ema: float = Field(0.0, ge=0, lt=1)  # EMA decay of the trained weights; 0 disables
+    amp: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
+
+
+class ValSection(_Strict):
+    every: int = Field(500, ge=0)  # 0 disables periodic validation
+    crop: int = Field(192, ge=16)  # centre crop of each validation image (HR pixels); keeps it cheap
+    max_images: int = Field(8, ge=1)
+    steps: int = Field(4, ge=1)  # DDIM steps (eta=0) for stage-2 validation
+
+
+class RunSection(_Strict):
+    steps: int = Field(1000, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    device: str = "auto"
+    # Wall-clock budget: checkpoint and stop after this many minutes (0 = no limit).
+    max_minutes: float = Field(0.0, ge=0)
+    threads: int = Field(0, ge=0)  # torch.set_num_threads on CPU; 0 keeps torch's default
+
+
+class DiffusionSection(_Strict):
+    # Stage 1 checkpoint (our format) whose RRDB is loaded and frozen.
+    rrdb_checkpoint: Path | None = None
+    # False trains plain SRDiff (no structure modulation), for ablations.
+    structure: bool = True
+
+
+class TrainConfig(_Strict):
+    name: str = "samdiffsr"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    val: ValSection = Field(default_factory=ValSection)
+    run: RunSection = Field(default_factory=RunSection)
+    diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
+
+    @model_validator(mode="after")
+    def _check_patch(self) -> TrainConfig:
+        cfg = self.model.build()
+        mult = max(cfg.scale, cfg.hr_multiple)
+        if self.data.hr_patch % mult:
+            raise ValueError(f"data.hr_patch={self.data.hr_patch} must be a multiple of {mult} "
+                             f"(scale {cfg.scale}, U-Net levels {cfg.levels})")
+        if self.val.crop % mult:
+            raise ValueError(f"val.crop={self.val.crop} must be a multiple of {mult}")
+        return self
+
+
+class ConfigError(ValueError):
+    """An unreadable or invalid training configuration."""
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/lists (`1e-4`, `true`, `[1, 2]`, `path/x`)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override to a nested dict in place."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {assignment!r} is not of the form key.path=value")
+    parts = key.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {p!r} is not a section")
+    node[parts[-1]] = _parse_value(value)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e}") from e
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:
+        raise ConfigError(f"{p}: cannot parse: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML/TOML/JSON config (or start from defaults), apply overrides, validate."""
+    tree = read_config_file(path) if path else {}
+    for o in overrides:
+        apply_override(tree, o)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"invalid training config:\n{e}") from e
