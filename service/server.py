@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from types import FrameType
 
@@ -33,19 +34,28 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """A signal handler that does nothing (see `serve`)."""
+
+
 def serve(settings: Settings) -> int:
     """Load the checkpoint and serve until SIGTERM/SIGINT. Returns a process exit code."""
     log_config = setup_logging(settings.log_format, settings.log_level)
     try:
         runtime = load_runtime(settings.checkpoint, settings.backend, settings.device)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: cannot load checkpoint {settings.checkpoint}: {e}", file=sys.stderr)
+        print(f"error: cannot load {settings.checkpoint} (backend {settings.backend}, device {settings.device}): "
+              f"{e}", file=sys.stderr)
         return 2
     app = create_app(settings, runtime=runtime)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=log_config,
                             access_log=False, lifespan="on", timeout_graceful_shutdown=settings.drain_timeout_s,
                             server_header=False)
     server = DrainingServer(config, app.state.service)
+    # After a drain uvicorn restores the handlers it found and re-raises the signal; with these no-ops
+    # in place a completed drain exits with status 0 instead of dying by the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _ignore)
     server.run()
     if not server.started:
         print("error: the server did not start (see the log above)", file=sys.stderr)

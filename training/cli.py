@@ -1,20 +1,12 @@
-"""Training subcommands for the `samdiffsr` command: masks, eval (cli_masks / cli_eval) and train (cli_train)."""
+"""Training subcommands for the `samdiffsr` command: masks, eval and train."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 
-# Each module defines `register(subparsers)`; a module that is not written yet is skipped.
-_MODULES = ("training.cli_masks", "training.cli_eval", "training.cli_train")
+from training import cli_eval, cli_masks, cli_train
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for name in _MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
+    for module in (cli_masks, cli_eval, cli_train):
         module.register(sub)

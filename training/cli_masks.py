@@ -86,7 +86,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (SamUnavailableError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.backend != "sam":
+    if args.backend == "sam":
+        from training import sam_compat
+
+        print(f"segment-anything ran with torchvision helpers from: {sam_compat.torchvision_source}",
+              file=sys.stderr)
+    else:
         print(f"note: {args.backend} segments are a classical stand-in for SAM masks, not SAM's", file=sys.stderr)
     print(report.summary(f"mask files written to {args.out}"))
     return 1 if report.failed else 0

@@ -58,7 +58,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    iou = box_iou(boxes[order].double(), boxes[order].double()).cpu().numpy()
+    ranked = boxes[order]
+    iou = box_iou(ranked, ranked).cpu().numpy()  # in the boxes' dtype, as torchvision's kernel computes
     suppressed = np.zeros(len(order), dtype=bool)
     keep = []
     for i in range(len(order)):
