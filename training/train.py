@@ -250,19 +250,12 @@ def _git_commit() -> str | None:
 # ----------------------------------------------------------------------------- validation
 
 
-def psnr_y(sr01: Tensor, hr01: Tensor, border: int) -> float:
-    """PSNR on the BT.601 Y channel after cropping `border` pixels, on 8-bit quantised images."""
-    from skimage.color import rgb2ycbcr
-    from skimage.metrics import peak_signal_noise_ratio
+def bicubic_psnr(pairs: list[tuple[str, Tensor, Tensor]], scale: int) -> float:
+    """Mean PSNR-Y of MATLAB-bicubic upscaling over the validation crops."""
+    from training.evaluate import bicubic_upscale, psnr_y, quantize8
 
-    def y(img: Tensor) -> np.ndarray:
-        a = (img.clamp(0, 1) * 255).round().permute(1, 2, 0).cpu().numpy().astype(np.uint8)
-        return rgb2ycbcr(a)[..., 0]
-
-    ys, yh = y(sr01), y(hr01)
-    if border:
-        ys, yh = ys[border:-border, border:-border], yh[border:-border, border:-border]
-    return float(peak_signal_noise_ratio(yh, ys, data_range=255))
+    return float(np.mean([psnr_y(quantize8(bicubic_upscale(lr01.permute(1, 2, 0).numpy(), scale)),
+                                 hr01.permute(1, 2, 0).numpy(), scale) for _, hr01, lr01 in pairs]))
 
 
 @torch.no_grad()
@@ -271,6 +264,7 @@ def validate(net: SRDiffNet, stage: Stage, pairs: list[tuple[str, Tensor, Tensor
     """Mean PSNR-Y over validation crops: the RRDB output (stage 1) or DDIM (eta=0) samples (stage 2)."""
     from model.sampler import new_track, sample
     from model.upscale import lr_inputs
+    from training.evaluate import psnr_y, quantize8
 
     net.eval()
     scores = []
@@ -283,7 +277,8 @@ def validate(net: SRDiffNet, stage: Stage, pairs: list[tuple[str, Tensor, Tensor
             track = new_track(cond, sched.num_timesteps, steps, "ddim", 0.0, seed=0, index=i)
             (x0,) = sample(net.denoise, sched, [track])
             out = res2img(x0[None], img_lr_up, net.cfg.res_rescale, net.cfg.clip_input)
-        scores.append(psnr_y(((out[0] + 1) / 2).float(), hr01, net.cfg.scale))
+        sr01 = ((out[0].float() + 1) / 2).permute(1, 2, 0).cpu().numpy()
+        scores.append(psnr_y(quantize8(sr01), hr01.permute(1, 2, 0).numpy(), net.cfg.scale))
     net.train()
     return float(np.mean(scores))
 
@@ -469,6 +464,9 @@ def train(cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = Tr
     pairs = []
     if d.main and dcfg.val_dir is not None and cfg.val.every:
         pairs = val_pairs(dcfg.val_dir, dcfg.cache_dir, mcfg.scale, cfg.val.crop, cfg.val.max_images)
+        if pairs:
+            log.info("validation: %d crops, bicubic PSNR-Y %.3f dB (the baseline to beat)", len(pairs),
+                     bicubic_psnr(pairs, mcfg.scale))
 
     train_model: nn.Module = objective
     if d.enabled:
