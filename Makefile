@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean system-deps
+.PHONY: venv run test lint bench bench-load clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test: $(STAMP) system-deps
 
 bench: $(STAMP)
 	$(BIN)/python bench/model_bench.py
+
+# Load benchmark of the HTTP service (continuous batching on/off); a few minutes on 2 CPU cores.
+# Options go in ARGS, e.g. make bench-load ARGS=--quick
+bench-load: $(STAMP)
+	$(BIN)/python bench/load_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

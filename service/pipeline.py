@@ -1,7 +1,7 @@
 """A request's work outside the model: decoded image -> LR tiles, and final residual tiles -> image.
 
 Only composes model/ functions (`Upscaler.plan`, `lr_inputs`, `extract_tiles`, `res2img`,
-`stitch`, `with_rgb`) in the order `model.upscale.Upscaler.upscale_rgb` uses them, so the service
+`pad_to`, `stitch`, `with_rgb`) in the order `model.upscale.Upscaler.upscale_rgb` uses them, so the service
 and `samdiffsr upscale` produce the same images; the sampling in between is the batcher's.
 """
 
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from model.diffusion import res2img
 from model.imaging import DecodedImage, with_rgb
-from model.tiling import TileGrid, extract_tiles, stitch
+from model.tiling import TileGrid, extract_tiles, pad_to, stitch
 from model.upscale import Upscaler, lr_inputs
 
 
@@ -31,6 +31,9 @@ def prepare(upscaler: Upscaler, image: DecodedImage) -> Prepared:
     cfg = upscaler.runtime.config
     grid = upscaler.plan(image.height, image.width)
     img = torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1).float()
+    # Pad first, as Upscaler.upscale_rgb does: up(LR) then sees the same borders, and images smaller
+    # than bicubic's reflection padding (e.g. 1x1) work.
+    img = pad_to(img, grid.padded_height, grid.padded_width)
     img_lr, img_lr_up = lr_inputs(img[None], cfg)
     return Prepared(image, grid, extract_tiles(img_lr[0], grid), extract_tiles(img_lr_up[0], grid, cfg.scale))
 
