@@ -18,6 +18,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 OutputFormat = Literal["png", "jpeg", "webp"]
 FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# Input formats Pillow may decode. A closed list: no PostScript/EPS (Pillow would hand those to
+# Ghostscript) and no exotic plugins on untrusted uploads.
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "TGA", "ICO")
 
 
 class ImageDecodeError(ValueError):
@@ -50,8 +53,11 @@ def _to_float(img: Image.Image) -> tuple[np.ndarray, int]:
         a = np.asarray(img, dtype=np.float64)
         # 16-bit PNGs decode as I;16 (or I with values up to 65535).
         return (np.clip(a, 0, 65535) / 65535.0).astype(np.float32), 16
-    if img.mode == "F":
-        return np.clip(np.asarray(img, dtype=np.float32), 0, 1), 16
+    if img.mode == "F":  # float TIFFs: NaN/inf are not pixel values
+        a = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise ImageDecodeError("the image holds NaN or infinite pixel values")
+        return np.clip(a, 0, 1), 16
     return np.asarray(img, dtype=np.float32) / 255.0, 8
 
 
@@ -61,7 +67,7 @@ def decode_image(data: bytes | str | Path | BinaryIO, max_pixels: int | None = N
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(src)
+            img = Image.open(src, formats=INPUT_FORMATS)
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
@@ -73,7 +79,9 @@ def decode_image(data: bytes | str | Path | BinaryIO, max_pixels: int | None = N
         raise ImageTooLargeError(f"image rejected as a decompression bomb: {e}") from e
     except FileNotFoundError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"not an image in a supported format ({', '.join(INPUT_FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageDecodeError(f"cannot decode image: {e}") from e
 
     mode = img.mode

@@ -109,13 +109,16 @@ def onnx_providers(device: torch.device) -> list[str]:
 class OnnxRuntime(_Base):
     backend = "onnx"
 
-    def __init__(self, export_dir: Path, info: CheckpointInfo, device: torch.device) -> None:
+    def __init__(self, export_dir: Path, info: CheckpointInfo, device: torch.device,
+                 threads: int | None = None) -> None:
         super().__init__(info, device)
         import onnxruntime as ort
 
         enc, den = (export_dir / f for f in FILES["onnx"])
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
         providers = onnx_providers(device)
         self.encoder = self._session(ort, enc, opts, providers)
         self.denoiser = self._session(ort, den, opts, providers)
@@ -155,8 +158,11 @@ def default_export_dir(net: SRDiffNet) -> Path:
 
 
 def load_runtime(checkpoint: str | Path, backend: str = "torch", device: str = "auto",
-                 export_dir: str | Path | None = None) -> Runtime:
-    """Load a checkpoint and wrap it in the requested backend (exporting it first if needed)."""
+                 export_dir: str | Path | None = None, threads: int | None = None) -> Runtime:
+    """Load a checkpoint and wrap it in the requested backend (exporting it first if needed).
+
+    `threads` sets ONNX Runtime's intra-op threads (torch's are process-wide: `torch.set_num_threads`).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     dev = resolve_device(device)
@@ -169,4 +175,4 @@ def load_runtime(checkpoint: str | Path, backend: str = "torch", device: str = "
         export(net, info, out, (backend,))
     if backend == "torchscript":
         return TorchScriptRuntime(out, info, dev)
-    return OnnxRuntime(out, info, dev)
+    return OnnxRuntime(out, info, dev, threads)

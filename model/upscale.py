@@ -42,8 +42,9 @@ class Upscaler:
 
     def __init__(self, runtime: Runtime, tile: int = 64, overlap: int = 8, max_batch: int = 16) -> None:
         cfg = runtime.config
-        if tile % cfg.lr_multiple:
-            raise ValueError(f"tile size must be a multiple of {cfg.lr_multiple}")
+        plan_tiles(1, 1, tile, overlap, cfg.scale, cfg.lr_multiple)  # validates tile and overlap
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self.runtime = runtime
         self.tile, self.overlap, self.max_batch = tile, overlap, max_batch
 

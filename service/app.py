@@ -46,6 +46,7 @@ from service.errors import (
     ShuttingDown,
     Unauthorized,
     UnsupportedMediaType,
+    WorkerStopped,
     error_body,
     openapi_errors,
     status_code_name,
@@ -82,7 +83,8 @@ class Service:
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        rt = self.runtime = self.runtime or load_runtime(s.checkpoint, s.backend, s.device)
+        rt = self.runtime = self.runtime or load_runtime(s.checkpoint, s.backend, s.device,
+                                                        threads=s.torch_threads)
         cfg = rt.config
         self.upscaler = Upscaler(rt, s.tile_size, s.tile_overlap, s.max_tiles_per_batch)
         self.steps = s.default_steps or default_steps(cfg)
@@ -129,7 +131,8 @@ class Service:
 
     def check_accepting(self) -> None:
         if self.draining:
-            raise ShuttingDown("the server is shutting down and accepts no new requests")
+            raise ShuttingDown("the server is shutting down and accepts no new requests",
+                               retry_after_s=self.settings.retry_after_s)
         if not self.ready.is_set():
             raise NotReady(self.warmup_error or "the model is still loading or warming up",
                            retry_after_s=self.settings.retry_after_s)
@@ -227,7 +230,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     async def healthz() -> Status:
         """Alive: the process serves HTTP and its worker thread runs (once started)."""
         if service.batcher is not None and not service.batcher.alive:
-            raise ServiceError("the batching worker has stopped")
+            raise WorkerStopped("the batching worker has stopped", retry_after_s=settings.retry_after_s)
         return Status(status="ok")
 
     @app.get("/readyz", response_model=Status, tags=["operations"], responses=openapi_errors(503))

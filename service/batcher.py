@@ -175,7 +175,8 @@ class Batcher:
                   request_id=request_id)
         with self._cv:
             if not self.accepting:
-                raise ShuttingDown("the server is shutting down and accepts no new requests")
+                raise ShuttingDown("the server is shutting down and accepts no new requests",
+                                   retry_after_s=self.config.retry_after_s)
             if len(self._jobs) >= self.config.max_queue:
                 raise QueueFull(f"the queue is full ({self.config.max_queue} requests in progress); "
                                 "retry later", retry_after_s=self.config.retry_after_s)
@@ -209,7 +210,8 @@ class Batcher:
             left = list(self._jobs)
         for job in left:  # the worker has stopped (or is stuck): resolve without touching its state
             if self._remove(job):
-                job.future.set_exception(ShuttingDown("the server shut down before this request finished"))
+                job.future.set_exception(ShuttingDown("the server shut down before this request finished",
+                                                          retry_after_s=self.config.retry_after_s))
 
     # ------------------------------------------------------------------ the worker
 
@@ -315,8 +317,10 @@ class Batcher:
             job.next_tile = idx[0]  # give the tiles back; nothing was started
             if is_out_of_memory(e) and self._on_oom(len(idx)):
                 return
-            self._fail(job, OutOfMemory("out of accelerator memory encoding this image") if is_out_of_memory(e)
-                       else WorkerError(f"encoder failed: {type(e).__name__}: {e}"))
+            err: ServiceError = (
+                OutOfMemory("out of accelerator memory encoding this image", self.config.retry_after_s)
+                if is_out_of_memory(e) else WorkerError(f"encoder failed: {type(e).__name__}: {e}"))
+            self._fail(job, err)
             log.error("encoder failed for request %s: %r", job.request_id, e)
             return
         cfg = rt.config
@@ -359,7 +363,8 @@ class Batcher:
         except Exception as e:
             if is_out_of_memory(e):
                 if not self._on_oom(len(batch)):
-                    self._fail(batch[0][0], OutOfMemory("out of accelerator memory with a batch of one tile"))
+                    self._fail(batch[0][0], OutOfMemory("out of accelerator memory with a batch of one tile",
+                                                                   self.config.retry_after_s))
             else:
                 self._isolate(batch, e)
             return

@@ -51,22 +51,31 @@ class InvalidParameter(ServiceError):
     status, code, kind = 422, "invalid_parameter", "invalid_request"
 
 
-class QueueFull(ServiceError):
-    status, code, kind = 503, "queue_full", "queue_full"
+class Unavailable(ServiceError):
+    """Base of the 503s: every one carries a Retry-After header."""
+
+    status = 503
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message, {"Retry-After": str(retry_after_s)})
 
 
-class NotReady(ServiceError):
-    status, code, kind = 503, "not_ready", "not_ready"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message, {"Retry-After": str(retry_after_s)})
+class QueueFull(Unavailable):
+    code, kind = "queue_full", "queue_full"
 
 
-class ShuttingDown(ServiceError):
-    status, code, kind = 503, "shutting_down", "shutting_down"
+class NotReady(Unavailable):
+    code, kind = "not_ready", "not_ready"
+
+
+class ShuttingDown(Unavailable):
+    code, kind = "shutting_down", "shutting_down"
+
+
+class WorkerStopped(Unavailable):
+    """The batching worker thread is gone (liveness fails; the orchestrator restarts the process)."""
+
+    code, kind = "worker_stopped", "worker"
 
 
 class DeadlineExceeded(ServiceError):
@@ -79,8 +88,8 @@ class Cancelled(ServiceError):
     status, code, kind = 499, "cancelled", "disconnected"
 
 
-class OutOfMemory(ServiceError):
-    status, code, kind = 503, "out_of_memory", "oom"
+class OutOfMemory(Unavailable):
+    code, kind = "out_of_memory", "oom"
 
 
 class WorkerError(ServiceError):
@@ -124,8 +133,9 @@ def openapi_errors(*statuses: int) -> dict[int | str, dict]:
         415: "Body is neither multipart/form-data nor an image/* (or application/octet-stream) body.",
         422: "Invalid or missing parameter (code invalid_parameter / missing_image).",
         500: "The worker failed on this request (code worker_error); other requests are not affected.",
-        503: "Queue full (queue_full), model not ready (not_ready), shutting down (shutting_down) or out "
-             "of accelerator memory (out_of_memory). Retry after the Retry-After header's seconds.",
+        503: "Queue full (queue_full), model not ready (not_ready), shutting down (shutting_down), out "
+             "of accelerator memory (out_of_memory) or batching worker stopped (worker_stopped). Retry after "
+             "the Retry-After header's seconds.",
         504: "The request's deadline (SAMDIFFSR_REQUEST_TIMEOUT_S) passed (code timeout).",
     }
     return {s: {"model": ErrorBody, "description": text[s]} for s in statuses}

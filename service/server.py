@@ -42,7 +42,8 @@ def serve(settings: Settings) -> int:
     """Load the checkpoint and serve until SIGTERM/SIGINT. Returns a process exit code."""
     log_config = setup_logging(settings.log_format, settings.log_level)
     try:
-        runtime = load_runtime(settings.checkpoint, settings.backend, settings.device)
+        runtime = load_runtime(settings.checkpoint, settings.backend, settings.device,
+                               threads=settings.torch_threads)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: cannot load {settings.checkpoint} (backend {settings.backend}, device {settings.device}): "
               f"{e}", file=sys.stderr)

@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads of torch and ONNX Runtime "
+                                      "(default: theirs, one per core).")
 
     @field_validator("device")
     @classmethod

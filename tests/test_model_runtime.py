@@ -74,8 +74,9 @@ def test_export_is_reused_and_refreshed(imported: Path, tiny_checkpoint: Path, t
     exp = tmp_path / "cache"
     load_runtime(imported, "onnx", "cpu", export_dir=exp)
     stamp = (exp / "denoiser.onnx").stat().st_mtime_ns
-    load_runtime(imported, "onnx", "cpu", export_dir=exp)
+    rt = load_runtime(imported, "onnx", "cpu", export_dir=exp, threads=1)
     assert (exp / "denoiser.onnx").stat().st_mtime_ns == stamp
+    assert rt.denoiser.get_session_options().intra_op_num_threads == 1
     # Other weights in the same export directory: re-exported, not silently reused.
     rt = load_runtime(tiny_checkpoint, "onnx", "cpu", export_dir=exp)
     assert (exp / "denoiser.onnx").stat().st_mtime_ns != stamp

@@ -105,6 +105,15 @@ def test_bad_inputs(photo: Path) -> None:
     assert len(bomb) < 200_000
     with pytest.raises(ImageTooLargeError):
         decode_image(bomb, max_pixels=4_000_000)
+    # Formats outside the closed list (PostScript would run Ghostscript) are refused, with a clean message.
+    with pytest.raises(ImageDecodeError, match="supported format") as err:
+        decode_image(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+    assert "BytesIO" not in str(err.value)
+    # Float TIFFs with NaN are not images.
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4), np.nan, np.float32)).save(buf, format="TIFF")
+    with pytest.raises(ImageDecodeError, match="NaN"):
+        decode_image(buf.getvalue())
 
 
 def test_seed_reproducible_and_batching_invariant(tiny_checkpoint: Path, photo: Path) -> None:
@@ -182,6 +191,20 @@ def test_upscale_command_on_folder(tiny_checkpoint: Path, photo: Path, tmp_path:
     assert main(["upscale", str(src / "a.png"), str(single), "--checkpoint", str(tiny_checkpoint),
                  "--steps", "1", "--tile", "16", "--sampler", "ddpm", "--seed", "3"]) == 0
     assert Image.open(single).format == "WEBP"
+
+
+@pytest.mark.parametrize("args", [["--steps", "200"], ["--tile", "8", "--overlap", "8"], ["--batch", "0"]])
+def test_upscale_command_rejects_bad_options(tiny_checkpoint: Path, photo: Path, tmp_path: Path, args: list[str],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["upscale", str(photo), str(tmp_path / "o.png"), "--checkpoint", str(tiny_checkpoint), *args])
+    assert rc == 2 and capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_upscale_command_rejects_unknown_output_format(tiny_checkpoint: Path, photo: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["upscale", str(photo), str(tmp_path / "o.bmp"), "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert ".png" in capsys.readouterr().err
 
 
 def test_decoded_image_type() -> None:
