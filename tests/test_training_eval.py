@@ -82,6 +82,32 @@ def test_ssim_matches_wang_et_al_gaussian_definition() -> None:
     assert ssim_y(sr, hr, border=0) == pytest.approx(float(s.mean()), abs=1e-6)
 
 
+def _matlab_cubic(x: np.ndarray) -> np.ndarray:
+    """The kernel of MATLAB's imresize 'bicubic' (Keys, a = -0.5)."""
+    ax = np.abs(x)
+    return np.where(ax <= 1, 1.5 * ax**3 - 2.5 * ax**2 + 1,
+                    np.where(ax <= 2, -0.5 * ax**3 + 2.5 * ax**2 - 4 * ax + 2, 0.0))
+
+
+def test_make_lr_matches_matlab_imresize_weights() -> None:
+    """An impulse far from the borders, against MATLAB's antialiased imresize(x, 1/4) written out: LR pixel j
+    is centred on HR coordinate 4j + 1.5 and weighs HR pixel r by cubic((4j + 1.5 - r) / 4), normalised over
+    its 16 taps; the filter is separable."""
+    taps = np.arange(-7.5, 8.0)  # offsets of the 16 HR pixels an interior LR pixel sees
+    norm = _matlab_cubic(taps / 4).sum()
+
+    def weight(j: int, r: int) -> float:
+        return float(_matlab_cubic(np.array((4 * j + 1.5 - r) / 4)) / norm)
+
+    p = 37
+    impulse = torch.full((3, 80, 80), 0.5)  # on grey: negative lobes are not clipped
+    impulse[:, 40, p] = 0.9
+    lr = make_lr(impulse, quantize=False)[0, 10].double().numpy()  # LR row 10 sees HR row 40
+    expected = np.array([0.5 + 0.4 * weight(10, 40) * weight(j, p) for j in range(20)])
+    np.testing.assert_allclose(lr[2:18], expected[2:18], atol=1e-6)  # columns whose taps avoid the borders
+    assert (expected[2:18] != 0.5).sum() == 4 and expected.min() < 0.5  # the taps and a negative lobe
+
+
 def test_make_lr_matlab_bicubic_properties() -> None:
     flat = torch.full((3, 16, 24), 0.4)
     lr = make_lr(flat)
