@@ -41,3 +41,12 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def photo() -> Path:
     """A real photo (PNG) from the shared corpus."""
     return CORPUS / "val" / "skimage-chelsea.png"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An HTTP client for the module's `server` fixture (a `service.testing.LiveServer`)."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c

@@ -12,7 +12,6 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,23 +22,10 @@ BASE = dict(tile_size=16, tile_overlap=4, max_tiles_per_batch=4, default_steps=2
             max_pixels=64 * 64, max_upload_bytes=256 * 1024, drain_timeout_s=5, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
     with LiveServer(Settings(checkpoint=tiny_checkpoint, **BASE)) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def png(img: Image.Image, **save) -> bytes:

@@ -8,7 +8,6 @@ import io
 import httpx
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -32,23 +31,10 @@ params = st.dictionaries(st.sampled_from(["steps", "sampler", "seed", "output_fo
                          max_size=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
     with LiveServer(Settings(checkpoint=tiny_checkpoint, **SERVER)) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def encoded(photo, fmt: str) -> bytes:
