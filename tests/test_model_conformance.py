@@ -54,7 +54,8 @@ def _write_reference(dst: Path, cfg: ModelConfig, seed: int = 0) -> None:
     vectors = {
         "img_lr": lr, "img_lr_up": up, "img_hr": torch.rand(2, 3, hr_size, hr_size) * 2 - 1,
         "denoise_x": torch.randn(2, 3, hr_size, hr_size), "denoise_t": torch.tensor([3, cfg.timesteps - 1]),
-        "train_t": torch.tensor([cfg.timesteps // 2, cfg.timesteps - 1]), "train_noise": torch.randn(2, 3, hr_size, hr_size),
+        "train_t": torch.tensor([cfg.timesteps // 2, cfg.timesteps - 1]),
+        "train_noise": torch.randn(2, 3, hr_size, hr_size),
         "train_sam_mask": torch.randn(2, 1, hr_size, hr_size),
         "sample_noises": torch.randn(cfg.timesteps + 1, 2, 3, hr_size, hr_size),
     }
