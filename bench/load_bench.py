@@ -164,19 +164,16 @@ class Server:
         self.proc = subprocess.Popen(self.command, cwd=ROOT, env=full, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float) -> None:
-        import httpx
+        from service.testing import wait_ready
 
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        def check_alive() -> None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"the server was not ready after {timeout:g} s:\n{self.log_tail()}")
+
+        try:
+            wait_ready(self.url, timeout, check_alive)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}:\n{self.log_tail()}") from None
 
     def log_tail(self, lines: int = 30) -> str:
         self._log.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import uvicorn
@@ -12,6 +13,21 @@ import uvicorn
 from model.runtime import Runtime
 from service.app import create_app
 from service.settings import Settings
+
+
+def wait_ready(url: str, timeout: float, check_alive: Callable[[], None] | None = None) -> None:
+    """Poll `url/readyz` until it answers 200; `check_alive` raises if the server died meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check_alive is not None:
+            check_alive()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"server at {url} not ready after {timeout:g} s")
 
 
 class LiveServer:
@@ -34,18 +50,16 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self._thread.start()
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if not self._thread.is_alive():
-                raise RuntimeError("server thread exited during start-up")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.__exit__(None, None, None)
-        raise TimeoutError(f"server not ready after {self.ready_timeout} s")
+        try:
+            wait_ready(self.url, self.ready_timeout, self._check_alive)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _check_alive(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("server thread exited during start-up")
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from samdiffsr.cli import main
+from service.testing import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,16 +79,10 @@ class ServerProcess:
              "--port", str(self.port)], cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 90) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        def check_alive() -> None:
             assert self.proc.poll() is None, self.proc.communicate()
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("server not ready")
+
+        wait_ready(self.url, timeout, check_alive)
 
     def wait_sampling(self, timeout: float = 30) -> None:
         end = time.monotonic() + timeout
