@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,14 @@ def client(server):
 
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+def require_tool(name: str) -> str:
+    """Path of a command-line tool (PATH or this interpreter's bin/); a clear failure in CI if absent."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    msg = f"`{name}` is not installed: run `make system-deps` (Debian: apt-get install prometheus docker-compose)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(msg)
+    pytest.skip(msg)

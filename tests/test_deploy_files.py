@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import yaml
+from conftest import require_tool
 
 from service.metrics import Metrics
 from service.settings import ENV_PREFIX, Settings
@@ -30,17 +28,6 @@ IMAGE_UID = 10001
 CHECKPOINT_IN_IMAGE = "/opt/samdiffsr/checkpoints/default"
 # Settings fixed by the image's command line instead of the environment.
 FIXED_BY_CMD = {"host", "port"}
-
-
-def require_tool(name: str) -> str:
-    """Path of a command-line tool (PATH or this interpreter's bin/); a clear failure in CI if absent."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    if found:
-        return found
-    msg = f"`{name}` is not installed: run `make system-deps` (Debian: apt-get install prometheus docker-compose)"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(msg)
-    pytest.skip(msg)
 
 
 def setting_env_names() -> set[str]:

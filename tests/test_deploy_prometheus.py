@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require_tool
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,17 +73,6 @@ sys.meta_path.insert(0, RuntimeOnly())
 from samdiffsr.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def require_tool(name: str) -> str:
-    """Path of a command-line tool (PATH or this interpreter's bin/); a clear failure in CI if absent."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    if found:
-        return found
-    msg = f"`{name}` is not installed: run `make system-deps` (Debian: apt-get install prometheus docker-compose)"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(msg)
-    pytest.skip(msg)
 
 
 def run(args: list[str], **kw: object) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REFERENCE, SHARED
 from safetensors.torch import load_file
 
 from model.checkpoint import CheckpointError, load_checkpoint
@@ -14,7 +15,6 @@ from model.config import PRESETS
 from model.diffusion import make_schedule
 from model.upstream import import_upstream_checkpoint
 from samdiffsr.cli import main
-from tests.conftest import REFERENCE, SHARED
 
 UPSTREAM = REFERENCE / "upstream_checkpoint.ckpt"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REFERENCE
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
@@ -15,7 +16,6 @@ from model.conformance import compute, verify_reference
 from model.diffusion import make_schedule
 from model.network import SRDiffNet
 from samdiffsr.cli import main
-from tests.conftest import REFERENCE
 from training.spe import conformance_check
 
 

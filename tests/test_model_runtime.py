@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REFERENCE
 from PIL import Image
 
 from model.imaging import decode_image
 from model.runtime import BACKENDS, OnnxRuntime, load_runtime
 from model.upscale import Upscaler
 from samdiffsr.cli import main
-from tests.conftest import REFERENCE
 
 
 @pytest.fixture(scope="module")
