@@ -52,6 +52,30 @@ class Upscaler:
         cfg = self.runtime.config
         return plan_tiles(height, width, self.tile, self.overlap, cfg.scale, cfg.lr_multiple)
 
+    def prepare(self, rgb: np.ndarray) -> tuple[TileGrid, Tensor, Tensor]:
+        """(H, W, 3) RGB in [0, 1] -> the tile grid, encoder-input tiles and up(LR) tiles (both in [-1, 1])."""
+        cfg = self.runtime.config
+        grid = self.plan(*rgb.shape[:2])
+        img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+        # Pad first, so that up(LR) sees the same borders whatever the tiling, and images smaller than
+        # bicubic's reflection padding (e.g. 1x1) work.
+        img = pad_to(img, grid.padded_height, grid.padded_width)
+        img_lr, img_lr_up = lr_inputs(img[None], cfg)
+        return grid, extract_tiles(img_lr[0], grid), extract_tiles(img_lr_up[0], grid, cfg.scale)
+
+    def assemble(self, grid: TileGrid, up_tiles: Tensor, x0: Tensor) -> np.ndarray:
+        """Final residual tiles (N, 3, T, T) -> (scale*H, scale*W, 3) RGB in [0, 1]."""
+        cfg = self.runtime.config
+        tiles = res2img(x0.to(up_tiles), up_tiles, cfg.res_rescale, cfg.clip_input)
+        hr = stitch(tiles, grid)
+        return ((hr.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+
+    def to_image(self, image: DecodedImage, rgb: np.ndarray) -> DecodedImage:
+        """The upscaled RGB of `image` as a decoded image of its kind (gray stays gray, alpha upscaled)."""
+        if image.grayscale:
+            rgb = np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2)
+        return with_rgb(image, rgb, self.runtime.config.scale)
+
     def upscale_rgb(
         self, rgb: np.ndarray, steps: int | None = None, sampler: SamplerName | None = None, eta: float = 0.0,
         seed: int = 0, on_step: Callable[[int], None] | None = None,
@@ -60,24 +84,16 @@ class Upscaler:
         rt, cfg = self.runtime, self.runtime.config
         steps = steps or default_steps(cfg)
         sampler = sampler or default_sampler(cfg)
-        grid = self.plan(*rgb.shape[:2])
-        img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
-        # Pad first, so that up(LR) sees the same borders whatever the tiling.
-        img = pad_to(img, grid.padded_height, grid.padded_width)
-        img_lr, img_lr_up = lr_inputs(img[None], cfg)
-        lr_tiles = extract_tiles(img_lr[0], grid)
-        up_tiles = extract_tiles(img_lr_up[0], grid, cfg.scale)
-        out = torch.empty_like(up_tiles)
+        grid, lr_tiles, up_tiles = self.prepare(rgb)
+        x0 = torch.empty_like(up_tiles)
         for start in range(0, len(grid), self.max_batch):
             idx = range(start, min(start + self.max_batch, len(grid)))
             cond = rt.encode(lr_tiles[idx.start:idx.stop])
             tracks = [new_track(cond[j], cfg.timesteps, steps, sampler, eta, seed, i)
                       for j, i in enumerate(idx)]
             self._run(tracks, on_step)
-            x0 = torch.stack([tr.x for tr in tracks]).cpu()
-            out[idx.start:idx.stop] = res2img(x0, up_tiles[idx.start:idx.stop], cfg.res_rescale, cfg.clip_input)
-        hr = stitch(out, grid)
-        return ((hr.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+            x0[idx.start:idx.stop] = torch.stack([tr.x for tr in tracks]).cpu()
+        return self.assemble(grid, up_tiles, x0)
 
     def _run(self, tracks: list[Track], on_step: Callable[[int], None] | None) -> None:
         active = tracks
@@ -90,7 +106,4 @@ class Upscaler:
     def upscale(self, image: DecodedImage, steps: int | None = None, sampler: SamplerName | None = None,
                 eta: float = 0.0, seed: int = 0, on_step: Callable[[int], None] | None = None) -> DecodedImage:
         """Upscale a decoded image to exactly `scale` times its size (alpha upscaled separately)."""
-        rgb = self.upscale_rgb(image.rgb, steps, sampler, eta, seed, on_step)
-        if image.grayscale:
-            rgb = np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2)
-        return with_rgb(image, rgb, self.runtime.config.scale)
+        return self.to_image(image, self.upscale_rgb(image.rgb, steps, sampler, eta, seed, on_step))
