@@ -127,7 +127,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from model.checkpoint import CheckpointError
-    from model.imaging import FORMATS, ImageDecodeError, decode_image, save_image
+    from model.diffusion import timestep_plan
+    from model.imaging import ImageDecodeError, decode_image, format_for, save_image
     from model.runtime import load_runtime
     from model.upscale import Upscaler, default_steps
 
@@ -135,18 +136,15 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     if not src.exists():
         print(f"error: {src} does not exist", file=sys.stderr)
         return 2
-    try:
+    try:  # bad options fail before any image is decoded
+        if not src.is_dir() and not dst.is_dir():
+            format_for(dst)
         runtime = load_runtime(args.checkpoint, args.backend, args.device)
         upscaler = Upscaler(runtime, tile=args.tile, overlap=args.overlap, max_batch=args.batch)
+        steps = args.steps or default_steps(runtime.config)
+        timestep_plan(runtime.config.timesteps, steps)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    steps = args.steps or default_steps(runtime.config)
-    if not 1 <= steps <= runtime.config.timesteps:
-        print(f"error: --steps must be in 1..{runtime.config.timesteps}, got {steps}", file=sys.stderr)
-        return 2
-    if not src.is_dir() and not dst.is_dir() and dst.suffix.lower().lstrip(".") not in FORMATS:
-        print(f"error: cannot write {dst}: use a .png, .jpg or .webp file name, or a folder", file=sys.stderr)
         return 2
     failed = 0
     for path_in, path_out in _jobs(src, dst):

@@ -163,7 +163,13 @@ def encode_image(img: DecodedImage, fmt: str = "png", quality: int = 95) -> byte
     return buf.getvalue()
 
 
+def format_for(path: str | Path) -> str:
+    """The output format a file name asks for by its extension (none: png). ValueError for others."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    if fmt not in FORMATS:
+        raise ValueError(f"cannot write {path}: use a .png, .jpg or .webp file name")
+    return fmt
+
+
 def save_image(img: DecodedImage, path: str | Path, quality: int = 95) -> None:
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    path.write_bytes(encode_image(img, "jpeg" if fmt == "jpg" else fmt, quality))
+    Path(path).write_bytes(encode_image(img, format_for(path), quality))
