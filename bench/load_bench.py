@@ -22,7 +22,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -128,31 +127,22 @@ def _png(img: Image.Image) -> bytes:
 
 def random_checkpoint(out: Path, preset: str) -> Path:
     """A randomly initialised model of `preset` in our checkpoint format (seed 0)."""
-    import torch
-
-    from model.checkpoint import CheckpointInfo, save_checkpoint
+    from model.checkpoint import save_random_checkpoint
     from model.config import PRESETS
-    from model.network import SRDiffNet
 
-    torch.manual_seed(0)
-    cfg = PRESETS[preset]
-    return save_checkpoint(out / preset, SRDiffNet(cfg), CheckpointInfo(
-        config=cfg, name=f"{preset}-random", provenance={"source": "bench/load_bench.py, random weights"}))
+    return save_random_checkpoint(out / preset, PRESETS[preset], f"{preset}-random",
+                                  provenance={"source": "bench/load_bench.py, random weights"})
 
 
 # ----------------------------------------------------------------------------- the server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
     """`samdiffsr serve` in a subprocess with SAMDIFFSR_* settings; stopped with SIGTERM."""
 
     def __init__(self, checkpoint: Path, env: dict[str, str], log_path: Path) -> None:
+        from service.testing import free_port
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path

@@ -68,6 +68,13 @@ def save_checkpoint(path: str | Path, net: SRDiffNet, info: CheckpointInfo) -> P
     return out
 
 
+def save_random_checkpoint(path: str | Path, cfg: ModelConfig, name: str, seed: int = 0,
+                           provenance: dict[str, Any] | None = None) -> Path:
+    """A network of `cfg` with random weights (torch seed `seed`) in our format: for tests and benchmarks."""
+    torch.manual_seed(seed)
+    return save_checkpoint(path, SRDiffNet(cfg), CheckpointInfo(config=cfg, name=name, provenance=provenance or {}))
+
+
 def read_info(path: str | Path) -> CheckpointInfo:
     cfg_path = Path(path) / CONFIG
     try:

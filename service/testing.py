@@ -15,6 +15,13 @@ from service.app import create_app
 from service.settings import Settings
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a server started in another process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_ready(url: str, timeout: float, check_alive: Callable[[], None] | None = None) -> None:
     """Poll `url/readyz` until it answers 200; `check_alive` raises if the server died meanwhile."""
     deadline = time.monotonic() + timeout

@@ -27,16 +27,11 @@ CORPUS = SHARED / "data" / "corpus-hr"
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised `tiny` model saved in our checkpoint format."""
-    from model.checkpoint import CheckpointInfo, save_checkpoint
+    from model.checkpoint import save_random_checkpoint
     from model.config import PRESETS
-    from model.network import SRDiffNet
 
-    torch.manual_seed(0)
-    cfg = PRESETS["tiny"]
-    net = SRDiffNet(cfg)
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    return save_checkpoint(out, net, CheckpointInfo(config=cfg, name="tiny-random",
-                                                    provenance={"source": "tests"}))
+    return save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", PRESETS["tiny"], "tiny-random",
+                                  provenance={"source": "tests"})
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ import pytest
 import yaml
 from conftest import require_tool
 from PIL import Image
+
+from service.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -142,12 +143,6 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- live run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(url: str, data: bytes | None = None, headers: dict[str, str] | None = None,
