@@ -35,13 +35,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, save_random_checkpoint
 from model.config import PRESETS, ModelConfig
 from model.diffusion import Schedule, ddpm_step
-from model.export import FILES
 from model.network import SRDiffNet
 from model.runtime import BACKENDS, Runtime, load_runtime, resolve_device
-from model.sampler import SamplerName, new_track, step_tracks, track_generator
+from model.sampler import SamplerName, new_track, sample, track_generator
 
 # The default run takes a few minutes on two CPU cores; `--quick` (tiny model) takes about 20 s, mostly exporting.
 DEFAULTS = dict(preset="small", batch_sizes="1,4", tile=32, steps="ddim:4,ddim:20", repeats=5, image_repeats=1,
@@ -142,20 +141,6 @@ def progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def limit_onnx_threads(rt: Runtime, export_dir: Path, threads: int) -> None:
-    """Recreate the ONNX Runtime sessions with `threads` intra-op threads (runtime.py uses ORT's default)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    enc, den = (export_dir / f for f in FILES["onnx"])
-    providers = rt.denoiser.get_providers()  # type: ignore[attr-defined]
-    rt.encoder = ort.InferenceSession(str(enc), opts, providers=providers)  # type: ignore[attr-defined]
-    rt.denoiser = ort.InferenceSession(str(den), opts, providers=providers)  # type: ignore[attr-defined]
-
-
 # ----------------------------------------------------------------------------- what is timed
 
 
@@ -163,9 +148,7 @@ def sample_ours(rt: Runtime, img_lr: Tensor, sampler: SamplerName, steps: int, s
     """Our path: encode once, then `steps` batched sampler steps. Returns the final residuals."""
     cond = rt.encode(img_lr)
     tracks = [new_track(cond[i], rt.config.timesteps, steps, sampler, 0.0, seed, i) for i in range(len(cond))]
-    while not tracks[0].done:
-        step_tracks(rt.denoise, rt.schedule, tracks)
-    return torch.stack([tr.x for tr in tracks])
+    return torch.stack(sample(rt.denoise, rt.schedule, tracks))
 
 
 @torch.no_grad()
@@ -257,11 +240,9 @@ def prepare_model(args: argparse.Namespace, tmp_dir: Path, device: torch.device
     if args.checkpoint:
         net, info = load_checkpoint(args.checkpoint, device)
         return args.checkpoint, net, info.config
-    torch.manual_seed(args.seed)
-    cfg = PRESETS[args.preset]
-    net = SRDiffNet(cfg).eval()
-    ckpt = save_checkpoint(tmp_dir / "checkpoint", net, CheckpointInfo(config=cfg, name=f"bench-{args.preset}"))
-    return ckpt, net.to(device), cfg
+    ckpt = save_random_checkpoint(tmp_dir / "checkpoint", PRESETS[args.preset], f"bench-{args.preset}", args.seed)
+    net, info = load_checkpoint(ckpt, device)
+    return ckpt, net, info.config
 
 
 def bench_batch(rt: Runtime, args: argparse.Namespace, batch: int, plans: list[tuple[SamplerName, int]],
@@ -347,10 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends:
             progress(f"loading {backend} (exporting if needed)")
             t0 = time.perf_counter()
-            rt = load_runtime(ckpt, backend, str(device), export_dir=export_dir)
+            rt = load_runtime(ckpt, backend, str(device), export_dir=export_dir, threads=args.threads)
             if backend == "onnx":
-                if args.threads:
-                    limit_onnx_threads(rt, export_dir, args.threads)
                 providers = ", ".join(rt.denoiser.get_providers())  # type: ignore[attr-defined]
             load_s = time.perf_counter() - t0
             for batch in batch_sizes:

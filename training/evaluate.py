@@ -172,7 +172,7 @@ class Models:
     @torch.inference_mode()
     def diffusion(self, lr01: np.ndarray, s: SamplerSettings) -> np.ndarray:
         from model.diffusion import res2img
-        from model.sampler import new_track, step_tracks
+        from model.sampler import new_track, sample
         from model.upscale import Upscaler
 
         if s.tile:
@@ -182,9 +182,8 @@ class Models:
         img_lr, img_lr_up, (h, w) = self._padded_inputs(lr01)
         cond = self.runtime.encode(img_lr)
         track = new_track(cond[0], cfg.timesteps, s.steps, s.sampler, s.eta, s.seed, 0)  # type: ignore[arg-type]
-        while not track.done:
-            step_tracks(self.runtime.denoise, self.runtime.schedule, [track])
-        out = res2img(track.x[None].cpu(), img_lr_up, cfg.res_rescale, cfg.clip_input)
+        (x0,) = sample(self.runtime.denoise, self.runtime.schedule, [track])
+        out = res2img(x0[None].cpu(), img_lr_up, cfg.res_rescale, cfg.clip_input)
         return self._to_rgb(out, h, w, cfg.scale)
 
 
