@@ -110,12 +110,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-
-
 def _jobs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
+    from model.imaging import list_images
+
     if src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = list_images(src)
         dst.mkdir(parents=True, exist_ok=True)
         return [(p, dst / f"{p.stem}.png") for p in files]
     if dst.is_dir():

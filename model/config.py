@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+Prediction = Literal["epsilon", "v", "sample"]
+ResidualBase = Literal["bicubic", "rrdb"]
+PREDICTIONS: tuple[str, ...] = ("epsilon", "v", "sample")
+RESIDUAL_BASES: tuple[str, ...] = ("bicubic", "rrdb")
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,12 @@ class ModelConfig:
     clip_input: bool = True
     # The original code computes up(LR) by bicubic on LR/256 (not /255) before mapping to [-1, 1].
     lr_up_divisor: float = 256.0
+    # What the denoiser predicts (diffusers' names): the noise (the original code), v = sqrt(a) e - sqrt(1-a) x0,
+    # or the clean residual x0 itself.
+    prediction: Prediction = "epsilon"
+    # The image the diffusion residual is added to: bicubic up(LR) (the original code) or the RRDB encoder's
+    # own x4 output (as ResDiff does), so that an undertrained denoiser falls back to a regression answer.
+    residual_base: ResidualBase = "bicubic"
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -44,6 +55,10 @@ class ModelConfig:
             raise ValueError("timesteps must be positive")
         if self.beta_schedule != "cosine":
             raise ValueError(f"only the cosine schedule is supported, got {self.beta_schedule!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if self.residual_base not in RESIDUAL_BASES:
+            raise ValueError(f"residual_base must be one of {', '.join(RESIDUAL_BASES)}, got {self.residual_base!r}")
         object.__setattr__(self, "dim_mults", tuple(int(m) for m in self.dim_mults))
 
     @property

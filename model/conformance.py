@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from model.diffusion import img2res, make_schedule, modulate_noise, q_sample, res2img
-from model.sampler import Track, sample
+from model.diffusion import img2res, make_schedule, modulate_noise, q_sample
+from model.sampler import Track, sample, track_image
 from model.upstream import import_upstream_checkpoint
 
 TOL = 1e-5
@@ -69,12 +69,12 @@ def compute(ref_dir: str | Path, vectors: dict[str, Tensor]) -> dict[str, Tensor
             noises = vectors["sample_noises"]
             T = sched.num_timesteps
             tracks = [
-                Track(x=noises[0, b], cond=cond[b], plan=list(range(T - 1, -1, -1)), sampler="ddpm",
-                      noise_fn=lambda pos, b=b: noises[pos + 1, b])
+                Track(x=noises[0, b], cond=cond[b], base=vectors["img_lr_up"][b], plan=list(range(T - 1, -1, -1)),
+                      sampler="ddpm", noise_fn=lambda pos, b=b: noises[pos + 1, b])
                 for b in range(noises.shape[1])
             ]
-            x0s = torch.stack(sample(net.denoise, sched, tracks))
-            out["sample_out"] = res2img(x0s, vectors["img_lr_up"], cfg.res_rescale, cfg.clip_input)
+            sample(net.denoise, sched, tracks, prediction=cfg.prediction)
+            out["sample_out"] = torch.stack([track_image(tr, cfg) for tr in tracks])
     return out
 
 

@@ -85,15 +85,16 @@ def extract(a: Tensor, t: Tensor, ndim: int) -> Tensor:
 # ----------------------------------------------------------------------------- residual <-> image
 
 
-def img2res(img_hr: Tensor, img_lr_up: Tensor, res_rescale: float = 2.0) -> Tensor:
-    """The diffusion target: the rescaled, clipped residual between HR and up(LR)."""
-    return ((img_hr - img_lr_up) * res_rescale).clamp(-1, 1)
+def img2res(img_hr: Tensor, base: Tensor, res_rescale: float = 2.0) -> Tensor:
+    """The diffusion target: the rescaled, clipped residual between HR and its base (up(LR) or the RRDB's x4)."""
+    return ((img_hr - base) * res_rescale).clamp(-1, 1)
 
 
-def res2img(x0: Tensor, img_lr_up: Tensor, res_rescale: float = 2.0, clip: bool = True) -> Tensor:
+def res2img(x0: Tensor, base: Tensor, res_rescale: float = 2.0, clip: bool = True) -> Tensor:
+    """The inverse of `img2res`: a (clamped) residual back to an image."""
     if clip:
         x0 = x0.clamp(-1, 1)
-    return x0 / res_rescale + img_lr_up
+    return x0 / res_rescale + base
 
 
 # ----------------------------------------------------------------------------- forward process / training
@@ -111,18 +112,42 @@ def modulate_noise(sched: Schedule, noise: Tensor, t: Tensor, spe: Tensor) -> Te
     return noise + extract(sched.mask_coefficient, t, noise.ndim) * spe
 
 
+def training_target(sched: Schedule, prediction: str, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """What the denoiser learns to output for x_t = q_sample(x0, t, noise), by prediction type."""
+    if prediction == "epsilon":
+        return noise
+    if prediction == "sample":
+        return x0
+    if prediction == "v":
+        return (extract(sched.sqrt_alphas_cumprod, t, x0.ndim) * noise
+                - extract(sched.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
 # ----------------------------------------------------------------------------- reverse process
 
 
-def predict_x0(sched: Schedule, x_t: Tensor, t: Tensor, eps: Tensor, clip: bool = True) -> Tensor:
-    x0 = (extract(sched.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
-          - extract(sched.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
+def predict_x0(sched: Schedule, x_t: Tensor, t: Tensor, model_output: Tensor, prediction: str = "epsilon",
+               clip: bool = True) -> Tensor:
+    """The clean sample implied by the denoiser's output (clamped to [-1, 1] unless `clip` is False)."""
+    nd = x_t.ndim
+    if prediction == "epsilon":
+        x0 = (extract(sched.sqrt_recip_alphas_cumprod, t, nd) * x_t
+              - extract(sched.sqrt_recipm1_alphas_cumprod, t, nd) * model_output)
+    elif prediction == "sample":
+        x0 = model_output
+    elif prediction == "v":
+        x0 = (extract(sched.sqrt_alphas_cumprod, t, nd) * x_t
+              - extract(sched.sqrt_one_minus_alphas_cumprod, t, nd) * model_output)
+    else:
+        raise ValueError(f"unknown prediction type {prediction!r}")
     return x0.clamp(-1.0, 1.0) if clip else x0
 
 
-def ddpm_step(sched: Schedule, eps: Tensor, t: Tensor, x_t: Tensor, noise: Tensor) -> Tensor:
+def ddpm_step(sched: Schedule, model_output: Tensor, t: Tensor, x_t: Tensor, noise: Tensor,
+              prediction: str = "epsilon") -> Tensor:
     """One ancestral step t -> t-1 of the full schedule, as the original code computes it."""
-    x0 = predict_x0(sched, x_t, t, eps)
+    x0 = predict_x0(sched, x_t, t, model_output, prediction)
     mean = (extract(sched.posterior_mean_coef1, t, x_t.ndim) * x0
             + extract(sched.posterior_mean_coef2, t, x_t.ndim) * x_t)
     log_var = extract(sched.posterior_log_variance_clipped, t, x_t.ndim)
@@ -131,13 +156,14 @@ def ddpm_step(sched: Schedule, eps: Tensor, t: Tensor, x_t: Tensor, noise: Tenso
 
 
 def ddim_step(
-    sched: Schedule, eps: Tensor, t: Tensor, t_prev: Tensor, x_t: Tensor, eta: Tensor | float,
-    noise: Tensor | None,
+    sched: Schedule, model_output: Tensor, t: Tensor, t_prev: Tensor, x_t: Tensor, eta: Tensor | float,
+    noise: Tensor | None, prediction: str = "epsilon",
 ) -> Tensor:
     """One generalised DDIM step t -> t_prev (t_prev = -1 ends at x0). eta=0 is deterministic;
-    eta=1 is ancestral sampling on the strided schedule."""
+    eta=1 is ancestral sampling on the strided schedule. The noise direction is re-derived from the
+    clamped x0, whatever the prediction type."""
     nd = x_t.ndim
-    x0 = predict_x0(sched, x_t, t, eps)
+    x0 = predict_x0(sched, x_t, t, model_output, prediction)
     eps = (extract(sched.sqrt_recip_alphas_cumprod, t, nd) * x_t - x0) / extract(
         sched.sqrt_recipm1_alphas_cumprod, t, nd)
     a_t = extract(sched.alphas_cumprod, t, nd)
@@ -152,8 +178,12 @@ def ddim_step(
 
 
 def timestep_plan(num_timesteps: int, steps: int) -> list[int]:
-    """Descending timesteps for a sampler with `steps` denoiser calls (evenly spaced, ending at 0)."""
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
+    """Descending timesteps for a sampler with `steps` denoiser calls (evenly spaced, ending at 0).
+
+    `steps=0` is the empty plan: no denoiser call, the encoder's own x4 output (the fidelity mode)."""
+    if not 0 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in 0..{num_timesteps}, got {steps}")
+    if steps == 0:
+        return []
     plan = np.linspace(num_timesteps - 1, 0, steps).round().astype(int)
     return [int(t) for t in plan]

@@ -16,7 +16,7 @@ import torch
 from model.checkpoint import CheckpointInfo
 from model.network import Denoiser, Encoder, SRDiffNet
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: the encoder also returns the x4 image
 FILES = {
     "torchscript": ("encoder.ts.pt", "denoiser.ts.pt"),
     "onnx": ("encoder.onnx", "denoiser.onnx"),
@@ -36,7 +36,7 @@ def _examples(net: SRDiffNet, batch: int = 2, lr: int = 16) -> tuple[torch.Tenso
     lr = max(lr, cfg.lr_multiple * 2)
     img_lr = torch.rand(batch, 3, lr, lr) * 2 - 1
     with torch.no_grad():
-        cond = net.encode(img_lr)
+        cond, _ = net.encode(img_lr)
     x = torch.randn(batch, 3, lr * cfg.scale, lr * cfg.scale)
     t = torch.arange(batch, dtype=torch.long)
     return img_lr, (x, t, cond)
@@ -60,13 +60,13 @@ def export_onnx(net: SRDiffNet, out_dir: Path, opset: int = 17) -> tuple[Path, P
         warnings.simplefilter("ignore")
         torch.onnx.export(
             Encoder(net).eval(), (img_lr,), str(enc_path), dynamo=False, opset_version=opset,
-            input_names=["img_lr"], output_names=["cond"],
-            dynamic_axes={"img_lr": image_axes, "cond": image_axes},
+            input_names=["img_lr"], output_names=["cond", "sr"],
+            dynamic_axes={"img_lr": image_axes, "cond": image_axes, "sr": image_axes},
         )
         torch.onnx.export(
             Denoiser(net).eval(), step, str(den_path), dynamo=False, opset_version=opset,
-            input_names=["x", "t", "cond"], output_names=["eps"],
-            dynamic_axes={"x": image_axes, "t": {0: "batch"}, "cond": image_axes, "eps": image_axes},
+            input_names=["x", "t", "cond"], output_names=["out"],
+            dynamic_axes={"x": image_axes, "t": {0: "batch"}, "cond": image_axes, "out": image_axes},
         )
     return enc_path, den_path
 

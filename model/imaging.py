@@ -21,6 +21,8 @@ MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp":
 # Input formats Pillow may decode. A closed list: no PostScript/EPS (Pillow would hand those to
 # Ghostscript) and no exotic plugins on untrusted uploads.
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "TGA", "ICO")
+# File name suffixes of the images that folder-wide commands (upscale, masks, training, eval) pick up.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 class ImageDecodeError(ValueError):
@@ -45,6 +47,14 @@ class DecodedImage:
     @property
     def width(self) -> int:
         return int(self.rgb.shape[1])
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files (by suffix) directly inside `folder`, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _to_float(img: Image.Image) -> tuple[np.ndarray, int]:

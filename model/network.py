@@ -148,7 +148,8 @@ class Upsample(nn.Module):
 
 
 class Unet(nn.Module):
-    """Predicts the noise in a residual x_t given the timestep and the projected LR condition."""
+    """Predicts the noise (or v, or x0: `ModelConfig.prediction`) of a residual x_t, given the timestep
+    and the projected LR condition."""
 
     def __init__(self, dim: int, dim_mults: tuple[int, ...], cond_channels: int, scale: int) -> None:
         super().__init__()
@@ -212,28 +213,31 @@ class SRDiffNet(nn.Module):
         self.rrdb = RRDBNet(cfg.rrdb_num_feat, cfg.rrdb_num_block, cfg.rrdb_growth, cfg.scale)
         self.denoise_fn = Unet(cfg.hidden_size, cfg.dim_mults, cfg.cond_channels, cfg.scale)
 
-    def encode(self, img_lr: Tensor) -> Tensor:
-        """LR image in [-1, 1] -> the U-Net condition at HR size (computed once per image)."""
-        _, feats = self.rrdb(img_lr)
-        return self.denoise_fn.project_cond(feats)
+    def encode(self, img_lr: Tensor) -> tuple[Tensor, Tensor]:
+        """LR image in [-1, 1] -> (the U-Net condition at HR size, the RRDB's own x4 image in [-1, 1]).
+
+        Computed once per image; the x4 image is the fidelity answer (`steps=0`) and, for models with
+        `residual_base="rrdb"`, the base the diffusion residual is added to."""
+        sr, feats = self.rrdb(img_lr)
+        return self.denoise_fn.project_cond(feats), sr
 
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         return self.denoise_fn(x, t, cond)
 
 
 class Encoder(nn.Module):
-    """Exportable view: LR image -> projected condition."""
+    """Exportable view: LR image -> (projected condition, x4 image)."""
 
     def __init__(self, net: SRDiffNet) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, img_lr: Tensor) -> Tensor:
+    def forward(self, img_lr: Tensor) -> tuple[Tensor, Tensor]:
         return self.net.encode(img_lr)
 
 
 class Denoiser(nn.Module):
-    """Exportable view: one denoiser step (x_t, t, condition) -> predicted noise."""
+    """Exportable view: one denoiser step (x_t, t, condition) -> the prediction (noise, v or x0)."""
 
     def __init__(self, net: SRDiffNet) -> None:
         super().__init__()

@@ -1,7 +1,7 @@
 """One runtime interface over three backends: eager torch, TorchScript and ONNX Runtime.
 
-A runtime does two things: `encode` (LR image -> projected condition, once per image) and
-`denoise` (x_t, t, condition -> predicted noise, once per step). Everything else (sampling,
+A runtime does two things: `encode` (LR image -> projected condition and the encoder's x4 image,
+once per image) and `denoise` (x_t, t, condition -> the prediction, once per step). Everything else (sampling,
 tiling, batching) is backend-independent and lives elsewhere.
 """
 
@@ -35,7 +35,7 @@ class Runtime(Protocol):
     @property
     def config(self) -> ModelConfig: ...
 
-    def encode(self, img_lr: Tensor) -> Tensor: ...
+    def encode(self, img_lr: Tensor) -> tuple[Tensor, Tensor]: ...
 
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor: ...
 
@@ -70,7 +70,7 @@ class TorchRuntime(_Base):
         self.net = net.to(device).eval()
 
     @torch.inference_mode()
-    def encode(self, img_lr: Tensor) -> Tensor:
+    def encode(self, img_lr: Tensor) -> tuple[Tensor, Tensor]:
         return self.net.encode(img_lr.to(self.device))
 
     @torch.inference_mode()
@@ -88,8 +88,9 @@ class TorchScriptRuntime(_Base):
         self.denoiser = torch.jit.load(str(den), map_location=device).eval()
 
     @torch.inference_mode()
-    def encode(self, img_lr: Tensor) -> Tensor:
-        return self.encoder(img_lr.to(self.device))
+    def encode(self, img_lr: Tensor) -> tuple[Tensor, Tensor]:
+        cond, sr = self.encoder(img_lr.to(self.device))
+        return cond, sr
 
     @torch.inference_mode()
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
@@ -136,16 +137,16 @@ class OnnxRuntime(_Base):
                 log.warning("ONNX Runtime provider %s unavailable (%s); falling back", providers[i], e)
         raise RuntimeError("no ONNX Runtime provider")
 
-    def _run(self, session, feeds: dict[str, np.ndarray]) -> Tensor:
-        out = session.run(None, feeds)[0]
-        return torch.from_numpy(out).to(self.device)
+    def _run(self, session, feeds: dict[str, np.ndarray]) -> list[Tensor]:
+        return [torch.from_numpy(out).to(self.device) for out in session.run(None, feeds)]
 
-    def encode(self, img_lr: Tensor) -> Tensor:
-        return self._run(self.encoder, {"img_lr": _np(img_lr, np.float32)})
+    def encode(self, img_lr: Tensor) -> tuple[Tensor, Tensor]:
+        cond, sr = self._run(self.encoder, {"img_lr": _np(img_lr, np.float32)})
+        return cond, sr
 
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         return self._run(self.denoiser, {"x": _np(x, np.float32), "t": _np(t, np.int64),
-                                         "cond": _np(cond, np.float32)})
+                                         "cond": _np(cond, np.float32)})[0]
 
 
 def _np(t: Tensor, dtype: type) -> np.ndarray:

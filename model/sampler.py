@@ -1,8 +1,9 @@
 """Batched reverse diffusion over independent tracks.
 
 A `Track` is one image (or tile) being sampled: its own state, step plan, sampler and noise
-source. `step_tracks` advances any set of tracks by one step with ONE denoiser call, whatever
-step each track is at, which is what lets the service batch requests at the step level.
+source, and the base image its residual is added to. `step_tracks` advances any set of tracks by
+one step with ONE denoiser call, whatever step each track is at, which is what lets the service
+batch requests at the step level. `track_image` turns a finished track into its SR image.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.diffusion import Schedule, ddim_step, ddpm_step, timestep_plan
+from model.config import ModelConfig
+from model.diffusion import Schedule, ddim_step, ddpm_step, res2img, timestep_plan
 
 SamplerName = Literal["ddpm", "ddim"]
 DenoiseFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -31,7 +33,8 @@ def track_generator(seed: int, index: int) -> torch.Generator:
 class Track:
     x: Tensor  # (3, H, W) current sample x_t, on the model's device
     cond: Tensor  # (C, H, W) projected LR condition
-    plan: list[int]  # descending timesteps, one per denoiser call
+    base: Tensor  # (3, H, W) the image the final residual is added to, in [-1, 1] (see `residual_base`)
+    plan: list[int]  # descending timesteps, one per denoiser call; empty: the base is the answer
     sampler: SamplerName = "ddim"
     eta: float = 0.0
     generator: torch.Generator | None = None
@@ -66,8 +69,14 @@ class Track:
         return torch.randn(self.x.shape, generator=self.generator).to(self.x.device, self.x.dtype)
 
 
+def residual_base(cfg: ModelConfig, steps: int, up: Tensor, sr: Tensor) -> Tensor:
+    """The base of a track: the encoder's x4 output `sr` for `steps=0` (the fidelity mode) and for models
+    trained on it (`residual_base="rrdb"`), else bicubic `up`."""
+    return sr if steps == 0 or cfg.residual_base == "rrdb" else up
+
+
 def new_track(
-    cond: Tensor, num_timesteps: int, steps: int, sampler: SamplerName = "ddim", eta: float = 0.0,
+    cond: Tensor, base: Tensor, num_timesteps: int, steps: int, sampler: SamplerName = "ddim", eta: float = 0.0,
     seed: int = 0, index: int = 0,
 ) -> Track:
     """Start a track from x_T ~ N(0, I), drawn from the (seed, index) generator."""
@@ -75,19 +84,39 @@ def new_track(
         raise ValueError(f"unknown sampler {sampler!r} (ddpm or ddim)")
     gen = track_generator(seed, index)
     x = torch.randn((3, *cond.shape[-2:]), generator=gen).to(cond.device, cond.dtype)
-    return Track(x=x, cond=cond, plan=timestep_plan(num_timesteps, steps), sampler=sampler, eta=eta,
-                 generator=gen)
+    return Track(x=x, cond=cond, base=base, plan=timestep_plan(num_timesteps, steps), sampler=sampler,
+                 eta=eta, generator=gen)
 
 
-def step_tracks(denoise: DenoiseFn, sched: Schedule, tracks: Sequence[Track]) -> None:
-    """Advance every (unfinished) track by one step with a single denoiser call."""
+def start_tracks(
+    cfg: ModelConfig, cond: Tensor, sr: Tensor, up: Tensor, indices: Sequence[int], steps: int,
+    sampler: SamplerName = "ddim", eta: float = 0.0, seed: int = 0,
+) -> list[Track]:
+    """One track per encoded tile: `cond`, `sr` from `Runtime.encode`, `up` its bicubic up(LR) tiles;
+    tile `indices[j]` of the request draws its noise from (seed, indices[j])."""
+    base = residual_base(cfg, steps, up.to(sr.device, sr.dtype), sr)
+    return [new_track(cond[j], base[j], cfg.timesteps, steps, sampler, eta, seed, i) for j, i in enumerate(indices)]
+
+
+def track_image(tr: Track, cfg: ModelConfig) -> Tensor:
+    """A finished track's SR image (3, H, W), nominally in [-1, 1] (not clamped), on the CPU."""
+    if not tr.plan:
+        return tr.base.detach().to("cpu", torch.float32)
+    x0 = tr.x.detach().to("cpu", torch.float32)
+    return res2img(x0, tr.base.detach().to("cpu", torch.float32), cfg.res_rescale, cfg.clip_input)
+
+
+def step_tracks(denoise: DenoiseFn, sched: Schedule, tracks: Sequence[Track], prediction: str = "epsilon") -> None:
+    """Advance every (unfinished) track by one step with a single denoiser call.
+
+    `prediction` is what the denoiser outputs (`ModelConfig.prediction`)."""
     if not tracks:
         return
     device = tracks[0].x.device
     x = torch.stack([tr.x for tr in tracks])
     cond = torch.stack([tr.cond for tr in tracks])
     t = torch.tensor([tr.t for tr in tracks], device=device, dtype=torch.long)
-    eps = denoise(x, t, cond)
+    out_net = denoise(x, t, cond).to(x.dtype)
 
     exact = [i for i, tr in enumerate(tracks) if tr.exact_ddpm]
     other = [i for i, tr in enumerate(tracks) if not tr.exact_ddpm]
@@ -95,7 +124,7 @@ def step_tracks(denoise: DenoiseFn, sched: Schedule, tracks: Sequence[Track]) ->
     if exact:
         idx = torch.tensor(exact, device=device)
         noise = torch.stack([tracks[i].noise() for i in exact])
-        out[idx] = ddpm_step(sched, eps[idx], t[idx], x[idx], noise)
+        out[idx] = ddpm_step(sched, out_net[idx], t[idx], x[idx], noise, prediction)
     if other:
         idx = torch.tensor(other, device=device)
         t_prev = torch.tensor([tracks[i].t_prev for i in other], device=device, dtype=torch.long)
@@ -105,7 +134,7 @@ def step_tracks(denoise: DenoiseFn, sched: Schedule, tracks: Sequence[Track]) ->
         if any(tracks[i].stochastic for i in other):
             noise = torch.stack([tracks[i].noise() if tracks[i].stochastic else torch.zeros_like(x[0])
                                  for i in other])
-        out[idx] = ddim_step(sched, eps[idx], t[idx], t_prev, x[idx], eta, noise)
+        out[idx] = ddim_step(sched, out_net[idx], t[idx], t_prev, x[idx], eta, noise, prediction)
     for i, tr in enumerate(tracks):
         tr.x = out[i]
         tr.pos += 1
@@ -113,12 +142,12 @@ def step_tracks(denoise: DenoiseFn, sched: Schedule, tracks: Sequence[Track]) ->
 
 def sample(
     denoise: DenoiseFn, sched: Schedule, tracks: Sequence[Track],
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int], None] | None = None, prediction: str = "epsilon",
 ) -> list[Tensor]:
     """Run tracks to completion (all in one batch); returns each track's final residual x0."""
-    active = list(tracks)
+    active = [tr for tr in tracks if not tr.done]
     while active:
-        step_tracks(denoise, sched, active)
+        step_tracks(denoise, sched, active, prediction)
         if on_step is not None:
             on_step(len(active))
         active = [tr for tr in active if not tr.done]

@@ -87,9 +87,9 @@ class Service:
                                                         threads=s.torch_threads)
         cfg = rt.config
         self.upscaler = Upscaler(rt, s.tile_size, s.tile_overlap, s.max_tiles_per_batch)
-        self.steps = s.default_steps or default_steps(cfg)
-        if not 1 <= self.steps <= cfg.timesteps:
-            raise ValueError(f"SAMDIFFSR_DEFAULT_STEPS={self.steps} is outside 1..{cfg.timesteps} "
+        self.steps = default_steps(cfg) if s.default_steps is None else s.default_steps
+        if not 0 <= self.steps <= cfg.timesteps:
+            raise ValueError(f"SAMDIFFSR_DEFAULT_STEPS={self.steps} is outside 0..{cfg.timesteps} "
                              "(the checkpoint's timesteps)")
         self.sampler = default_sampler(cfg)
         self.batcher = Batcher(rt, BatcherConfig(
@@ -106,10 +106,10 @@ class Service:
     def _warmup(self) -> None:
         """One full-size tile through the worker, so the first request does not pay for set-up."""
         assert self.batcher is not None and self.runtime is not None
-        tile = self.settings.tile_size
+        tile, scale = self.settings.tile_size, self.runtime.config.scale
         try:
-            job = self.batcher.submit(torch.zeros(1, 3, tile, tile), steps=min(2, self.runtime.config.timesteps),
-                                      request_id="warmup")
+            job = self.batcher.submit(torch.zeros(1, 3, tile, tile), torch.zeros(1, 3, tile * scale, tile * scale),
+                                      steps=min(2, self.runtime.config.timesteps), request_id="warmup")
             job.future.result(WARMUP_TIMEOUT_S)
         except Exception as e:
             self.warmup_error = f"warm-up failed: {e}"
@@ -146,8 +146,9 @@ class UpscaleParams(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    steps: int | None = Field(None, ge=1, description="Denoiser steps (1 to the model's max_steps); default: "
-                              "the model's default_steps (GET /v1/models).")
+    steps: int | None = Field(None, ge=0, description="Denoiser steps (0 to the model's max_steps); default: "
+                              "the model's default_steps (GET /v1/models). 0 is the fidelity mode: the "
+                              "encoder's own x4 output, fastest and highest PSNR; more steps add diffusion detail.")
     sampler: Literal["ddim", "ddpm"] | None = Field(None, description="ddim (deterministic, default) or "
                                                    "ddpm (ancestral; with steps = max_steps exactly the "
                                                    "original sampler).")
@@ -278,9 +279,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         data, params = await _read_upload(request, params)
         assert service.runtime is not None and service.batcher is not None and service.upscaler is not None
         cfg = service.runtime.config
-        steps = params.steps or service.steps
+        steps = service.steps if params.steps is None else params.steps
         if steps > cfg.timesteps:
-            raise InvalidParameter(f"steps must be in 1..{cfg.timesteps}, got {steps}")
+            raise InvalidParameter(f"steps must be in 0..{cfg.timesteps}, got {steps}")
         sampler = params.sampler or service.sampler
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         fmt = "jpeg" if params.output_format == "jpg" else params.output_format
@@ -289,11 +290,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         prep = await run_in_threadpool(_decode_and_prepare, service.upscaler, data, settings.max_pixels)
         t_decoded = time.perf_counter()
         deadline = time.monotonic() + settings.request_timeout_s - (t_decoded - t_start)
-        job = service.batcher.submit(prep.lr_tiles, steps=steps, sampler=sampler, seed=seed, deadline=deadline,
-                                     request_id=rid)
-        x0 = await _wait(service.batcher, request, job, deadline)
+        job = service.batcher.submit(prep.lr_tiles, prep.up_tiles, steps=steps, sampler=sampler, seed=seed,
+                                     deadline=deadline, request_id=rid)
+        sr_tiles = await _wait(service.batcher, request, job, deadline)
         t_sampled = time.perf_counter()
-        out = await run_in_threadpool(pipeline.finish, service.upscaler, prep, x0)
+        out = await run_in_threadpool(pipeline.finish, service.upscaler, prep, sr_tiles)
         body = await run_in_threadpool(encode_image, out, fmt, params.quality)
         t_end = time.perf_counter()
 

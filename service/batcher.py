@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from model.runtime import Runtime
-from model.sampler import SamplerName, Track, new_track, step_tracks
+from model.sampler import SamplerName, Track, start_tracks, step_tracks, track_image
 from service.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -90,11 +90,12 @@ class BatcherConfig:
 
 @dataclass(eq=False)
 class Job:
-    """One request's tiles and sampling parameters. `future` resolves to (N, 3, T, T) residuals
-    (CPU) or to a ServiceError."""
+    """One request's tiles and sampling parameters. `future` resolves to (N, 3, T, T) SR tiles in
+    [-1, 1] (CPU) or to a ServiceError."""
 
     lr_tiles: Tensor  # (N, 3, t, t) model input in [-1, 1]
-    steps: int
+    up_tiles: Tensor  # (N, 3, T, T) bicubic up(LR) tiles in [-1, 1]
+    steps: int  # 0: the encoder's own x4 output, no denoiser call
     sampler: SamplerName = "ddim"
     eta: float = 0.0
     seed: int = 0
@@ -166,13 +167,15 @@ class Batcher:
         with self._cv:
             return len(self._jobs)
 
-    def submit(self, lr_tiles: Tensor, steps: int, sampler: SamplerName = "ddim", eta: float = 0.0,
-               seed: int = 0, deadline: float | None = None, request_id: str = "") -> Job:
+    def submit(self, lr_tiles: Tensor, up_tiles: Tensor, steps: int, sampler: SamplerName = "ddim",
+               eta: float = 0.0, seed: int = 0, deadline: float | None = None, request_id: str = "") -> Job:
         """Queue a job; raises QueueFull or ShuttingDown (ServiceErrors) if it cannot be taken."""
         if lr_tiles.ndim != 4 or lr_tiles.shape[0] < 1 or lr_tiles.shape[1] != 3:
             raise ValueError(f"lr_tiles must be (N>=1, 3, t, t), got {tuple(lr_tiles.shape)}")
-        job = Job(lr_tiles=lr_tiles, steps=steps, sampler=sampler, eta=eta, seed=seed, deadline=deadline,
-                  request_id=request_id)
+        if up_tiles.shape[0] != lr_tiles.shape[0]:
+            raise ValueError("up_tiles must hold one tile per LR tile")
+        job = Job(lr_tiles=lr_tiles, up_tiles=up_tiles, steps=steps, sampler=sampler, eta=eta, seed=seed,
+                  deadline=deadline, request_id=request_id)
         with self._cv:
             if not self.accepting:
                 raise ShuttingDown("the server is shutting down and accepts no new requests",
@@ -308,11 +311,11 @@ class Batcher:
             self.metrics.queue_wait.observe(now - job.submitted)
         tiles = job.lr_tiles[idx[0]:idx[-1] + 1]  # admitted indices are consecutive
         try:
-            if self.config.reproducible:  # batch-size-invariant: one tile per encoder call
-                conds = [rt.encode(tiles[k:k + 1])[0] for k in range(len(idx))]
-            else:
-                conds = [c for s in range(0, len(idx), self.batch_limit)
-                         for c in rt.encode(tiles[s:s + self.batch_limit])]
+            # Reproducible: batch-size-invariant, one tile per encoder call.
+            size = 1 if self.config.reproducible else self.batch_limit
+            parts = [rt.encode(tiles[s:s + size]) for s in range(0, len(idx), size)]
+            cond = torch.cat([c for c, _ in parts])
+            sr = torch.cat([r for _, r in parts])
         except Exception as e:
             job.next_tile = idx[0]  # give the tiles back; nothing was started
             if is_out_of_memory(e) and self._on_oom(len(idx)):
@@ -323,9 +326,15 @@ class Batcher:
             self._fail(job, err)
             log.error("encoder failed for request %s: %r", job.request_id, e)
             return
-        cfg = rt.config
-        for i, cond in zip(idx, conds, strict=True):
-            job.tracks[i] = new_track(cond, cfg.timesteps, job.steps, job.sampler, job.eta, job.seed, i)
+        up = job.up_tiles[idx[0]:idx[-1] + 1]
+        tracks = start_tracks(rt.config, cond, sr, up, idx, job.steps, job.sampler, job.eta, job.seed)
+        for i, tr in zip(idx, tracks, strict=True):
+            if tr.done:  # steps=0: the encoder's output is the answer
+                job.out[i] = track_image(tr, rt.config)
+            else:
+                job.tracks[i] = tr
+        if len(job.out) == job.n_tiles:
+            self._complete(job)
 
     def _select(self, live: list[Job]) -> list[tuple[Job, int, Track]]:
         """Up to batch_limit active tiles, round-robin over jobs; most advanced tiles of a job first."""
@@ -359,7 +368,7 @@ class Batcher:
         tracks = [tr for _, _, tr in batch]
         t0 = time.perf_counter()
         try:
-            step_tracks(self._denoise, self.runtime.schedule, tracks)
+            step_tracks(self._denoise, self.runtime.schedule, tracks, self.runtime.config.prediction)
         except Exception as e:
             if is_out_of_memory(e):
                 if not self._on_oom(len(batch)):
@@ -384,7 +393,7 @@ class Batcher:
             job.shared_calls += len(jobs) > 1
         for job, i, tr in batch:
             if tr.done:
-                job.out[i] = tr.x.detach().to("cpu")
+                job.out[i] = track_image(tr, self.runtime.config)
                 del job.tracks[i]
         for job in jobs:
             if len(job.out) == job.n_tiles:
@@ -402,7 +411,8 @@ class Batcher:
             return
         for job, items in by_job.items():
             try:
-                step_tracks(self._denoise, self.runtime.schedule, [tr for _, _, tr in items])
+                step_tracks(self._denoise, self.runtime.schedule, [tr for _, _, tr in items],
+                            self.runtime.config.prediction)
             except Exception as e:
                 log.error("denoiser failed for request %s: %r", job.request_id, e)
                 self._fail(job, WorkerError(f"denoiser failed: {type(e).__name__}: {e}"))

@@ -1,4 +1,4 @@
-"""A request's work outside the model: decoded image -> LR tiles, and final residual tiles -> image.
+"""A request's work outside the model: decoded image -> LR tiles, and final SR tiles -> image.
 
 Both ends are `model.upscale.Upscaler`'s own (`prepare`, `assemble`, `to_image`), so the service and
 `samdiffsr upscale` produce the same images; the sampling in between is the batcher's.
@@ -27,6 +27,6 @@ def prepare(upscaler: Upscaler, image: DecodedImage) -> Prepared:
     return Prepared(image, *upscaler.prepare(image.rgb))
 
 
-def finish(upscaler: Upscaler, prep: Prepared, x0: Tensor) -> DecodedImage:
-    """Final residual tiles (N, 3, T, T) -> the upscaled image (exactly `scale` times the input)."""
-    return upscaler.to_image(prep.image, upscaler.assemble(prep.grid, prep.up_tiles, x0))
+def finish(upscaler: Upscaler, prep: Prepared, sr_tiles: Tensor) -> DecodedImage:
+    """Final SR tiles (N, 3, T, T) in [-1, 1] -> the upscaled image (exactly `scale` times the input)."""
+    return upscaler.to_image(prep.image, upscaler.assemble(prep.grid, sr_tiles))

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
                              description="Checkpoint directory (our format) or an original .ckpt file.")
     backend: Literal["torch", "torchscript", "onnx"] = Field("torch", description="Inference backend.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    default_steps: int | None = Field(None, ge=1, description="Default sampling steps "
+    default_steps: int | None = Field(None, ge=0, description="Default sampling steps "
                                       "(default: the checkpoint's extras['default_steps'], else 20).")
     # --- tiling and batching
     tile_size: int = Field(64, ge=8, le=1024, description="LR tile size in pixels (output tiles are 4x).")

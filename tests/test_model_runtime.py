@@ -43,15 +43,17 @@ def test_export_command_writes_both_formats(imported: Path, tmp_path: Path) -> N
 def test_backends_match_eager_torch(runtimes: dict, batch: int, lr: int) -> None:
     torch.manual_seed(batch)
     img_lr = torch.rand(batch, 3, lr, lr) * 2 - 1
-    ref_cond = runtimes["torch"].encode(img_lr)
+    ref_cond, ref_sr = runtimes["torch"].encode(img_lr)
+    assert ref_sr.shape == (batch, 3, lr * 4, lr * 4)
     x = torch.randn(batch, 3, lr * 4, lr * 4)
     t = torch.randint(0, 100, (batch,))
     ref_eps = runtimes["torch"].denoise(x, t, ref_cond)
     for name in ("torchscript", "onnx"):
-        cond = runtimes[name].encode(img_lr)
+        cond, sr = runtimes[name].encode(img_lr)
         eps = runtimes[name].denoise(x, t, ref_cond)
-        assert cond.shape == ref_cond.shape and eps.shape == ref_eps.shape
+        assert cond.shape == ref_cond.shape and sr.shape == ref_sr.shape and eps.shape == ref_eps.shape
         assert torch.allclose(cond, ref_cond, atol=1e-4), name
+        assert torch.allclose(sr, ref_sr, atol=1e-4), name
         assert torch.allclose(eps, ref_eps, atol=1e-4), name
 
 
@@ -64,10 +66,12 @@ def test_onnx_runs_on_cpu_provider_here(runtimes: dict) -> None:
 def test_imported_checkpoint_upscales_a_photo_through_all_backends(runtimes: dict, photo: Path) -> None:
     img = decode_image(photo)
     img.rgb = img.rgb[100:140, 150:200]  # a 50x40 crop of a real photo
-    outs = {name: Upscaler(rt, tile=24, overlap=4).upscale(img, steps=4, seed=11).rgb for name, rt in runtimes.items()}
-    assert outs["torch"].shape == (160, 200, 3)
-    for name in ("torchscript", "onnx"):
-        assert np.abs(outs[name] - outs["torch"]).max() < 1e-3, name
+    for steps in (4, 0):
+        outs = {name: Upscaler(rt, tile=24, overlap=4).upscale(img, steps=steps, seed=11).rgb
+                for name, rt in runtimes.items()}
+        assert outs["torch"].shape == (160, 200, 3)
+        for name in ("torchscript", "onnx"):
+            assert np.abs(outs[name] - outs["torch"]).max() < 1e-3, (name, steps)
 
 
 def test_export_is_reused_and_refreshed(imported: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -1,14 +1,25 @@
-"""Samplers: DDIM determinism and step counts, per-sample timesteps, batch-composition invariance."""
+"""Samplers: DDIM determinism and step counts, per-sample timesteps, batch-composition invariance,
+prediction targets (epsilon, v, sample) and the steps=0 fidelity mode."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from model.config import PRESETS
-from model.diffusion import ddim_step, ddpm_step, make_schedule, timestep_plan
+from model.diffusion import (
+    ddim_step,
+    ddpm_step,
+    make_schedule,
+    predict_x0,
+    q_sample,
+    timestep_plan,
+    training_target,
+)
 from model.network import SRDiffNet
-from model.sampler import new_track, sample, step_tracks
+from model.sampler import new_track, sample, start_tracks, step_tracks, track_image
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +32,11 @@ def net() -> SRDiffNet:
 def cond(net: SRDiffNet) -> torch.Tensor:
     torch.manual_seed(1)
     with torch.no_grad():
-        return net.encode(torch.rand(3, 3, 8, 8) * 2 - 1)
+        return net.encode(torch.rand(3, 3, 8, 8) * 2 - 1)[0]
+
+
+def base_like(c: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(3, *c.shape[-2:])
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7, 50, 100])
@@ -31,16 +46,65 @@ def test_plan_is_descending_and_complete(steps: int) -> None:
     assert steps == 1 or plan[-1] == 0
 
 
-@pytest.mark.parametrize("steps", [0, 101])
+@pytest.mark.parametrize("steps", [-1, 101])
 def test_plan_rejects_bad_step_counts(steps: int) -> None:
-    with pytest.raises(ValueError, match=r"steps must be in 1\.\.100"):
+    with pytest.raises(ValueError, match=r"steps must be in 0\.\.100"):
         timestep_plan(100, steps)
+
+
+def test_zero_steps_is_the_encoder_output() -> None:
+    """steps=0: an empty plan, no denoiser call, and the track's image is the encoder's x4 output."""
+    assert timestep_plan(100, 0) == []
+    cfg = PRESETS["tiny"]
+    cond, sr, up = torch.randn(2, 8, 16, 16), torch.rand(2, 3, 16, 16) * 2 - 1, torch.zeros(2, 3, 16, 16)
+    tracks = start_tracks(cfg, cond, sr, up, [0, 1], steps=0)
+    assert all(tr.done for tr in tracks)
+    calls = []
+    sample(lambda *a: calls.append(a), make_schedule(100), tracks)
+    assert not calls
+    for tr, ref in zip(tracks, sr, strict=True):
+        assert torch.equal(track_image(tr, cfg), ref)
+    # With steps >= 1 a bicubic-base model adds its residual to up(LR); an rrdb-base model to sr.
+    assert torch.equal(start_tracks(cfg, cond, sr, up, [0, 1], steps=2)[1].base, up[1])
+    rrdb_cfg = dataclasses.replace(cfg, residual_base="rrdb")
+    assert torch.equal(start_tracks(rrdb_cfg, cond, sr, up, [0, 1], steps=2)[1].base, sr[1])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])
+def test_prediction_targets_invert(prediction: str) -> None:
+    """A perfect denoiser for each target gives back x0 exactly, at every timestep."""
+    sched = make_schedule(100)
+    torch.manual_seed(0)
+    x0, noise = torch.rand(2, 4, 3, 8, 8) * 2 - 1
+    t = torch.tensor([99, 60, 10, 0])
+    x_t = q_sample(sched, x0, t, noise)
+    out = training_target(sched, prediction, x0, noise, t)
+    assert torch.allclose(predict_x0(sched, x_t, t, out, prediction, clip=False), x0, atol=2e-3)
+
+
+@pytest.mark.parametrize("prediction", ["v", "sample"])
+def test_one_step_with_a_perfect_denoiser_lands_on_x0(prediction: str) -> None:
+    """DDIM-1 from pure noise: with an x0 or v target the answer is the predicted x0 (no 1/sqrt(a) blow-up)."""
+    sched = make_schedule(100)
+    torch.manual_seed(0)
+    x0 = torch.rand(1, 3, 8, 8) * 2 - 1
+    track = new_track(torch.zeros(4, 8, 8), torch.zeros(3, 8, 8), 100, steps=1)
+    x_t = track.x[None].clone()
+
+    def oracle(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        a = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        noise = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return training_target(sched, prediction, x0, noise, t)
+
+    (out,) = sample(oracle, sched, [track], prediction=prediction)
+    assert torch.allclose(out, x0[0], atol=1e-3)
+    assert not torch.equal(x_t[0], out)
 
 
 def run(net: SRDiffNet, cond: torch.Tensor, **kw) -> torch.Tensor:
     sched = make_schedule(100)
     with torch.no_grad():
-        tracks = [new_track(c, 100, index=i, **kw) for i, c in enumerate(cond)]
+        tracks = [new_track(c, base_like(c), 100, index=i, **kw) for i, c in enumerate(cond)]
         return torch.stack(sample(net.denoise, sched, tracks))
 
 
@@ -80,8 +144,9 @@ def test_mixed_batch_equals_separate_runs(net: SRDiffNet, cond: torch.Tensor) ->
     specs = [dict(steps=4, sampler="ddim", seed=1), dict(steps=9, sampler="ddpm", seed=2),
              dict(steps=6, sampler="ddim", eta=0.5, seed=3)]
     with torch.no_grad():
-        alone = [sample(net.denoise, sched, [new_track(cond[i], 100, **s)])[0] for i, s in enumerate(specs)]
-        tracks = [new_track(cond[i], 100, **s) for i, s in enumerate(specs)]
+        alone = [sample(net.denoise, sched, [new_track(cond[i], base_like(cond[i]), 100, **s)])[0]
+                 for i, s in enumerate(specs)]
+        tracks = [new_track(cond[i], base_like(cond[i]), 100, **s) for i, s in enumerate(specs)]
         calls = []
 
         def denoise(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,11 @@ def test_upscale_multipart_raw_and_form_parameters(client, photo_img):
     assert rnd.headers["x-request-id"] == "my-id-1" and int(rnd.headers["x-seed"]) >= 0
     ddpm = upload(client, data, {"sampler": "ddpm", "steps": 3, "seed": 1})
     assert ddpm.status_code == 200 and ddpm.headers["x-sampler"] == "ddpm"
+    # steps=0, the fidelity mode: the encoder's own output, the same whatever the seed.
+    fid = [upload(client, data, {"steps": 0, "seed": s}) for s in (1, 2)]
+    assert all(f.status_code == 200 and f.headers["x-steps"] == "0" for f in fid)
+    assert fid[0].content == fid[1].content != r.content
+    assert Image.open(io.BytesIO(fid[0].content)).size == (112, 80)
 
 
 @pytest.mark.parametrize("fmt,media,quality", [("jpeg", "image/jpeg", 40), ("jpg", "image/jpeg", 90),
@@ -223,7 +228,7 @@ def test_unsupported_media_types_are_415(client, photo_img):
                  "unsupported_media_type")
 
 
-@pytest.mark.parametrize("params", [{"steps": 0}, {"steps": 101}, {"steps": "many"}, {"sampler": "euler"},
+@pytest.mark.parametrize("params", [{"steps": -1}, {"steps": 101}, {"steps": "many"}, {"sampler": "euler"},
                                     {"output_format": "gif"}, {"quality": 0}, {"quality": 101}, {"seed": -1},
                                     {"seed": 2**63}])
 def test_invalid_parameters_are_422(client, photo_img, params):

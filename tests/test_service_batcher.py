@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from model.config import PRESETS
 from model.imaging import decode_image
+from model.inputs import lr_inputs
 from model.runtime import load_runtime
 from model.upscale import Upscaler
 from service import pipeline
@@ -47,6 +49,15 @@ def tiles(n: int, value: float | None = None, seed: int = 0) -> torch.Tensor:
     return torch.rand((n, 3, TILE, TILE), generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+def up(lr: torch.Tensor) -> torch.Tensor:
+    """Bicubic up(LR) tiles, as `Upscaler.prepare` makes them."""
+    return lr_inputs((lr + 1) / 2, PRESETS["tiny"])[1]
+
+
+def with_up(lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return lr, up(lr)
+
+
 def started(job: Job, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while job.calls == 0 and not job.future.done():
@@ -77,35 +88,47 @@ def test_matches_upscaler(runtime, image):
     prep = pipeline.prepare(up, image)
     assert len(prep.grid) == 9
     with make_batcher(runtime) as b:
-        x0 = b.submit(prep.lr_tiles, steps=3, seed=11).future.result(60)
-    out = pipeline.finish(up, prep, x0)
+        sr = b.submit(prep.lr_tiles, prep.up_tiles, steps=3, seed=11).future.result(60)
+    out = pipeline.finish(up, prep, sr)
     ref = up.upscale(image, steps=3, seed=11)
     assert out.rgb.shape == (120, 160, 3)
     np.testing.assert_allclose(out.rgb, ref.rgb, atol=1e-4)
+
+
+def test_zero_steps_is_the_encoder_output_without_denoiser_calls(runtime, image):
+    """steps=0 (the fidelity mode): the job completes after encoding, with no denoiser call."""
+    up = Upscaler(runtime, tile=TILE, overlap=4, max_batch=4)
+    prep = pipeline.prepare(up, image)
+    with make_batcher(runtime) as b:
+        job = b.submit(prep.lr_tiles, prep.up_tiles, steps=0)
+        sr = job.future.result(60)
+        assert job.calls == 0 and metric(b.metrics, "samdiffsr_batch_tiles_count") == 0
+    out = pipeline.finish(up, prep, sr)
+    np.testing.assert_allclose(out.rgb, up.upscale(image, steps=0).rgb, atol=1e-5)
 
 
 def test_same_seed_identical_alone_and_under_load(runtime):
     """Reproducible mode: bit-identical residuals whatever the job was batched with."""
     lr = tiles(5, seed=1)
     with make_batcher(runtime, reproducible=True) as b:
-        alone = b.submit(lr, steps=4, seed=7).future.result(60)
-        others = [b.submit(tiles(n, seed=10 + n), steps=s, seed=n, sampler="ddpm")
+        alone = b.submit(lr, up(lr), steps=4, seed=7).future.result(60)
+        others = [b.submit(*with_up(tiles(n, seed=10 + n)), steps=s, seed=n, sampler="ddpm")
                   for n, s in ((3, 5), (1, 2), (6, 3))]
-        loaded = b.submit(lr, steps=4, seed=7)
-        more = b.submit(tiles(2, seed=3), steps=6, seed=1)
+        loaded = b.submit(lr, up(lr), steps=4, seed=7)
+        more = b.submit(*with_up(tiles(2, seed=3)), steps=6, seed=1)
         wait([j.future for j in [*others, loaded, more]], timeout=120)
         assert loaded.shared_calls > 0  # it really was batched with other jobs
         assert torch.equal(loaded.future.result(), alone)
         # A different seed gives a different result.
-        other_seed = b.submit(lr, steps=4, seed=8).future.result(60)
+        other_seed = b.submit(lr, up(lr), steps=4, seed=8).future.result(60)
         assert not torch.equal(other_seed, alone)
 
 
 def test_late_request_joins_running_batch_and_finishes_first(runtime):
     with make_batcher(runtime) as b:
-        big = b.submit(tiles(12), steps=8, seed=0)
+        big = b.submit(*with_up(tiles(12)), steps=8, seed=0)
         started(big)
-        small = b.submit(tiles(1), steps=2, seed=0)
+        small = b.submit(*with_up(tiles(1)), steps=2, seed=0)
         small.future.result(60)
         assert not big.future.done(), "the small request waited for the big one"
         assert small.calls == 2  # stepped in every call from its arrival on (fair share)
@@ -117,9 +140,9 @@ def test_late_request_joins_running_batch_and_finishes_first(runtime):
 
 def test_one_request_at_a_time_when_continuous_batching_is_off(runtime):
     with make_batcher(runtime, continuous=False) as b:
-        big = b.submit(tiles(6), steps=3, seed=0)
+        big = b.submit(*with_up(tiles(6)), steps=3, seed=0)
         started(big)
-        small = b.submit(tiles(1), steps=2, seed=0)
+        small = b.submit(*with_up(tiles(1)), steps=2, seed=0)
         small.future.result(60)
         assert big.future.done()
         assert small.shared_calls == 0 and big.shared_calls == 0
@@ -128,9 +151,9 @@ def test_one_request_at_a_time_when_continuous_batching_is_off(runtime):
 
 def test_large_request_does_not_starve_small_ones(runtime):
     with make_batcher(runtime, max_batch_tiles=4, max_active_tiles=8) as b:
-        big = b.submit(tiles(40), steps=3, seed=0)
+        big = b.submit(*with_up(tiles(40)), steps=3, seed=0)
         started(big)
-        smalls = [b.submit(tiles(1, seed=i), steps=3, seed=i) for i in range(3)]
+        smalls = [b.submit(*with_up(tiles(1, seed=i)), steps=3, seed=i) for i in range(3)]
         for s in smalls:
             s.future.result(60)
             assert s.calls <= 3 + 2  # at most a couple of calls without it, never the big job's 30
@@ -140,15 +163,15 @@ def test_large_request_does_not_starve_small_ones(runtime):
 
 def test_cancel_and_deadline_drop_jobs(runtime):
     with make_batcher(runtime) as b:
-        job = b.submit(tiles(8), steps=50, seed=0)
+        job = b.submit(*with_up(tiles(8)), steps=50, seed=0)
         started(job)
         job.cancel("client disconnected")
         with pytest.raises(Cancelled, match="client disconnected"):
             job.future.result(30)
-        late = b.submit(tiles(2), steps=50, seed=0, deadline=time.monotonic() + 0.05)
+        late = b.submit(*with_up(tiles(2)), steps=50, seed=0, deadline=time.monotonic() + 0.05)
         with pytest.raises(DeadlineExceeded):
             late.future.result(30)
-        ok = b.submit(tiles(1), steps=2, seed=0).future.result(30)  # the worker goes on
+        ok = b.submit(*with_up(tiles(1)), steps=2, seed=0).future.result(30)  # the worker goes on
         assert ok.shape == (1, 3, 4 * TILE, 4 * TILE)
     assert metric(b.metrics, "samdiffsr_tiles_in_flight") == 0
     assert metric(b.metrics, "samdiffsr_queue_depth") == 0
@@ -156,20 +179,20 @@ def test_cancel_and_deadline_drop_jobs(runtime):
 
 def test_queue_limit_and_shutdown(runtime):
     with make_batcher(runtime, max_queue=1, retry_after_s=3) as b:
-        first = b.submit(tiles(4), steps=30, seed=0)
+        first = b.submit(*with_up(tiles(4)), steps=30, seed=0)
         with pytest.raises(QueueFull) as err:
-            b.submit(tiles(1), steps=2)
+            b.submit(*with_up(tiles(1)), steps=2)
         assert err.value.headers["Retry-After"] == "3"
         assert not b.drain(timeout=0.01)  # still running; no longer accepting
         with pytest.raises(ShuttingDown):
-            b.submit(tiles(1), steps=2)
+            b.submit(*with_up(tiles(1)), steps=2)
     with pytest.raises(ShuttingDown):  # stop() fails what is unfinished
         first.future.result(10)
 
 
 def test_drain_waits_for_jobs_in_flight(runtime):
     with make_batcher(runtime) as b:
-        job = b.submit(tiles(2), steps=3, seed=0)
+        job = b.submit(*with_up(tiles(2)), steps=3, seed=0)
         assert b.drain(timeout=60)
         assert job.future.result(0).shape[0] == 2
 
@@ -201,31 +224,31 @@ def test_out_of_memory_halves_the_batch_and_retries(runtime):
     faulty = FaultyRuntime(runtime, oom_above=2)
     lr = tiles(4, seed=2)
     with make_batcher(faulty, reproducible=False) as b:
-        out = b.submit(lr, steps=3, seed=5).future.result(60)
+        out = b.submit(lr, up(lr), steps=3, seed=5).future.result(60)
         assert b.batch_limit == 2
     assert metric(b.metrics, "samdiffsr_errors_total", {"kind": "oom"}) == 1
     assert faulty.batch_sizes[0] == 4 and max(faulty.batch_sizes[1:]) == 2
     with make_batcher(runtime, reproducible=False) as b:
-        ref = b.submit(lr, steps=3, seed=5).future.result(60)
+        ref = b.submit(lr, up(lr), steps=3, seed=5).future.result(60)
     torch.testing.assert_close(out, ref, atol=1e-3, rtol=0)  # batch-size rounding only
 
     with make_batcher(FaultyRuntime(runtime, oom_above=0)) as b:  # even one tile does not fit
         with pytest.raises(OutOfMemory):
-            b.submit(tiles(1), steps=2).future.result(60)
+            b.submit(*with_up(tiles(1)), steps=2).future.result(60)
         assert b.alive
 
 
 def test_worker_errors_fail_only_the_affected_requests(runtime):
     faulty = FaultyRuntime(runtime)
     with make_batcher(faulty) as b:
-        good = b.submit(tiles(3), steps=3, seed=0)
-        bad_encode = b.submit(tiles(1, value=2.0), steps=3)
+        good = b.submit(*with_up(tiles(3)), steps=3, seed=0)
+        bad_encode = b.submit(*with_up(tiles(1, value=2.0)), steps=3)
         nan = tiles(2)
         nan[1, 0, 0, 0] = float("nan")  # poisons its condition: the denoiser raises on it
-        bad_denoise = b.submit(nan, steps=3)
+        bad_denoise = b.submit(nan, up(nan), steps=3)
         with pytest.raises(WorkerError, match="encoder fault"):
             bad_encode.future.result(60)
         with pytest.raises(WorkerError, match="denoiser fault"):
             bad_denoise.future.result(60)
         assert good.future.result(60).shape[0] == 3
-        assert b.submit(tiles(1), steps=2).future.result(60).shape[0] == 1
+        assert b.submit(*with_up(tiles(1)), steps=2).future.result(60).shape[0] == 1

@@ -54,7 +54,7 @@ def test_invalid_settings_fail_at_start_with_a_clear_message(clean_env, capsys, 
 def test_unloadable_checkpoint_fails_at_start(clean_env, capsys, tmp_path):
     assert main(["serve", "--checkpoint", str(tmp_path / "missing"), "--port", "1"]) == 2
     assert "cannot load" in capsys.readouterr().err
-    clean_env.setenv("SAMDIFFSR_DEFAULT_STEPS", "0")
+    clean_env.setenv("SAMDIFFSR_DEFAULT_STEPS", "-1")
     assert main(["serve", "--checkpoint", str(tmp_path)]) == 2
     assert "SAMDIFFSR_DEFAULT_STEPS" in capsys.readouterr().err
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from samdiffsr.cli import main
 from training.degrade import crop_to_multiple, make_lr, make_lr_numpy
-from training.evaluate import Lpips, psnr_y, rgb_to_y, ssim_y
+from training.evaluate import Lpips
+from training.metrics import psnr_y, rgb_to_y, ssim_y
 
 C1 = (0.01 * 255) ** 2  # SSIM's stabilising constant for data range 255
 
@@ -146,23 +147,23 @@ def hr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_eval_command_end_to_end(tiny_checkpoint: Path, hr_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "eval"
-    args = ["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "3", "--seed", "7", "--out", str(out),
+    args = ["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "0,3", "--seed", "7", "--out", str(out),
             "--crops", "--crop-size", "32"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     md = (out / "eval.md").read_text()
     assert printed == md
-    assert f"`samdiffsr eval {tiny_checkpoint} {hr_dir} --sampler ddim --steps 3 --eta 0.0 --seed 7 --tile 0`" in md
+    assert f"`samdiffsr eval {tiny_checkpoint} {hr_dir} --sampler ddim --steps 0,3 --eta 0.0 --seed 7 --tile 0`" in md
     assert "| chelsea.png | 80x80 |" in md and "| coffee.png | 96x68 |" in md and "| **mean** |" in md
-    assert "LPIPS: " in md
+    assert "LPIPS: " in md and "| steps=0 (encoder) |" in md and " dB |" in md
     report = json.loads((out / "eval.json").read_text())
     assert [r["name"] for r in report["images"]] == ["chelsea.png", "coffee.png"]
     for r in report["images"]:
-        assert set(r["metrics"]) == {"bicubic", "rrdb", "diffusion"}
+        assert set(r["metrics"]) == {"bicubic", "steps=0", "steps=3"}
         for m in r["metrics"].values():
             assert 0 < m["psnr_y"] < 60 and -1 <= m["ssim"] <= 1
     # bicubic on a smooth real photo is far better than a random network
-    assert report["mean"]["bicubic"]["psnr_y"] > 25 > report["mean"]["diffusion"]["psnr_y"]
+    assert report["mean"]["bicubic"]["psnr_y"] > 25 > report["mean"]["steps=3"]["psnr_y"]
     for name in ("chelsea.png", "coffee.png"):
         with Image.open(out / "crops" / name) as img:
             assert img.format == "PNG" and img.width > 4 * 32
@@ -184,3 +185,6 @@ def test_eval_tiled_sampling_and_errors(tiny_checkpoint: Path, hr_dir: Path, tmp
     assert "no images" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nope"), str(hr_dir)]) == 2
     assert main(["eval", str(tiny_checkpoint), str(hr_dir), "--crops"]) == 2
+    with pytest.raises(SystemExit):
+        main(["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "1,x"])
+    assert main(["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "101"]) == 2

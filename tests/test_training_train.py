@@ -17,6 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from model.checkpoint import load_checkpoint
+from model.runtime import TorchRuntime
+from model.upscale import Upscaler
 from training.config import load_config
 from training.train import train
 
@@ -129,6 +131,29 @@ def test_diffusion_stage_with_structure_ema_and_exact_resume(rrdb_run: Path, dat
     assert load_checkpoint(tmp_path / "plain" / "checkpoint")[1].training["structure"] is False
 
 
+@pytest.mark.parametrize("prediction, base", [("sample", "bicubic"), ("v", "rrdb")])
+def test_diffusion_stage_with_other_targets_and_bases(rrdb_run: Path, dataset: Path, tmp_path: Path,
+                                                      prediction: str, base: str) -> None:
+    """The target and the residual base are model config: trained on, saved, and served as trained."""
+    extra = {"diffusion.rrdb_checkpoint": str(rrdb_run / "checkpoint"),
+             "model.overrides.prediction": prediction, "model.overrides.residual_base": base}
+    ckpt = _run(dataset, tmp_path, "diffusion", tmp_path / "run", 3, **extra)
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 3 and all(float(v) > 0 for _, v in losses)
+    net, info = load_checkpoint(ckpt)
+    assert (info.config.prediction, info.config.residual_base) == (prediction, base)
+    runtime = TorchRuntime(net, info, torch.device("cpu"))
+    lr01 = np.random.default_rng(0).uniform(0, 1, (12, 12, 3)).astype(np.float32)
+    for steps in (0, 2):
+        out = Upscaler(runtime, tile=0).upscale_rgb(lr01, steps)
+        assert out.shape == (48, 48, 3) and np.isfinite(out).all()
+    # The fidelity mode is the encoder's own output, whatever the diffusion learned.
+    with torch.no_grad():
+        sr, _ = net.rrdb(torch.from_numpy(lr01).permute(2, 0, 1)[None] * 2 - 1)
+    np.testing.assert_allclose(Upscaler(runtime, tile=0).upscale_rgb(lr01, 0),
+                               ((sr[0] + 1) / 2).permute(1, 2, 0).numpy(), atol=1e-5)
+
+
 def test_bad_setups_are_clear_errors(rrdb_run: Path, dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rrdb_checkpoint"):
         _run(dataset, tmp_path, "diffusion", tmp_path / "a", 2)
@@ -136,6 +161,8 @@ def test_bad_setups_are_clear_errors(rrdb_run: Path, dataset: Path, tmp_path: Pa
         # Resuming a stage-1 run directory as stage 2.
         _run(dataset, tmp_path, "diffusion", rrdb_run, 2,
              **{"diffusion.rrdb_checkpoint": str(rrdb_run / "checkpoint")})
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        _run(dataset, tmp_path, "rrdb", tmp_path / "b", 2, **{"model.overrides.prediction": "noise"})
     with pytest.raises(ValueError, match="another model config"):
         _run(dataset, tmp_path, "rrdb", rrdb_run, 6, **{"model.overrides.rrdb_num_feat": "12"})
 

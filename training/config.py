@@ -60,7 +60,10 @@ class OptimSection(_Strict):
     gamma: float = Field(0.5, gt=0, le=1)
     clip_grad: float = Field(10.0, ge=0)  # 0 disables clipping
     ema: float = Field(0.0, ge=0, lt=1)  # EMA decay of the trained weights; 0 disables
-    amp: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
+    # bfloat16 autocast: on CUDA, and on CPUs that compute bf16 natively (AVX-512 BF16 / AMX);
+    # ignored on other CPUs, where it is slower than float32.
+    amp: bool = True
+    channels_last: bool = True  # NHWC activations: faster convolutions on CPU and with AMP on CUDA
 
 
 class ValSection(_Strict):

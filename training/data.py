@@ -22,20 +22,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from model.imaging import decode_image
+from model.imaging import decode_image, list_images
+from model.inputs import lr_inputs
 from training.degrade import crop_to_multiple, make_lr
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CACHE_VERSION = "1"
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 @dataclass(frozen=True)
@@ -194,9 +187,7 @@ class PatchDataset(Dataset):
 
 def model_inputs(batch: dict[str, Tensor], cfg, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
     """(img_lr, img_lr_up, img_hr) in [-1, 1], with the same conventions as inference
-    (`model.upscale.lr_inputs`)."""
-    from model.upscale import lr_inputs
-
+    (`model.inputs.lr_inputs`)."""
     lr = batch["lr"].to(device, non_blocking=True)
     img_lr, img_lr_up = lr_inputs(lr, cfg)
     img_hr = batch["hr"].to(device, non_blocking=True) * 2 - 1

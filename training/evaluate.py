@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on HR images: bicubic vs. the RRDB encoder's output vs. the diffusion output.
+"""Evaluate a checkpoint on HR images: bicubic vs. the model at each number of steps (0: the encoder's output).
 
 Protocol (SRDiff / SAM-DiffSR conventions):
 
@@ -27,54 +27,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from bicubic_pytorch import core as bicubic
 
-METHODS = ("bicubic", "rrdb", "diffusion")
-METHOD_TITLES = {"bicubic": "bicubic", "rrdb": "RRDB", "diffusion": "diffusion"}
+from model.checkpoint import load_checkpoint
+from model.diffusion import timestep_plan
+from model.imaging import decode_image, list_images
+from model.runtime import TorchRuntime, resolve_device
+from model.upscale import Upscaler, default_steps
+from training.degrade import crop_to_multiple, make_lr_numpy
+from training.metrics import psnr_y, quantize8, ssim_y
+
+BICUBIC = "bicubic"
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # what lpips.LPIPS(net="alex") loads through torchvision
 
 
 # ---------------------------------------------------------------------------------------------------
 # Metrics
-
-
-def rgb_to_y(rgb01: np.ndarray) -> np.ndarray:
-    """ITU-R BT.601 luma of RGB in [0, 1], on the [16, 235] scale of MATLAB's rgb2ycbcr (float64)."""
-    rgb = np.asarray(rgb01, dtype=np.float64)
-    return 16.0 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2])
-
-
-def _crop_border(a: np.ndarray, border: int) -> np.ndarray:
-    if border <= 0:
-        return a
-    if a.shape[0] <= 2 * border or a.shape[1] <= 2 * border:
-        raise ValueError(f"image {a.shape[0]}x{a.shape[1]} is too small to crop {border} px at each border")
-    return a[border:-border, border:-border]
-
-
-def _check_pair(sr: np.ndarray, hr: np.ndarray) -> None:
-    if sr.shape != hr.shape or sr.ndim != 3 or sr.shape[2] != 3:
-        raise ValueError(f"expected two (H, W, 3) images of the same size, got {sr.shape} and {hr.shape}")
-
-
-def psnr_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
-    """PSNR (dB) on Y, peak 255, `border` pixels cropped at each side. Inputs: RGB in [0, 1]."""
-    from skimage.metrics import peak_signal_noise_ratio
-
-    _check_pair(sr, hr)
-    y_sr, y_hr = _crop_border(rgb_to_y(sr), border), _crop_border(rgb_to_y(hr), border)
-    if np.array_equal(y_sr, y_hr):
-        return math.inf
-    return float(peak_signal_noise_ratio(y_hr, y_sr, data_range=255.0))
-
-
-def ssim_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
-    """SSIM on Y (Wang et al. 2004 settings), `border` pixels cropped at each side. RGB in [0, 1]."""
-    from skimage.metrics import structural_similarity
-
-    _check_pair(sr, hr)
-    y_sr, y_hr = _crop_border(rgb_to_y(sr), border), _crop_border(rgb_to_y(hr), border)
-    return float(structural_similarity(y_hr, y_sr, data_range=255.0, gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False))
 
 
 class Lpips:
@@ -111,80 +79,43 @@ class Lpips:
 # Super-resolution methods
 
 
-def quantize8(rgb01: np.ndarray) -> np.ndarray:
-    return (np.round(np.clip(rgb01, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
-
-
 def bicubic_upscale(lr01: np.ndarray, scale: int) -> np.ndarray:
     """MATLAB-style bicubic upscaling of (h, w, 3) RGB in [0, 1]."""
-    from bicubic_pytorch import core
-
     t = torch.from_numpy(np.ascontiguousarray(lr01, np.float32)).permute(2, 0, 1)
-    return core.imresize(t, scale=scale).clamp(0, 1).permute(1, 2, 0).numpy()
+    return bicubic.imresize(t, scale=scale).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def method_key(steps: int) -> str:
+    return f"steps={steps}"
+
+
+def method_title(method: str) -> str:
+    return {BICUBIC: "bicubic", method_key(0): "steps=0 (encoder)"}.get(method, method)
 
 
 @dataclass
 class SamplerSettings:
     sampler: str = "ddim"
-    steps: int = 20
+    steps: tuple[int, ...] = ()  # one column per value; 0 is the encoder's own x4 output; () = 0 and the default
     eta: float = 0.0
     seed: int = 0
-    tile: int = 0  # LR tile size for the diffusion output; 0 = the whole image at once
+    tile: int = 0  # LR tile size, as the service tiles; 0 = the whole image at once
     overlap: int = 8
     max_batch: int = 16
 
 
 class Models:
-    """A checkpoint's RRDB encoder and diffusion sampler, on whole images or tiles."""
+    """A checkpoint, run through `model.upscale.Upscaler` (the one inference path) on the torch backend."""
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
-        from model.checkpoint import load_checkpoint
-        from model.runtime import TorchRuntime, resolve_device
-
         net, self.info = load_checkpoint(checkpoint, "cpu")
         self.device = resolve_device(device)
         self.runtime = TorchRuntime(net, self.info, self.device)
-        self.net = self.runtime.net
         self.config = self.info.config
 
-    def _padded_inputs(self, lr01: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        from model.tiling import pad_to
-        from model.upscale import lr_inputs
-
-        h, w = lr01.shape[:2]
-        m = self.config.lr_multiple
-        img = torch.from_numpy(np.ascontiguousarray(lr01, np.float32)).permute(2, 0, 1)
-        img = pad_to(img, -(-h // m) * m, -(-w // m) * m)
-        img_lr, img_lr_up = lr_inputs(img[None], self.config)
-        return img_lr, img_lr_up, (h, w)
-
-    @staticmethod
-    def _to_rgb(x: torch.Tensor, h: int, w: int, scale: int) -> np.ndarray:
-        x = x[0, :, : h * scale, : w * scale].clamp(-1, 1)
-        return ((x + 1) / 2).permute(1, 2, 0).cpu().numpy()
-
-    @torch.inference_mode()
-    def rrdb(self, lr01: np.ndarray) -> np.ndarray:
-        img_lr, _, (h, w) = self._padded_inputs(lr01)
-        out, _ = self.net.rrdb(img_lr.to(self.device))
-        return self._to_rgb(out, h, w, self.config.scale)
-
-    @torch.inference_mode()
-    def diffusion(self, lr01: np.ndarray, s: SamplerSettings) -> np.ndarray:
-        from model.diffusion import res2img
-        from model.sampler import new_track, sample
-        from model.upscale import Upscaler
-
-        if s.tile:
-            up = Upscaler(self.runtime, tile=s.tile, overlap=s.overlap, max_batch=s.max_batch)
-            return up.upscale_rgb(lr01, s.steps, s.sampler, s.eta, s.seed)  # type: ignore[arg-type]
-        cfg = self.config
-        img_lr, img_lr_up, (h, w) = self._padded_inputs(lr01)
-        cond = self.runtime.encode(img_lr)
-        track = new_track(cond[0], cfg.timesteps, s.steps, s.sampler, s.eta, s.seed, 0)  # type: ignore[arg-type]
-        (x0,) = sample(self.runtime.denoise, self.runtime.schedule, [track])
-        out = res2img(x0[None].cpu(), img_lr_up, cfg.res_rescale, cfg.clip_input)
-        return self._to_rgb(out, h, w, cfg.scale)
+    def upscale(self, lr01: np.ndarray, s: SamplerSettings, steps: int) -> np.ndarray:
+        up = Upscaler(self.runtime, tile=s.tile, overlap=s.overlap, max_batch=s.max_batch)
+        return up.upscale_rgb(lr01, steps, s.sampler, s.eta, s.seed)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,7 +137,8 @@ class EvalOptions:
         """The `samdiffsr eval` command line that reproduces this evaluation."""
         s = self.sampler
         args = ["samdiffsr", "eval", str(self.checkpoint), str(self.hr_dir), "--sampler", s.sampler,
-                "--steps", str(s.steps), "--eta", str(s.eta), "--seed", str(s.seed), "--tile", str(s.tile)]
+                "--steps", ",".join(map(str, s.steps)), "--eta", str(s.eta), "--seed", str(s.seed),
+                "--tile", str(s.tile)]
         if s.tile:
             args += ["--overlap", str(s.overlap), "--max-batch", str(s.max_batch)]
         if self.hr_crop:
@@ -220,7 +152,7 @@ class EvalOptions:
 class ImageResult:
     name: str
     hr_size: tuple[int, int]  # (height, width) after cropping
-    metrics: dict[str, dict[str, float]]  # method -> {"psnr_y": .., "ssim": .., "lpips": ..}
+    metrics: dict[str, dict[str, float]]  # method (bicubic, steps=N) -> {"psnr_y": .., "ssim": .., "lpips": ..}
     seconds: dict[str, float]
 
 
@@ -234,9 +166,13 @@ class EvalReport:
     lpips: str  # "AlexNet" or why it was skipped
     images: list[ImageResult]
 
+    @property
+    def methods(self) -> list[str]:
+        return list(self.images[0].metrics) if self.images else []
+
     def mean(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
-        for method in METHODS:
+        for method in self.methods:
             keys = self.images[0].metrics[method].keys() if self.images else ()
             out[method] = {k: float(np.mean([r.metrics[method][k] for r in self.images])) for k in keys}
         return out
@@ -247,9 +183,10 @@ class EvalReport:
         return d
 
     def markdown(self) -> str:
-        has_lpips = bool(self.images) and "lpips" in self.images[0].metrics["bicubic"]
+        has_lpips = bool(self.images) and "lpips" in self.images[0].metrics[BICUBIC]
         cols = ["psnr_y", "ssim"] + (["lpips"] if has_lpips else [])
         col_names = {"psnr_y": "PSNR-Y", "ssim": "SSIM", "lpips": "LPIPS"}
+        methods = self.methods
         s = self.sampler
         lines = [
             f"Evaluation of `{self.checkpoint_name}` (x{self.scale}), {len(self.images)} images",
@@ -258,33 +195,41 @@ class EvalReport:
             "",
             f"LR: MATLAB antialiased bicubic x{self.scale} of the HR image (cropped to a multiple of "
             f"{self.scale}), 8-bit. Outputs quantised to 8 bits. PSNR-Y: BT.601 Y, {self.scale} px border "
-            f"cropped. SSIM: on Y, Gaussian 11x11, sigma 1.5. Diffusion: {s['sampler']}, {s['steps']} steps, "
-            f"eta {s['eta']}, seed {s['seed']}, " + (f"tiles of {s['tile']} LR px." if s["tile"] else
-                                                     "whole image.") + f" LPIPS: {self.lpips}.",
+            f"cropped. SSIM: on Y, Gaussian 11x11, sigma 1.5. Sampler: {s['sampler']}, eta {s['eta']}, "
+            f"seed {s['seed']}, " + (f"tiles of {s['tile']} LR px (overlap {s['overlap']})." if s["tile"] else
+                                     "whole image.") + f" LPIPS: {self.lpips}.",
             "",
-            "| image | HR size | " + " | ".join(f"{METHOD_TITLES[m]} {col_names[c]}" for m in METHODS
-                                             for c in cols) + " |",
-            "|---|---|" + "---:|" * (len(METHODS) * len(cols)),
         ]
 
         def fmt(c: str, v: float) -> str:
             return "inf" if math.isinf(v) else (f"{v:.2f}" if c == "psnr_y" else f"{v:.4f}")
 
-        for r in self.images:
-            cells = [fmt(c, r.metrics[m][c]) for m in METHODS for c in cols]
-            lines.append(f"| {r.name} | {r.hr_size[1]}x{r.hr_size[0]} | " + " | ".join(cells) + " |")
         mean = self.mean()
         if self.images:
-            cells = [fmt(c, mean[m][c]) for m in METHODS for c in cols]
+            lines += ["| method | " + " | ".join(col_names[c] for c in cols) + " | PSNR-Y gain | s/image |",
+                      "|---|" + "---:|" * (len(cols) + 2)]
+            for m in methods:
+                secs = float(np.mean([r.seconds[m] for r in self.images]))
+                gain = mean[m]["psnr_y"] - mean[BICUBIC]["psnr_y"]
+                lines.append(f"| {method_title(m)} | " + " | ".join(fmt(c, mean[m][c]) for c in cols)
+                             + f" | {gain:+.2f} dB | {secs:.2f} |")
+            lines.append("")
+        lines += [
+            "| image | HR size | " + " | ".join(f"{method_title(m)} {col_names[c]}" for m in methods
+                                             for c in cols) + " |",
+            "|---|---|" + "---:|" * (len(methods) * len(cols)),
+        ]
+        for r in self.images:
+            cells = [fmt(c, r.metrics[m][c]) for m in methods for c in cols]
+            lines.append(f"| {r.name} | {r.hr_size[1]}x{r.hr_size[0]} | " + " | ".join(cells) + " |")
+        if self.images:
+            cells = [fmt(c, mean[m][c]) for m in methods for c in cols]
             lines.append("| **mean** | | " + " | ".join(f"**{x}**" for x in cells) + " |")
         return "\n".join(lines) + "\n"
 
 
 def load_hr(path: Path, scale: int, hr_crop: int = 0) -> np.ndarray:
     """HR RGB in [0, 1], optionally centre-cropped to `hr_crop`, then cropped to a multiple of `scale`."""
-    from model.imaging import decode_image
-    from training.degrade import crop_to_multiple
-
     rgb = decode_image(path).rgb
     if hr_crop:
         h, w = rgb.shape[:2]
@@ -301,7 +246,7 @@ def side_by_side(hr: np.ndarray, outputs: dict[str, np.ndarray], crop_size: int)
     h, w = hr.shape[:2]
     c = min(crop_size, h, w)
     y0, x0 = (h - c) // 2, (w - c) // 2
-    panels = [("HR", hr)] + [(METHOD_TITLES[k], v) for k, v in outputs.items()]
+    panels = [("HR", hr)] + [(method_title(k), v) for k, v in outputs.items()]
     zoom = max(1, 256 // c)
     size, gap, label = c * zoom, 6, 18
     canvas = Image.new("RGB", (len(panels) * (size + gap) - gap, size + label), "white")
@@ -316,11 +261,12 @@ def side_by_side(hr: np.ndarray, outputs: dict[str, np.ndarray], crop_size: int)
 
 def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -> EvalReport:
     """Run the evaluation; `progress` gets one line per image."""
-    from training.degrade import make_lr_numpy
-    from training.masks import list_images
-
     torch.manual_seed(opts.sampler.seed)
     models = Models(opts.checkpoint, opts.device)
+    if not opts.sampler.steps:
+        opts.sampler.steps = (0, default_steps(models.config))
+    for steps in opts.sampler.steps:
+        timestep_plan(models.config.timesteps, steps)  # raises ValueError out of range
     scale = models.config.scale
     images = list_images(opts.hr_dir)
     if opts.max_images:
@@ -335,16 +281,14 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -
         hr = load_hr(path, scale, opts.hr_crop)
         lr = make_lr_numpy(hr, scale)
         outputs, seconds = {}, {}
-        for method in METHODS:
+        t0 = time.perf_counter()
+        outputs[BICUBIC] = quantize8(bicubic_upscale(lr, scale))
+        seconds[BICUBIC] = round(time.perf_counter() - t0, 3)
+        for steps in opts.sampler.steps:
             t0 = time.perf_counter()
-            if method == "bicubic":
-                out = bicubic_upscale(lr, scale)
-            elif method == "rrdb":
-                out = models.rrdb(lr)
-            else:
-                out = models.diffusion(lr, opts.sampler)
-            seconds[method] = round(time.perf_counter() - t0, 3)
-            outputs[method] = quantize8(out)
+            out = models.upscale(lr, opts.sampler, steps)
+            seconds[method_key(steps)] = round(time.perf_counter() - t0, 3)
+            outputs[method_key(steps)] = quantize8(out)
         metrics = {}
         for method, out in outputs.items():
             m = {"psnr_y": psnr_y(out, hr, scale), "ssim": ssim_y(out, hr, scale)}
@@ -356,7 +300,7 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -
             side_by_side(hr, outputs, opts.crop_size).save(opts.crops_dir / f"{path.stem}.png")
         if progress:
             progress(f"{path.name}: " + ", ".join(
-                f"{METHOD_TITLES[k]} {v['psnr_y']:.2f} dB / {v['ssim']:.4f}" for k, v in metrics.items()))
+                f"{method_title(k)} {v['psnr_y']:.2f} dB / {v['ssim']:.4f}" for k, v in metrics.items()))
     return EvalReport(
         command=opts.command(), checkpoint=str(opts.checkpoint), checkpoint_name=models.info.name,
         scale=scale, sampler=asdict(opts.sampler), lpips="AlexNet" if lp.available else f"skipped: {lp.reason}",

@@ -26,7 +26,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+from model.imaging import list_images
+
 ANNOTATION_KEYS = ("segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score",
                    "crop_box")
 
@@ -37,14 +38,6 @@ class MaskFileError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------
 # Images and the RLE JSON format
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def load_rgb8(path: str | Path) -> np.ndarray:

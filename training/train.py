@@ -40,10 +40,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.diffusion import Schedule, img2res, make_schedule, modulate_noise, q_sample, res2img
+from model.diffusion import Schedule, img2res, make_schedule, modulate_noise, q_sample, training_target
 from model.network import SRDiffNet
+from model.runtime import TorchRuntime
+from model.upscale import Upscaler
 from training.config import TrainConfig
 from training.data import PatchDataset, model_inputs, prepare_images, val_pairs
+from training.evaluate import bicubic_upscale
+from training.metrics import psnr_y, quantize8
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +67,15 @@ class RRDBObjective(nn.Module):
 
     def forward(self, img_lr: Tensor, img_hr: Tensor) -> Tensor:
         out, _ = self.rrdb(img_lr)
-        return F.l1_loss(out, img_hr)
+        return F.l1_loss(out.float(), img_hr)
 
 
 class DiffusionObjective(nn.Module):
-    """Stage 2: L1(e', denoiser(x_t, t, cond)) with e' the (structure-modulated) noise."""
+    """Stage 2: L1(target, denoiser(x_t, t, cond)), x_t noised with e' (the structure-modulated noise).
+
+    The target follows `ModelConfig.prediction`: e' itself (the paper's), v, or the clean residual x0;
+    the residual is taken over `ModelConfig.residual_base` (bicubic up(LR) or the frozen RRDB's x4 output).
+    """
 
     def __init__(self, net: SRDiffNet, sched: Schedule, structure: bool) -> None:
         super().__init__()
@@ -75,14 +83,19 @@ class DiffusionObjective(nn.Module):
 
     def forward(self, img_lr: Tensor, img_lr_up: Tensor, img_hr: Tensor, spe: Tensor, t: Tensor,
                 noise: Tensor) -> Tensor:
-        with torch.no_grad():
-            _, feats = self.net.rrdb(img_lr)
+        cfg = self.net.cfg
+        # The frozen encoder runs in float32 even under autocast: its x4 output may be the residual's base,
+        # which bfloat16 would round to about 1/256.
+        with torch.no_grad(), torch.autocast(img_lr.device.type, enabled=False):
+            sr, feats = self.net.rrdb(img_lr.float())
         cond = self.net.denoise_fn.project_cond(feats)
-        x0 = img2res(img_hr, img_lr_up, self.net.cfg.res_rescale)
+        base = sr if cfg.residual_base == "rrdb" else img_lr_up
+        x0 = img2res(img_hr, base, cfg.res_rescale)
         if self.structure:
             noise = modulate_noise(self.sched, noise, t, spe)
         x_t = q_sample(self.sched, x0, t, noise)
-        return F.l1_loss(self.net.denoise(x_t, t, cond), noise)
+        target = training_target(self.sched, cfg.prediction, x0, noise, t)
+        return F.l1_loss(self.net.denoise(x_t, t, cond).float(), target)
 
 
 def trained_module(net: SRDiffNet, stage: Stage) -> nn.Module:
@@ -152,6 +165,19 @@ def init_distributed(device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank, world, local)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast pays on `device`: CUDA, or a CPU with native bf16 (AVX-512 BF16 / AMX)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 def pick_device(name: str, d: Dist) -> torch.device:
@@ -252,32 +278,20 @@ def _git_commit() -> str | None:
 
 def bicubic_psnr(pairs: list[tuple[str, Tensor, Tensor]], scale: int) -> float:
     """Mean PSNR-Y of MATLAB-bicubic upscaling over the validation crops."""
-    from training.evaluate import bicubic_upscale, psnr_y, quantize8
-
     return float(np.mean([psnr_y(quantize8(bicubic_upscale(lr01.permute(1, 2, 0).numpy(), scale)),
                                  hr01.permute(1, 2, 0).numpy(), scale) for _, hr01, lr01 in pairs]))
 
 
 @torch.no_grad()
-def validate(net: SRDiffNet, stage: Stage, pairs: list[tuple[str, Tensor, Tensor]], sched: Schedule,
-             steps: int, device: torch.device) -> float:
-    """Mean PSNR-Y over validation crops: the RRDB output (stage 1) or DDIM (eta=0) samples (stage 2)."""
-    from model.sampler import new_track, sample
-    from model.upscale import lr_inputs
-    from training.evaluate import psnr_y, quantize8
-
-    net.eval()
+def validate(net: SRDiffNet, stage: Stage, pairs: list[tuple[str, Tensor, Tensor]], steps: int,
+             device: torch.device) -> float:
+    """Mean PSNR-Y over validation crops, each upscaled whole by `model.upscale.Upscaler`: the encoder's own
+    output (stage 1, or `steps=0`), else DDIM (eta=0) with `steps` steps."""
+    runtime = TorchRuntime(net, CheckpointInfo(config=net.cfg), device)
+    upscaler = Upscaler(runtime, tile=0)
     scores = []
-    for i, (_, hr01, lr01) in enumerate(pairs):
-        img_lr, img_lr_up = lr_inputs(lr01[None].to(device), net.cfg)
-        if stage == "rrdb":
-            out, _ = net.rrdb(img_lr)
-        else:
-            cond = net.encode(img_lr)[0]
-            track = new_track(cond, sched.num_timesteps, steps, "ddim", 0.0, seed=0, index=i)
-            (x0,) = sample(net.denoise, sched, [track])
-            out = res2img(x0[None], img_lr_up, net.cfg.res_rescale, net.cfg.clip_input)
-        sr01 = ((out[0].float() + 1) / 2).permute(1, 2, 0).cpu().numpy()
+    for _, hr01, lr01 in pairs:
+        sr01 = upscaler.upscale_rgb(lr01.permute(1, 2, 0).numpy(), 0 if stage == "rrdb" else steps, "ddim")
         scores.append(psnr_y(quantize8(sr01), hr01.permute(1, 2, 0).numpy(), net.cfg.scale))
     net.train()
     return float(np.mean(scores))
@@ -419,6 +433,8 @@ def train(cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = Tr
     seed = cfg.run.seed
 
     net = build_model(cfg, stage, seed).to(device)
+    if cfg.optim.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     module = trained_module(net, stage)
     sched = make_schedule(mcfg.timesteps, mcfg.beta_s).to(device)
     objective: nn.Module = RRDBObjective(net) if stage == "rrdb" else \
@@ -473,7 +489,7 @@ def train(cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = Tr
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = cfg.optim.amp and device.type == "cuda"
+    amp = cfg.optim.amp and bf16_supported(device)
     metrics = Metrics(out, step, d.main)
     if d.main:
         log.info("%s: %d training images, %d params trained, %d steps, device %s, %d process(es)",
@@ -520,6 +536,9 @@ def train(cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = Tr
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg)
                 img_lr, img_lr_up, img_hr = model_inputs(batch, mcfg, device)
+                if cfg.optim.channels_last:
+                    img_lr, img_lr_up, img_hr = (x.contiguous(memory_format=torch.channels_last)
+                                                 for x in (img_lr, img_lr_up, img_hr))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     if stage == "rrdb":
                         loss = train_model(img_lr, img_hr)
@@ -557,7 +576,7 @@ def train(cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = Tr
                 if pairs and (step % cfg.val.every == 0 or step == cfg.run.steps):
                     ctx = ema.applied(module) if ema is not None else contextlib.nullcontext()
                     with ctx:
-                        row["val_psnr_y"] = validate(net, stage, pairs, sched, cfg.val.steps, device)
+                        row["val_psnr_y"] = validate(net, stage, pairs, cfg.val.steps, device)
                     log.info("step %d: validation PSNR-Y %.3f dB", step, row["val_psnr_y"])
                 if row:
                     row.update(step=step, epoch=epoch, elapsed_s=round(time.monotonic() - t0, 1))
