@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 import torch
@@ -23,40 +22,36 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.imaging import MEDIA_TYPES, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
+from model.imaging import MEDIA_TYPES
 from model.runtime import Runtime, load_runtime
 from model.upscale import Upscaler, default_sampler, default_steps
-from service import pipeline
+from service import intake
 from service.batcher import Batcher, BatcherConfig, Job
 from service.errors import (
     Cancelled,
     DeadlineExceeded,
     ErrorBody,
-    ImageTooLarge,
-    InvalidImage,
-    InvalidParameter,
-    MissingImage,
     NotReady,
     ServiceError,
     ShuttingDown,
     Unauthorized,
-    UnsupportedMediaType,
     WorkerStopped,
     error_body,
     openapi_errors,
     status_code_name,
 )
+from service.intake import UpscaleParams
+from service.intake import upscale_openapi as _upscale_openapi
+from service.intake import validation_message as _validation_message
 from service.metrics import Metrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, request_id_of
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-MAX_SEED = 2**63 - 1
 WARMUP_TIMEOUT_S = 600.0
 
 
@@ -141,23 +136,6 @@ class Service:
 # ----------------------------------------------------------------------------- API models
 
 
-class UpscaleParams(BaseModel):
-    """Parameters of /v1/upscale, as query parameters or as multipart form fields (form wins)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    steps: int | None = Field(None, ge=0, description="Denoiser steps (0 to the model's max_steps); default: "
-                              "the model's default_steps (GET /v1/models). 0 is the fidelity mode: the "
-                              "encoder's own x4 output, fastest and highest PSNR; more steps add diffusion detail.")
-    sampler: Literal["ddim", "ddpm"] | None = Field(None, description="ddim (deterministic, default) or "
-                                                   "ddpm (ancestral; with steps = max_steps exactly the "
-                                                   "original sampler).")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Noise seed; default random. The seed used "
-                             "is returned in X-Seed; the same image, seed and parameters give the same bytes.")
-    output_format: Literal["png", "jpeg", "jpg", "webp"] = Field("png", description="Output image format.")
-    quality: int = Field(95, ge=1, le=100, description="Quality of lossy formats (jpeg, webp).")
-
-
 class ModelCard(BaseModel):
     name: str
     scale: int
@@ -181,15 +159,6 @@ class ModelList(BaseModel):
 
 class Status(BaseModel):
     status: str
-
-
-def _upscale_openapi() -> dict:
-    props = {"image": {"type": "string", "format": "binary", "description": "The input image."}}
-    props.update(UpscaleParams.model_json_schema()["properties"])
-    binary = {"schema": {"type": "string", "format": "binary"}}
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": props}},
-        "image/*": binary, "application/octet-stream": binary}}}
 
 
 # ----------------------------------------------------------------------------- the app
@@ -274,32 +243,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         """Upscale an image x4: multipart field `image` (`curl -F image=@photo.jpg`) or the raw image as
         the body (`Content-Type: image/...`). Any mode Pillow reads: grayscale, RGBA (alpha kept),
         palette, 16-bit, EXIF-rotated; the output keeps the mode where the format allows."""
-        t_start = time.perf_counter()
-        service.check_accepting()
-        data, params = await _read_upload(request, params)
-        assert service.runtime is not None and service.batcher is not None and service.upscaler is not None
-        cfg = service.runtime.config
-        steps = service.steps if params.steps is None else params.steps
-        if steps > cfg.timesteps:
-            raise InvalidParameter(f"steps must be in 0..{cfg.timesteps}, got {steps}")
-        sampler = params.sampler or service.sampler
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        fmt = "jpeg" if params.output_format == "jpg" else params.output_format
-        rid = request_id_of(request.scope) or ""
-
-        prep = await run_in_threadpool(_decode_and_prepare, service.upscaler, data, settings.max_pixels)
-        t_decoded = time.perf_counter()
-        deadline = time.monotonic() + settings.request_timeout_s - (t_decoded - t_start)
-        job = service.batcher.submit(prep.lr_tiles, prep.up_tiles, steps=steps, sampler=sampler, seed=seed,
-                                     deadline=deadline, request_id=rid)
-        sr_tiles = await _wait(service.batcher, request, job, deadline)
+        acc = await intake.accept(service, request, params, settings.request_timeout_s)
+        assert service.batcher is not None and service.upscaler is not None
+        job, prep, t_start, t_decoded = acc.job, acc.prep, acc.t_start, acc.t_decoded
+        steps, sampler, seed, fmt = acc.steps, acc.sampler, acc.seed, acc.fmt
+        sr_tiles = await _wait(service.batcher, request, job, acc.deadline)
         t_sampled = time.perf_counter()
-        out = await run_in_threadpool(pipeline.finish, service.upscaler, prep, sr_tiles)
-        body = await run_in_threadpool(encode_image, out, fmt, params.quality)
+        out, body = await run_in_threadpool(intake.render, service.upscaler, acc, sr_tiles, metrics)
         t_end = time.perf_counter()
 
-        metrics.images.inc()
-        metrics.output_megapixels.inc(out.width * out.height / 1e6)
         queue_s = (job.started or job.submitted) - job.submitted
         timing = {"decode": t_decoded - t_start, "queue": queue_s, "sample": t_sampled - t_decoded - queue_s,
                   "encode": t_end - t_sampled, "total": t_end - t_start}
@@ -332,48 +284,6 @@ class BearerAuth:
 
 
 
-async def _read_upload(request: Request, query: UpscaleParams) -> tuple[bytes, UpscaleParams]:
-    """The image bytes and the parameters (form fields override query parameters)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
-        try:
-            fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
-            try:
-                params = UpscaleParams.model_validate({**query.model_dump(exclude_unset=True), **fields})
-            except ValidationError as e:
-                raise InvalidParameter(_validation_message(e.errors(), "form")) from e
-            image = form.get("image")
-            if not isinstance(image, UploadFile):
-                raise MissingImage("no image: send it as the multipart file field 'image'")
-            part_type = (image.content_type or "application/octet-stream").split(";")[0].strip().lower()
-            if not (part_type.startswith("image/") or part_type == "application/octet-stream"):
-                raise UnsupportedMediaType(f"the 'image' part has type {part_type!r}; expected image/*")
-            data = await image.read()
-        finally:
-            await form.close()
-    elif ctype.startswith("image/") or ctype == "application/octet-stream":
-        params = query
-        data = await request.body()
-    else:
-        raise UnsupportedMediaType(
-            f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data with a file field "
-            "'image' (curl -F image=@photo.jpg) or the raw image with Content-Type image/*")
-    if not data:
-        raise MissingImage("the image is empty")
-    return data, params
-
-
-def _decode_and_prepare(upscaler: Upscaler, data: bytes, max_pixels: int) -> pipeline.Prepared:
-    try:
-        image = decode_image(data, max_pixels=max_pixels)
-    except ImageTooLargeError as e:
-        raise ImageTooLarge(str(e)) from e
-    except ImageDecodeError as e:
-        raise InvalidImage(str(e)) from e
-    return pipeline.prepare(upscaler, image)
-
-
 async def _wait(batcher: Batcher, request: Request, job: Job, deadline: float) -> torch.Tensor:
     """Wait for the job; drop it if the client disconnects or the deadline passes."""
     fut = asyncio.wrap_future(job.future)
@@ -394,14 +304,6 @@ async def _wait(batcher: Batcher, request: Request, job: Job, deadline: float) -
         raise
     finally:
         fut.cancel()  # no-op when done; else nobody is left to read its result
-
-
-def _validation_message(errors: list[dict], where: str) -> str:
-    parts = []
-    for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p not in ("query", "body")]
-        parts.append(f"{'.'.join(loc) or where}: {e.get('msg', 'invalid')}")
-    return "; ".join(parts)
 
 
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:

@@ -1,0 +1,159 @@
+"""One upscale request from its HTTP body to its image, shared by `POST /v1/upscale` and `POST /v1/jobs`.
+
+`accept` checks the service is accepting, reads the upload and its parameters, validates them, decodes
+and tiles the image and queues it on the batcher; `render` turns the batcher's SR tiles into the encoded
+output image. Both endpoints therefore take the same inputs, enforce the same limits and raise the same
+errors.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from torch import Tensor
+
+from model.imaging import DecodedImage, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
+from model.upscale import Upscaler
+from service import pipeline
+from service.batcher import Job
+from service.errors import ImageTooLarge, InvalidImage, InvalidParameter, MissingImage, UnsupportedMediaType
+from service.metrics import Metrics
+from service.middleware import request_id_of
+
+if TYPE_CHECKING:
+    from service.app import Service
+
+MAX_SEED = 2**63 - 1
+
+
+class UpscaleParams(BaseModel):
+    """Parameters of /v1/upscale, as query parameters or as multipart form fields (form wins)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    steps: int | None = Field(None, ge=0, description="Denoiser steps (0 to the model's max_steps); default: "
+                              "the model's default_steps (GET /v1/models). 0 is the fidelity mode: the "
+                              "encoder's own x4 output, fastest and highest PSNR; more steps add diffusion detail.")
+    sampler: Literal["ddim", "ddpm"] | None = Field(None, description="ddim (deterministic, default) or "
+                                                   "ddpm (ancestral; with steps = max_steps exactly the "
+                                                   "original sampler).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Noise seed; default random. The seed used "
+                             "is returned in X-Seed; the same image, seed and parameters give the same bytes.")
+    output_format: Literal["png", "jpeg", "jpg", "webp"] = Field("png", description="Output image format.")
+    quality: int = Field(95, ge=1, le=100, description="Quality of lossy formats (jpeg, webp).")
+
+
+def upscale_openapi() -> dict:
+    """The request body of an upscale (multipart form or raw image) for the OpenAPI docs."""
+    props = {"image": {"type": "string", "format": "binary", "description": "The input image."}}
+    props.update(UpscaleParams.model_json_schema()["properties"])
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": props}},
+        "image/*": binary, "application/octet-stream": binary}}}
+
+
+@dataclass
+class Accepted:
+    """An upload decoded, tiled and queued on the batcher."""
+
+    prep: pipeline.Prepared
+    job: Job
+    steps: int
+    sampler: str
+    seed: int
+    fmt: str  # png | jpeg | webp
+    quality: int
+    request_id: str
+    t_start: float  # time.perf_counter() values
+    t_decoded: float
+    deadline: float  # time.monotonic() value
+
+
+async def accept(service: Service, request: Request, params: UpscaleParams, timeout_s: float) -> Accepted:
+    """Read, validate, decode and queue an upload; `timeout_s` counts from now (the request's start)."""
+    t_start = time.perf_counter()
+    service.check_accepting()
+    data, params = await read_upload(request, params)
+    assert service.runtime is not None and service.batcher is not None and service.upscaler is not None
+    cfg = service.runtime.config
+    steps = service.steps if params.steps is None else params.steps
+    if steps > cfg.timesteps:
+        raise InvalidParameter(f"steps must be in 0..{cfg.timesteps}, got {steps}")
+    sampler = params.sampler or service.sampler
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    fmt = "jpeg" if params.output_format == "jpg" else params.output_format
+    rid = request_id_of(request.scope) or ""
+
+    prep = await run_in_threadpool(decode_and_prepare, service.upscaler, data, service.settings.max_pixels)
+    t_decoded = time.perf_counter()
+    deadline = time.monotonic() + timeout_s - (t_decoded - t_start)
+    job = service.batcher.submit(prep.lr_tiles, prep.up_tiles, steps=steps, sampler=sampler, seed=seed,
+                                 deadline=deadline, request_id=rid)
+    return Accepted(prep, job, steps, sampler, seed, fmt, params.quality, rid, t_start, t_decoded, deadline)
+
+
+def render(upscaler: Upscaler, acc: Accepted, sr_tiles: Tensor, metrics: Metrics) -> tuple[DecodedImage, bytes]:
+    """SR tiles -> the upscaled image and its encoded bytes (blocking: run it in a thread)."""
+    out = pipeline.finish(upscaler, acc.prep, sr_tiles)
+    body = encode_image(out, acc.fmt, acc.quality)
+    metrics.images.inc()
+    metrics.output_megapixels.inc(out.width * out.height / 1e6)
+    return out, body
+
+
+async def read_upload(request: Request, query: UpscaleParams) -> tuple[bytes, UpscaleParams]:
+    """The image bytes and the parameters (form fields override query parameters)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
+        try:
+            fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
+            try:
+                params = UpscaleParams.model_validate({**query.model_dump(exclude_unset=True), **fields})
+            except ValidationError as e:
+                raise InvalidParameter(validation_message(e.errors(), "form")) from e
+            image = form.get("image")
+            if not isinstance(image, UploadFile):
+                raise MissingImage("no image: send it as the multipart file field 'image'")
+            part_type = (image.content_type or "application/octet-stream").split(";")[0].strip().lower()
+            if not (part_type.startswith("image/") or part_type == "application/octet-stream"):
+                raise UnsupportedMediaType(f"the 'image' part has type {part_type!r}; expected image/*")
+            data = await image.read()
+        finally:
+            await form.close()
+    elif ctype.startswith("image/") or ctype == "application/octet-stream":
+        params = query
+        data = await request.body()
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data with a file field "
+            "'image' (curl -F image=@photo.jpg) or the raw image with Content-Type image/*")
+    if not data:
+        raise MissingImage("the image is empty")
+    return data, params
+
+
+def decode_and_prepare(upscaler: Upscaler, data: bytes, max_pixels: int) -> pipeline.Prepared:
+    try:
+        image = decode_image(data, max_pixels=max_pixels)
+    except ImageTooLargeError as e:
+        raise ImageTooLarge(str(e)) from e
+    except ImageDecodeError as e:
+        raise InvalidImage(str(e)) from e
+    return pipeline.prepare(upscaler, image)
+
+
+def validation_message(errors: list[dict], where: str) -> str:
+    parts = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p not in ("query", "body")]
+        parts.append(f"{'.'.join(loc) or where}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
