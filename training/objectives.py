@@ -1,0 +1,58 @@
+"""Training objectives: stage 1 (the RRDB encoder, L1 to HR) and stage 2 (the structure-modulated denoiser)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.diffusion import Schedule, img2res, modulate_noise, q_sample, training_target
+from model.network import SRDiffNet
+
+Stage = Literal["rrdb", "diffusion"]
+
+
+class RRDBObjective(nn.Module):
+    """Stage 1: L1 between the RRDB's x4 image and HR."""
+
+    def __init__(self, net: SRDiffNet) -> None:
+        super().__init__()
+        self.rrdb = net.rrdb
+
+    def forward(self, img_lr: Tensor, img_hr: Tensor) -> Tensor:
+        out, _ = self.rrdb(img_lr)
+        return F.l1_loss(out.float(), img_hr)
+
+
+class DiffusionObjective(nn.Module):
+    """Stage 2: L1(target, denoiser(x_t, t, cond)), x_t noised with e' (the structure-modulated noise).
+
+    The target follows `ModelConfig.prediction`: e' itself (the paper's), v, or the clean residual x0;
+    the residual is taken over `ModelConfig.residual_base` (bicubic up(LR) or the frozen RRDB's x4 output).
+    """
+
+    def __init__(self, net: SRDiffNet, sched: Schedule, structure: bool) -> None:
+        super().__init__()
+        self.net, self.sched, self.structure = net, sched, structure
+
+    def forward(self, img_lr: Tensor, img_lr_up: Tensor, img_hr: Tensor, spe: Tensor, t: Tensor,
+                noise: Tensor) -> Tensor:
+        cfg = self.net.cfg
+        # The frozen encoder runs in float32 even under autocast: its x4 output may be the residual's base,
+        # which bfloat16 would round to about 1/256.
+        with torch.no_grad(), torch.autocast(img_lr.device.type, enabled=False):
+            sr, feats = self.net.rrdb(img_lr.float())
+        cond = self.net.denoise_fn.project_cond(feats)
+        base = sr if cfg.residual_base == "rrdb" else img_lr_up
+        x0 = img2res(img_hr, base, cfg.res_rescale)
+        if self.structure:
+            noise = modulate_noise(self.sched, noise, t, spe)
+        x_t = q_sample(self.sched, x0, t, noise)
+        target = training_target(self.sched, cfg.prediction, x0, noise, t)
+        return F.l1_loss(self.net.denoise(x_t, t, cond).float(), target)
+
+
+def trained_module(net: SRDiffNet, stage: Stage) -> nn.Module:
+    return net.rrdb if stage == "rrdb" else net.denoise_fn
