@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.checkpoint import load_checkpoint, save_random_checkpoint
+from model.checkpoint import save_random_checkpoint
 from model.config import PRESETS, ModelConfig
 from model.diffusion import Schedule, ddpm_step
+from model.loading import load_any
 from model.network import SRDiffNet
 from model.runtime import BACKENDS, Runtime, load_runtime, resolve_device
 from model.sampler import SamplerName, new_track, sample, track_generator
@@ -238,10 +239,10 @@ def prepare_model(args: argparse.Namespace, tmp_dir: Path, device: torch.device
                   ) -> tuple[str | Path, SRDiffNet, ModelConfig]:
     """The checkpoint to load runtimes from, an eager copy of its network on `device`, and its config."""
     if args.checkpoint:
-        net, info = load_checkpoint(args.checkpoint, device)
+        net, info = load_any(args.checkpoint, device)
         return args.checkpoint, net, info.config
     ckpt = save_random_checkpoint(tmp_dir / "checkpoint", PRESETS[args.preset], f"bench-{args.preset}", args.seed)
-    net, info = load_checkpoint(ckpt, device)
+    net, info = load_any(ckpt, device)
     return ckpt, net, info.config
 
 

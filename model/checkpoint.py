@@ -85,14 +85,9 @@ def read_info(path: str | Path) -> CheckpointInfo:
         raise CheckpointError(f"{cfg_path}: invalid JSON: {e}") from e
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[SRDiffNet, CheckpointInfo]:
-    """Load a checkpoint directory, or an original SAM-DiffSR/SRDiff `.ckpt` (imported on the fly)."""
+def load_checkpoint_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[SRDiffNet, CheckpointInfo]:
+    """Load a checkpoint directory of our format (`model.loading.load_any` also takes original `.ckpt` files)."""
     p = Path(path)
-    if p.is_file():
-        from model.upstream import import_upstream_checkpoint
-
-        net, info = import_upstream_checkpoint(p)
-        return net.to(device).eval(), info
     info = read_info(p)
     net = SRDiffNet(info.config)
     try:

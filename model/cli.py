@@ -96,11 +96,12 @@ def cmd_import_upstream(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.checkpoint import CheckpointError
     from model.export import export
+    from model.loading import load_any
 
     try:
-        net, info = load_checkpoint(args.checkpoint)
+        net, info = load_any(args.checkpoint)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

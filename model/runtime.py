@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.checkpoint import CheckpointInfo, load_checkpoint
+from model.checkpoint import CheckpointInfo
 from model.config import ModelConfig
 from model.diffusion import Schedule, make_schedule
 from model.export import FILES, export, is_current, weights_digest
+from model.loading import load_any
 from model.network import SRDiffNet
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def load_runtime(checkpoint: str | Path, backend: str = "torch", device: str = "
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     dev = resolve_device(device)
-    net, info = load_checkpoint(checkpoint, "cpu")
+    net, info = load_any(checkpoint, "cpu")
     if backend == "torch":
         return TorchRuntime(net, info, dev)
     out = Path(export_dir) if export_dir is not None else default_export_dir(net)

@@ -10,9 +10,10 @@ import torch
 from conftest import REFERENCE, SHARED
 from safetensors.torch import load_file
 
-from model.checkpoint import CheckpointError, load_checkpoint
+from model.checkpoint import CheckpointError
 from model.config import PRESETS
 from model.diffusion import make_schedule
+from model.loading import load_any
 from model.upstream import import_upstream_checkpoint
 from samdiffsr.cli import main
 
@@ -29,12 +30,12 @@ def test_import_tiny_infers_config_and_roundtrips(tmp_path: Path) -> None:
     assert m["lr_up_divisor"] == 256.0 and m["scale"] == 4 and m["timesteps"] == 100
     assert meta["provenance"]["source"] == "upstream"
 
-    net, info = load_checkpoint(out)
+    net, info = load_any(out)
     original = torch.load(UPSTREAM, weights_only=True)["state_dict"]["model"]
     for k, v in net.state_dict().items():
         assert torch.equal(v, original[k]), k
     # Loading the original file directly imports it on the fly, with the same weights.
-    net2, _ = load_checkpoint(UPSTREAM)
+    net2, _ = load_any(UPSTREAM)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values(), strict=True))
 
 
@@ -60,7 +61,7 @@ def test_import_accepts_full_size_layout(tmp_path: Path) -> None:
     torch.save({"state_dict": {"model": state}, "global_step": 400000}, path)
     out = tmp_path / "full"
     assert main(["import-upstream", str(path), str(out)]) == 0
-    net, info = load_checkpoint(out)
+    net, info = load_any(out)
     assert info.config == PRESETS["paper"]
     assert sum(p.numel() for p in net.parameters()) == manifest["parameters"]
     assert set(load_file(str(out / "model.safetensors"))) == {k for k in manifest["state_dict_keys"]
@@ -106,13 +107,13 @@ def test_import_refuses_pickled_code(tmp_path: Path) -> None:
 
 def test_our_format_errors(tmp_path: Path, tiny_checkpoint: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no config\.json"):
-        load_checkpoint(tmp_path)
+        load_any(tmp_path)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(CheckpointError, match="not a samdiffsr-checkpoint"):
-        load_checkpoint(bad)
+        load_any(bad)
     (bad / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
     (bad / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="unreadable safetensors"):
-        load_checkpoint(bad)
+        load_any(bad)

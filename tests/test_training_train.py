@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model.checkpoint import load_checkpoint
+from model.loading import load_any
 from model.runtime import TorchRuntime
 from model.upscale import Upscaler
 from training.config import load_config
@@ -90,9 +90,9 @@ def test_rrdb_stage_outputs_and_exact_resume(rrdb_run: Path, dataset: Path, tmp_
     assert len(_losses(rrdb_run)) == 5
     _assert_same_state(tmp_path / "split", rrdb_run)
 
-    net, info = load_checkpoint(ckpt)
+    net, info = load_any(ckpt)
     assert info.name == "tiny-test" and info.training["stage"] == "rrdb" and info.training["steps"] == 5
-    ref, _ = load_checkpoint(rrdb_run / "checkpoint")
+    ref, _ = load_any(rrdb_run / "checkpoint")
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values(),
                                                  strict=True))
     # The logs: CSV with validation PSNR, TensorBoard events, the PNG plot.
@@ -114,9 +114,9 @@ def test_diffusion_stage_with_structure_ema_and_exact_resume(rrdb_run: Path, dat
     assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
     _assert_same_state(tmp_path / "split", tmp_path / "full")
 
-    net, info = load_checkpoint(ckpt)
+    net, info = load_any(ckpt)
     assert info.training["stage"] == "diffusion" and info.training["structure"] is True
-    rrdb, _ = load_checkpoint(rrdb_run / "checkpoint")
+    rrdb, _ = load_any(rrdb_run / "checkpoint")
     # The RRDB is frozen: identical to stage 1's. The denoiser carries the EMA weights.
     assert all(torch.equal(a, b) for a, b in zip(net.rrdb.state_dict().values(),
                                                  rrdb.rrdb.state_dict().values(), strict=True))
@@ -128,7 +128,7 @@ def test_diffusion_stage_with_structure_ema_and_exact_resume(rrdb_run: Path, dat
     # Plain SRDiff (ablation) draws the same noise but trains on it unmodulated: other losses.
     _run(dataset, tmp_path, "diffusion", tmp_path / "plain", 4, **extra, **{"diffusion.structure": "false"})
     assert _losses(tmp_path / "plain") != _losses(tmp_path / "full")
-    assert load_checkpoint(tmp_path / "plain" / "checkpoint")[1].training["structure"] is False
+    assert load_any(tmp_path / "plain" / "checkpoint")[1].training["structure"] is False
 
 
 @pytest.mark.parametrize("prediction, base", [("sample", "bicubic"), ("v", "rrdb")])
@@ -140,7 +140,7 @@ def test_diffusion_stage_with_other_targets_and_bases(rrdb_run: Path, dataset: P
     ckpt = _run(dataset, tmp_path, "diffusion", tmp_path / "run", 3, **extra)
     losses = _losses(tmp_path / "run")
     assert len(losses) == 3 and all(float(v) > 0 for _, v in losses)
-    net, info = load_checkpoint(ckpt)
+    net, info = load_any(ckpt)
     assert (info.config.prediction, info.config.residual_base) == (prediction, base)
     runtime = TorchRuntime(net, info, torch.device("cpu"))
     lr01 = np.random.default_rng(0).uniform(0, 1, (12, 12, 3)).astype(np.float32)
@@ -198,7 +198,7 @@ def test_sigterm_writes_a_checkpoint_and_resumes(dataset: Path, tmp_path: Path) 
 
     step = json.loads((out / "state" / "state.json").read_text())["step"]
     assert 3 <= step < 100000
-    net, info = load_checkpoint(out / "checkpoint")
+    net, info = load_any(out / "checkpoint")
     assert info.training["steps"] == step
     # The same command resumes from there (here with a smaller step target: it just finishes).
     sets2 = [s if not s.startswith("run.steps=") else f"run.steps={step + 1}" for s in sets]
@@ -207,7 +207,7 @@ def test_sigterm_writes_a_checkpoint_and_resumes(dataset: Path, tmp_path: Path) 
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert f"resumed {out / 'state'} at step {step}" in res.stderr
-    assert load_checkpoint(out / "checkpoint")[1].training["steps"] == step + 1
+    assert load_any(out / "checkpoint")[1].training["steps"] == step + 1
 
 
 def test_ddp_two_cpu_processes_with_torchrun(dataset: Path, tmp_path: Path) -> None:
@@ -218,7 +218,7 @@ def test_ddp_two_cpu_processes_with_torchrun(dataset: Path, tmp_path: Path) -> N
     res = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 process(es)" in res.stderr
-    net, info = load_checkpoint(out / "checkpoint")
+    net, info = load_any(out / "checkpoint")
     assert info.training["steps"] == 3 and info.training["batch_size"] == 4
     assert [s for s, _ in _losses(out)] == [1, 2, 3]
     assert (out / "curves.png").exists()

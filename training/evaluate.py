@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from bicubic_pytorch import core as bicubic
 
-from model.checkpoint import load_checkpoint
 from model.diffusion import timestep_plan
 from model.imaging import decode_image, list_images
+from model.loading import load_any
 from model.runtime import TorchRuntime, resolve_device
 from model.upscale import Upscaler, default_steps
 from training.degrade import crop_to_multiple, make_lr_numpy
@@ -108,7 +108,7 @@ class Models:
     """A checkpoint, run through `model.upscale.Upscaler` (the one inference path) on the torch backend."""
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
-        net, self.info = load_checkpoint(checkpoint, "cpu")
+        net, self.info = load_any(checkpoint, "cpu")
         self.device = resolve_device(device)
         self.runtime = TorchRuntime(net, self.info, self.device)
         self.config = self.info.config

@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from model.imaging import list_images
+from training.sam_compat import SamUnavailableError, import_segment_anything
 
 ANNOTATION_KEYS = ("segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score",
                    "crop_box")
@@ -223,17 +224,6 @@ class SamConfig:
         names = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
                  "stability_score_offset", "box_nms_thresh", "crop_n_layers", "min_mask_region_area")
         return {n: getattr(self, n) for n in names} | self.extra
-
-
-class SamUnavailableError(RuntimeError):
-    """segment-anything cannot be imported or the SAM checkpoint cannot be loaded."""
-
-
-def import_segment_anything():
-    """Import `segment_anything` (see `training.sam_compat` for the torchvision situation)."""
-    from training.sam_compat import import_segment_anything as _import
-
-    return _import()
 
 
 class SamBackend:

@@ -31,6 +31,10 @@ from torch import Tensor
 _STAND_IN_MODULES = ("torchvision", "torchvision.ops", "torchvision.ops.boxes", "torchvision.transforms",
                      "torchvision.transforms.functional")
 
+class SamUnavailableError(RuntimeError):
+    """segment-anything cannot be imported or the SAM checkpoint cannot be loaded."""
+
+
 # How segment_anything was imported: "torchvision <version>" or "stand-in" (None before the import).
 torchvision_source: str | None = None
 
@@ -142,8 +146,6 @@ def real_torchvision() -> ModuleType | None:
 def import_segment_anything(use_torchvision: bool | None = None) -> ModuleType:
     """Import `segment_anything`, with torchvision if it works (or `use_torchvision`), else the stand-ins."""
     global torchvision_source
-    from training.masks import SamUnavailableError
-
     if "segment_anything" in sys.modules:
         return sys.modules["segment_anything"]
     tv = real_torchvision() if use_torchvision is not False else None

@@ -34,9 +34,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from model.checkpoint import CheckpointInfo, save_checkpoint
 from model.config import ModelConfig
 from model.diffusion import make_schedule
+from model.loading import load_any
 from model.network import SRDiffNet
 from training.config import TrainConfig
 from training.data import PatchDataset, model_inputs, prepare_images, val_pairs
@@ -66,7 +67,7 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
         src = cfg.diffusion.rrdb_checkpoint
         if src is None:
             raise ValueError("stage 2 needs diffusion.rrdb_checkpoint (a stage-1 checkpoint)")
-        pre, info = load_checkpoint(src)
+        pre, info = load_any(src)
         a, b = info.config, mcfg
         keys = ("scale", "rrdb_num_block", "rrdb_num_feat", "rrdb_growth")
         if any(getattr(a, k) != getattr(b, k) for k in keys):
