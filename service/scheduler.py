@@ -1,0 +1,326 @@
+"""Deciding, not doing: which tiles to encode and which to step next (step-level continuous batching).
+
+The scheduler owns no model, no tensor and no thread; it is plain bookkeeping, so every decision can be
+unit-tested with hand-made results. The worker (`service.batcher.Batcher`) runs one loop, in the manner
+of vLLM v1's `Scheduler` / `EngineCore.step`:
+
+    plan = scheduler.schedule(now)     # drop dead requests, admit tiles, pick one denoiser batch
+    result = execute(plan)             # encoder and denoiser calls (the worker's job)
+    done = scheduler.update(plan, result)
+
+Decisions made here: the queue limit; dropping cancelled requests and requests past their deadline;
+admitting new tiles into the active set, round-robin across requests, each up to a fair share of it;
+choosing at most `batch_limit` active tiles of one tile shape, round-robin across requests (most
+advanced tiles of a request first); halving the batch limit after an out-of-memory error and doubling it
+back after a run of successful calls; and how long an idle worker waits for company.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from service.errors import Cancelled, DeadlineExceeded, OutOfMemory, QueueFull, ServiceError
+
+Shape = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """The batching knobs (the scheduler's decisions and the worker's)."""
+
+    max_batch_tiles: int = 8  # most tiles in one denoiser call
+    max_active_tiles: int | None = None  # most tiles encoded and being sampled; default 2 x batch
+    max_wait_s: float = 0.005  # an idle worker waits this long for company before its first step
+    max_queue: int = 32  # most jobs accepted at once (waiting or running)
+    continuous: bool = True  # False: one job at a time (its own tiles still batched)
+    reproducible: bool = True  # pad calls to a fixed batch size: output independent of co-batching
+    retry_after_s: int = 2
+    oom_recover_after: int = 50  # successful calls before a halved batch limit is doubled again
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tiles < 1:
+            raise ValueError("max_batch_tiles must be at least 1")
+        if self.max_active_tiles is not None and self.max_active_tiles < self.max_batch_tiles:
+            raise ValueError("max_active_tiles must be at least max_batch_tiles")
+        if self.max_queue < 1 or self.max_wait_s < 0:
+            raise ValueError("max_queue must be >= 1 and max_wait_s >= 0")
+
+    @property
+    def active_tiles(self) -> int:
+        return self.max_active_tiles or 2 * self.max_batch_tiles
+
+
+@dataclass(eq=False)
+class Request:
+    """What the scheduler knows of a request: its tiles' count and shape, steps, deadline."""
+
+    n_tiles: int
+    steps: int  # 0: done once encoded, no denoiser call
+    tile_shape: Shape = (0, 0)  # LR tile size; only tiles of one shape share a denoiser call
+    deadline: float | None = None  # time.monotonic() value
+    submitted: float = field(default_factory=time.monotonic)
+    request_id: str = ""
+    cancel_reason: str | None = None
+    calls: int = 0  # denoiser calls that advanced this request
+    shared_calls: int = 0  # ... of which also advanced another request
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the worker to drop this request at its next iteration."""
+        self.cancel_reason = reason
+
+
+Item = tuple[Request, int]  # (request, tile index)
+
+
+@dataclass
+class StepPlan:
+    """One iteration of the worker: fail `failed`, encode `encode`, then step `step` in ONE call."""
+
+    failed: list[tuple[Request, ServiceError]] = field(default_factory=list)
+    encode: list[tuple[Request, list[int]]] = field(default_factory=list)  # consecutive indices
+    encode_chunk: int = 1  # tiles per encoder call
+    step: list[Item] = field(default_factory=list)  # all of one tile shape
+    pad_to: int | None = None  # pad the denoiser call to this many tiles (reproducible mode)
+
+    def __bool__(self) -> bool:
+        return bool(self.failed or self.encode or self.step)
+
+
+@dataclass
+class StepResult:
+    """What the worker did with a plan."""
+
+    encoded: list[tuple[Request, list[int]]] = field(default_factory=list)
+    calls: list[list[Item]] = field(default_factory=list)  # each successful denoiser call's tiles
+    failed: list[tuple[Request, ServiceError]] = field(default_factory=list)  # encoder/denoiser errors
+    encode_oom: list[tuple[Request, list[int]]] = field(default_factory=list)  # not encoded: out of memory
+    step_oom: int = 0  # tiles in a denoiser call that ran out of memory (0: none)
+
+
+@dataclass
+class Outcome:
+    """What `update` concluded: requests to resolve."""
+
+    completed: list[Request] = field(default_factory=list)
+    failed: list[tuple[Request, ServiceError]] = field(default_factory=list)
+    batch_limit_changed: bool = False
+
+
+@dataclass(eq=False)
+class _State:
+    next_tile: int = 0  # tiles below it were handed to the encoder
+    active: dict[int, int] = field(default_factory=dict)  # tile index -> denoiser steps left
+    done: int = 0
+
+
+class Scheduler:
+    """The decisions of continuous batching. Not thread-safe: the worker calls it under its lock."""
+
+    def __init__(self, config: BatcherConfig | None = None) -> None:
+        self.config = config or BatcherConfig()
+        self.batch_limit = self.config.max_batch_tiles  # lowered after an out-of-memory error
+        self._ok_calls = 0
+        self._state: dict[Request, _State] = {}  # accepted and unfinished, in arrival order
+        self._last_shape: Shape | None = None
+
+    # ------------------------------------------------------------------ the queue
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def __contains__(self, req: Request) -> bool:
+        return req in self._state
+
+    @property
+    def requests(self) -> list[Request]:
+        return list(self._state)
+
+    def add(self, req: Request) -> None:
+        """Accept a request; QueueFull beyond `max_queue`."""
+        if req.n_tiles < 1:
+            raise ValueError("a request needs at least one tile")
+        if len(self._state) >= self.config.max_queue:
+            raise QueueFull(f"the queue is full ({self.config.max_queue} requests in progress); retry later",
+                            retry_after_s=self.config.retry_after_s)
+        self._state[req] = _State()
+
+    def remove(self, req: Request) -> bool:
+        """Forget a request (finished elsewhere, cancelled); False if it was not here."""
+        return self._state.pop(req, None) is not None
+
+    def active_tiles(self) -> int:
+        return sum(len(s.active) for s in self._state.values())
+
+    def pending_tiles(self) -> int:
+        return sum(r.n_tiles - s.next_tile for r, s in self._state.items())
+
+    def started(self, req: Request) -> bool:
+        s = self._state.get(req)
+        return s is not None and s.next_tile > 0
+
+    def tiles_done(self, req: Request) -> int:
+        s = self._state.get(req)
+        return s.done if s is not None else 0
+
+    def wait_s(self, now: float) -> float:
+        """How long an idle worker should wait for more tiles before its first step (0: go now)."""
+        if self.config.max_wait_s <= 0 or not self._state or self.active_tiles():
+            return 0.0
+        if self.pending_tiles() >= self.batch_limit:
+            return 0.0
+        first = min(r.submitted for r in self._state)
+        return max(0.0, first + self.config.max_wait_s - now)
+
+    # ------------------------------------------------------------------ deciding
+
+    def schedule(self, now: float | None = None) -> StepPlan:
+        now = time.monotonic() if now is None else now
+        plan = StepPlan(failed=self._reap(now), encode_chunk=1 if self.config.reproducible else self.batch_limit)
+        live = list(self._state)
+        if not live:
+            return plan
+        plan.encode = self._admit(live)
+        plan.step = self._select(live, {r: idx for r, idx in plan.encode})
+        plan.pad_to = self.batch_limit if self.config.reproducible else None
+        return plan
+
+    def _reap(self, now: float) -> list[tuple[Request, ServiceError]]:
+        """Cancelled requests and those past their deadline, removed."""
+        dead: list[tuple[Request, ServiceError]] = []
+        for req, s in list(self._state.items()):
+            if req.cancel_reason is not None:
+                dead.append((req, Cancelled(req.cancel_reason)))
+            elif req.deadline is not None and now > req.deadline:
+                dead.append((req, DeadlineExceeded(
+                    f"the request's deadline passed before it finished ({s.done} of {req.n_tiles} tiles done)")))
+        for req, _ in dead:
+            del self._state[req]
+        return dead
+
+    def active_limit(self) -> int:
+        """Size of the active set; it shrinks with the batch limit after an out-of-memory error."""
+        cfg = self.config
+        return max(1, cfg.active_tiles * self.batch_limit // cfg.max_batch_tiles)
+
+    def _admit(self, live: list[Request]) -> list[tuple[Request, list[int]]]:
+        """New tiles to encode: round-robin over requests, each up to its fair share of the active set."""
+        if self.config.continuous:
+            active = self.active_limit()
+            candidates = live
+            cap = min(self.batch_limit, max(1, active // len(live)))
+            free = active - self.active_tiles()
+        else:  # one request at a time, in arrival order
+            candidates = live[:1]
+            cap = self.batch_limit
+            free = cap - len(self._state[live[0]].active)
+        chosen: dict[Request, list[int]] = defaultdict(list)
+        progress = True
+        while free > 0 and progress:
+            progress = False
+            for req in candidates:
+                s = self._state[req]
+                if free > 0 and s.next_tile < req.n_tiles and len(s.active) + len(chosen[req]) < cap:
+                    chosen[req].append(s.next_tile)
+                    s.next_tile += 1
+                    free -= 1
+                    progress = True
+        return [(req, idx) for req, idx in chosen.items() if idx]
+
+    def _select(self, live: list[Request], admitted: dict[Request, list[int]]) -> list[Item]:
+        """Up to batch_limit active tiles of one shape, round-robin over requests, most advanced first.
+        Tiles admitted in this plan count as active (a request with steps=0 never is)."""
+        reqs = live if self.config.continuous else live[:1]
+        queues: list[tuple[Shape, list[Item]]] = []
+        for req in reqs:
+            left = dict(self._state[req].active)
+            if req.steps > 0:
+                left.update((i, req.steps) for i in admitted.get(req, ()))
+            if left:
+                order = sorted(left, key=lambda i: (left[i], i))
+                queues.append((req.tile_shape, [(req, i) for i in order]))
+        if not queues:
+            return []
+        shapes = list(dict.fromkeys(shape for shape, _ in queues))
+        shape = shapes[0]
+        if len(shapes) > 1 and self._last_shape in shapes:  # take turns between shapes
+            shape = shapes[(shapes.index(self._last_shape) + 1) % len(shapes)]
+        self._last_shape = shape
+        lists = [q for s, q in queues if s == shape]
+        batch: list[Item] = []
+        depth = 0
+        while len(batch) < self.batch_limit and any(depth < len(q) for q in lists):
+            for q in lists:
+                if depth < len(q) and len(batch) < self.batch_limit:
+                    batch.append(q[depth])
+            depth += 1
+        return batch
+
+    # ------------------------------------------------------------------ recording
+
+    def update(self, plan: StepPlan, result: StepResult) -> Outcome:
+        """Record what ran; returns the requests that completed or failed (removed from the queue)."""
+        out = Outcome()
+        failed: dict[Request, ServiceError] = {}
+        for req, err in result.failed:
+            failed.setdefault(req, err)
+        for req, idx in result.encode_oom:
+            s = self._state.get(req)
+            if s is None or req in failed:
+                continue
+            s.next_tile = min(s.next_tile, idx[0])  # give the tiles back; nothing was started
+            if not self._halve(len(idx)):
+                failed[req] = OutOfMemory("out of accelerator memory encoding this image", self.config.retry_after_s)
+            else:
+                out.batch_limit_changed = True
+        for req, idx in result.encoded:
+            s = self._state.get(req)
+            if s is None or req in failed:
+                continue
+            if req.steps == 0:
+                s.done += len(idx)
+            else:
+                s.active.update((i, req.steps) for i in idx)
+        if result.step_oom:
+            if self._halve(result.step_oom):
+                out.batch_limit_changed = True
+            elif plan.step:
+                failed.setdefault(plan.step[0][0], OutOfMemory(
+                    "out of accelerator memory with a batch of one tile", self.config.retry_after_s))
+        for call in result.calls:
+            reqs = list(dict.fromkeys(req for req, _ in call))
+            for req in reqs:
+                req.calls += 1
+                req.shared_calls += len(reqs) > 1
+            for req, i in call:
+                s = self._state.get(req)
+                if s is None or i not in s.active:
+                    continue
+                s.active[i] -= 1
+                if s.active[i] <= 0:
+                    del s.active[i]
+                    s.done += 1
+        if result.calls and not result.step_oom:
+            self._ok_calls += 1
+            if self.batch_limit < self.config.max_batch_tiles and self._ok_calls >= self.config.oom_recover_after:
+                self.batch_limit = min(self.config.max_batch_tiles, self.batch_limit * 2)
+                self._ok_calls = 0
+                out.batch_limit_changed = True
+        for req, err in failed.items():
+            if self.remove(req):
+                out.failed.append((req, err))
+        for req, s in list(self._state.items()):
+            if s.done >= req.n_tiles:
+                del self._state[req]
+                out.completed.append(req)
+        return out
+
+    def _halve(self, n: int) -> bool:
+        """Halve the batch limit after an OOM with `n` tiles; False when it cannot shrink any more."""
+        limit = max(1, min(self.batch_limit, n) // 2)
+        if limit >= self.batch_limit:
+            return False
+        self.batch_limit = limit
+        self._ok_calls = 0
+        return True
