@@ -147,9 +147,9 @@ def progress(msg: str) -> None:
 
 def sample_ours(rt: Runtime, img_lr: Tensor, sampler: SamplerName, steps: int, seed: int) -> Tensor:
     """Our path: encode once, then `steps` batched sampler steps. Returns the final residuals."""
-    cond = rt.encode(img_lr)
-    tracks = [new_track(cond[i], rt.config.timesteps, steps, sampler, 0.0, seed, i) for i in range(len(cond))]
-    return torch.stack(sample(rt.denoise, rt.schedule, tracks))
+    cond, sr = rt.encode(img_lr)
+    tracks = [new_track(cond[i], sr[i], rt.config.timesteps, steps, sampler, 0.0, seed, i) for i in range(len(cond))]
+    return torch.stack(sample(rt.denoise, rt.schedule, tracks, prediction=rt.config.prediction))
 
 
 @torch.no_grad()
@@ -251,7 +251,7 @@ def bench_batch(rt: Runtime, args: argparse.Namespace, batch: int, plans: list[t
     """Encoder and denoiser-step timings at one batch size, then whole sampling runs for every plan."""
     device = rt.device
     img_lr = random_lr(batch, args.tile, device, args.seed)
-    cond = rt.encode(img_lr)
+    cond, _ = rt.encode(img_lr)
     x = torch.randn(batch, 3, *cond.shape[-2:]).to(device)
     t = torch.randint(0, rt.config.timesteps, (batch,)).to(device)
     enc_s = timed(partial(rt.encode, img_lr), device, args.warmup, args.repeats)
@@ -286,8 +286,8 @@ def compare_naive(args: argparse.Namespace, ckpt: str | Path, net: SRDiffNet, de
     t = torch.zeros(b, dtype=torch.long, device=device)
     for _ in range(args.warmup):
         with torch.no_grad():
-            net.denoise_fn(x_t, t, net.encode(img_lr))
-        rt.denoise(x_t, t, rt.encode(img_lr))
+            net.denoise_fn(x_t, t, net.encode(img_lr)[0])
+        rt.denoise(x_t, t, rt.encode(img_lr)[0])
     # Alternate the two, so that a change in machine load affects both alike.
     naive_times, ours_times = [], []
     for _ in range(args.image_repeats):
