@@ -47,8 +47,10 @@ from service.errors import (
 from service.intake import UpscaleParams
 from service.intake import upscale_openapi as _upscale_openapi
 from service.intake import validation_message as _validation_message
+from service.jobs import JobStore
 from service.metrics import Metrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, request_id_of
+from service.routes_jobs import add_job_routes
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     """A new, independent service instance. `runtime` skips loading settings.checkpoint."""
     metrics = Metrics()
     service = Service(settings, metrics, runtime)
+    jobs = JobStore(service, settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -176,6 +179,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             yield
         finally:
             await anyio.to_thread.run_sync(service.stop)
+            await anyio.to_thread.run_sync(jobs.close)
 
     limits = (f"Limits: bodies up to {settings.max_upload_bytes:,} bytes, images up to "
               f"{settings.max_pixels:,} pixels, {settings.max_queue} requests in progress at once, "
@@ -263,6 +267,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         }
         return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
 
+    app.state.jobs = jobs
+    add_job_routes(app, jobs, auth)
     return app
 
 

@@ -47,6 +47,13 @@ class Metrics:
                                 "Accelerator memory held by torch (0 on CPU).", ["kind"], registry=r)
         for kind in ("allocated", "reserved"):
             self.gpu_memory.labels(kind=kind).set(0)
+        # Asynchronous jobs (service/jobs.py sets the gauges' functions).
+        self.jobs = Gauge("samdiffsr_jobs", "Jobs held by the job store, by status.", ["status"], registry=r)
+        self.jobs_finished = Counter("samdiffsr_jobs_finished", "Jobs that ended, by final status.", ["status"],
+                                     registry=r)
+        self.job_queue_wait = Histogram("samdiffsr_job_queue_wait_seconds", "Time from a job's submission "
+                                        "to its first tile sampling.", buckets=LATENCY_BUCKETS, registry=r)
+        self.job_store_bytes = Gauge("samdiffsr_job_store_bytes", "Bytes of job results held.", registry=r)
 
     def set_model(self, name: str, backend: str, device: str) -> None:
         self.model_info.clear()

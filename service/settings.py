@@ -49,6 +49,11 @@ class Settings(BaseSettings):
                                    "take to finish before the server exits anyway.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body.")
     max_pixels: int = Field(2048 * 2048, ge=1, description="Largest input image, in pixels.")
+    # --- asynchronous jobs (POST /v1/jobs); held in memory: a restarted replica loses them
+    job_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one job, from its submission.")
+    job_ttl_s: float = Field(3600.0, gt=0, description="How long a finished job and its result are kept.")
+    job_store_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Most bytes of job results kept "
+                                     "at once; beyond it the oldest finished jobs expire first.")
     # --- access and logs
     auth_token: SecretStr | None = Field(None, description="If set, /v1/* requires "
                                          "'Authorization: Bearer <token>'.")

@@ -167,6 +167,9 @@ def test_eval_command_end_to_end(tiny_checkpoint: Path, hr_dir: Path, tmp_path: 
     for name in ("chelsea.png", "coffee.png"):
         with Image.open(out / "crops" / name) as img:
             assert img.format == "PNG" and img.width > 4 * 32
+            row = img.size
+    with Image.open(out / "crops" / "contact-sheet.png") as sheet:  # both rows, stacked
+        assert sheet.width == row[0] and sheet.height > 2 * row[1]
     # deterministic: the same command gives the same table
     again = tmp_path / "again"
     assert main([*args[:-5], "--out", str(again)]) == 0

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from bicubic_pytorch import core as bicubic
+from PIL import Image, ImageDraw
 
 from model.diffusion import timestep_plan
 from model.imaging import decode_image, list_images
@@ -130,7 +131,7 @@ class EvalOptions:
     device: str = "cpu"
     hr_crop: int = 0  # centre-crop HR images to at most this size (0 = whole images)
     max_images: int = 0  # evaluate only the first N images by name (0 = all)
-    crops_dir: Path | None = None  # write side-by-side crops here
+    crops_dir: Path | None = None  # write side-by-side crops here, and all of them stacked: contact-sheet.png
     crop_size: int = 128  # HR size of those crops
 
     def command(self) -> str:
@@ -239,10 +240,19 @@ def load_hr(path: Path, scale: int, hr_crop: int = 0) -> np.ndarray:
     return np.ascontiguousarray(crop_to_multiple(rgb, scale))
 
 
-def side_by_side(hr: np.ndarray, outputs: dict[str, np.ndarray], crop_size: int):
-    """A labelled PIL image: the same centre crop of HR and of every output, side by side."""
-    from PIL import Image, ImageDraw
+def contact_sheet(rows: list[Image.Image], gap: int = 8) -> Image.Image:
+    """Side-by-side crops (`side_by_side`) stacked top to bottom on white."""
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + gap * (len(rows) - 1)),
+                      "white")
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height + gap
+    return sheet
 
+
+def side_by_side(hr: np.ndarray, outputs: dict[str, np.ndarray], crop_size: int) -> Image.Image:
+    """A labelled PIL image: the same centre crop of HR and of every output, side by side."""
     h, w = hr.shape[:2]
     c = min(crop_size, h, w)
     y0, x0 = (h - c) // 2, (w - c) // 2
@@ -276,6 +286,7 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -
     lp = Lpips(models.device)
     if opts.crops_dir:
         opts.crops_dir.mkdir(parents=True, exist_ok=True)
+    sheet: list[Image.Image] = []
     results = []
     for path in images:
         hr = load_hr(path, scale, opts.hr_crop)
@@ -297,10 +308,13 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -
             metrics[method] = m
         results.append(ImageResult(path.name, (hr.shape[0], hr.shape[1]), metrics, seconds))
         if opts.crops_dir:
-            side_by_side(hr, outputs, opts.crop_size).save(opts.crops_dir / f"{path.stem}.png")
+            sheet.append(side_by_side(hr, outputs, opts.crop_size))
+            sheet[-1].save(opts.crops_dir / f"{path.stem}.png")
         if progress:
             progress(f"{path.name}: " + ", ".join(
                 f"{method_title(k)} {v['psnr_y']:.2f} dB / {v['ssim']:.4f}" for k, v in metrics.items()))
+    if sheet:
+        contact_sheet(sheet).save(opts.crops_dir / "contact-sheet.png")  # type: ignore[operator]
     return EvalReport(
         command=opts.command(), checkpoint=str(opts.checkpoint), checkpoint_name=models.info.name,
         scale=scale, sampler=asdict(opts.sampler), lpips="AlexNet" if lp.available else f"skipped: {lp.reason}",
