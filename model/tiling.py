@@ -1,7 +1,10 @@
 """Split an LR image into equal, overlapping tiles and blend their upscaled versions back.
 
-Every tile has the same LR size, so tiles of any images batch together. Images smaller than a
-tile, or of sizes the network cannot take, are padded (reflection where possible); the output
+Every tile has the same LR size, so tiles of any images batch together. With `fit=True` a dimension
+of the image of at most half a tile gets tiles only as large as it (rounded up to the network's size
+multiple), longer along the other axis for the same area: a 1x20000 strip is 10 tiles of 2x2048, not
+358 of 64x64. Images smaller than a tile, or of sizes the network cannot take, are padded
+(reflection where possible); the output
 is cropped back to exactly `scale` times the input. Overlaps are blended with linear ramps, so
 there are no visible seams.
 """
@@ -25,6 +28,12 @@ class TileGrid:
     scale: int
     ys: tuple[int, ...]  # LR top offsets of the tile rows (in the padded image)
     xs: tuple[int, ...]  # LR left offsets of the tile columns
+    tile_w: int = 0  # LR tile width when it differs from `tile` (the height)
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        """LR (height, width) of every tile."""
+        return self.tile, self.tile_w or self.tile
 
     @property
     def padded_height(self) -> int:
@@ -32,7 +41,7 @@ class TileGrid:
 
     @property
     def padded_width(self) -> int:
-        return max(self.width, self.tile)
+        return max(self.width, self.tile_shape[1])
 
     @property
     def origins(self) -> list[tuple[int, int]]:
@@ -51,17 +60,32 @@ def _offsets(size: int, tile: int, overlap: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(offs))
 
 
+def _fitted(height: int, width: int, tile: int, multiple: int) -> tuple[int, int]:
+    """Tile (height, width): a side of at most half a tile shrinks to the image, the other grows to keep
+    the area of a square tile (never beyond the image)."""
+    def up(n: int) -> int:  # at least 4: bicubic up(LR) needs 3 pixels
+        return -(-max(n, 4) // multiple) * multiple
+
+    th, tw = (up(n) if up(n) <= tile // 2 else tile for n in (height, width))
+    if th < tile and tw == tile:
+        tw = max(tile, min(up(width), tile * tile // th // multiple * multiple))
+    elif tw < tile and th == tile:
+        th = max(tile, min(up(height), tile * tile // tw // multiple * multiple))
+    return th, tw
+
+
 def plan_tiles(height: int, width: int, tile: int = 64, overlap: int = 8, scale: int = 4,
-               multiple: int = 2) -> TileGrid:
-    """Plan tiles of `tile` x `tile` LR pixels covering a `height` x `width` LR image."""
+               multiple: int = 2, fit: bool = False) -> TileGrid:
+    """Plan tiles of `tile` x `tile` LR pixels covering a `height` x `width` LR image (`fit`: see above)."""
     if height < 1 or width < 1:
         raise ValueError("image must be at least 1x1")
     if tile % multiple:
         raise ValueError(f"tile size must be a multiple of {multiple}")
     if not 0 <= overlap < tile // 2 + 1 or overlap >= tile:
         raise ValueError("overlap must be in [0, tile/2]")
-    return TileGrid(height, width, tile, overlap, scale, _offsets(height, tile, overlap),
-                    _offsets(width, tile, overlap))
+    th, tw = _fitted(height, width, tile, multiple) if fit else (tile, tile)
+    return TileGrid(height, width, th, overlap, scale, _offsets(height, th, overlap), _offsets(width, tw, overlap),
+                    0 if tw == th else tw)
 
 
 def pad_to(img: Tensor, height: int, width: int) -> Tensor:
@@ -80,8 +104,8 @@ def pad_to(img: Tensor, height: int, width: int) -> Tensor:
 def extract_tiles(img: Tensor, grid: TileGrid, factor: int = 1) -> Tensor:
     """Tiles of a (C, H, W) image at `factor` times LR resolution (1: the LR image, scale: its up(LR))."""
     img = pad_to(img, grid.padded_height * factor, grid.padded_width * factor)
-    t = grid.tile * factor
-    return torch.stack([img[:, y * factor:y * factor + t, x * factor:x * factor + t] for y, x in grid.origins])
+    th, tw = (n * factor for n in grid.tile_shape)
+    return torch.stack([img[:, y * factor:y * factor + th, x * factor:x * factor + tw] for y, x in grid.origins])
 
 
 def _ramp(n: int, before: int, after: int) -> Tensor:
@@ -100,11 +124,17 @@ def _overlaps(offsets: tuple[int, ...], tile: int) -> list[tuple[int, int]]:
     return [(shared[i - 1] if i > 0 else 0, shared[i] if i < len(shared) else 0) for i in range(len(offsets))]
 
 
+def blend_ramps(grid: TileGrid) -> tuple[list[Tensor], list[Tensor]]:
+    """1-D HR weights of each tile row and column; tile (r, c) weighs `wy[r][:, None] * wx[c][None, :]`."""
+    s, (th, tw) = grid.scale, grid.tile_shape
+    wy = [_ramp(th * s, a * s, b * s) for a, b in _overlaps(grid.ys, th)]
+    wx = [_ramp(tw * s, a * s, b * s) for a, b in _overlaps(grid.xs, tw)]
+    return wy, wx
+
+
 def blend_weights(grid: TileGrid) -> list[Tensor]:
     """Per-tile HR weight maps: complementary linear ramps across each overlap, flat elsewhere."""
-    s, t = grid.scale, grid.tile * grid.scale
-    wy = [_ramp(t, a * s, b * s) for a, b in _overlaps(grid.ys, grid.tile)]
-    wx = [_ramp(t, a * s, b * s) for a, b in _overlaps(grid.xs, grid.tile)]
+    wy, wx = blend_ramps(grid)
     return [wy[i][:, None] * wx[j][None, :] for i in range(len(grid.ys)) for j in range(len(grid.xs))]
 
 
@@ -112,13 +142,13 @@ def stitch(hr_tiles: Tensor, grid: TileGrid) -> Tensor:
     """Blend (N, C, tile*s, tile*s) upscaled tiles into one (C, height*s, width*s) image."""
     if hr_tiles.shape[0] != len(grid):
         raise ValueError(f"expected {len(grid)} tiles, got {hr_tiles.shape[0]}")
-    s, t = grid.scale, grid.tile * grid.scale
+    s, (th, tw) = grid.scale, (n * grid.scale for n in grid.tile_shape)
     c = hr_tiles.shape[1]
     acc = torch.zeros(c, grid.padded_height * s, grid.padded_width * s, dtype=hr_tiles.dtype,
                       device=hr_tiles.device)
     norm = torch.zeros(1, *acc.shape[1:], dtype=hr_tiles.dtype, device=hr_tiles.device)
     for tile, w, (y, x) in zip(hr_tiles, blend_weights(grid), grid.origins, strict=True):
         w = w.to(acc)
-        acc[:, y * s:y * s + t, x * s:x * s + t] += tile * w
-        norm[:, y * s:y * s + t, x * s:x * s + t] += w
+        acc[:, y * s:y * s + th, x * s:x * s + tw] += tile * w
+        norm[:, y * s:y * s + th, x * s:x * s + tw] += w
     return (acc / norm)[:, :grid.height * s, :grid.width * s]
