@@ -152,6 +152,12 @@ class Batcher:
             self._settle(job, error=err)
         return len(jobs)
 
+    def abort(self, err: ServiceError) -> int:
+        """Stop accepting jobs and fail every unfinished one with `err` (the drain deadline passed)."""
+        with self._cv:
+            self._accepting = False
+        return self.fail_all(err)
+
     def drain(self, timeout: float | None = None) -> bool:
         """Stop accepting jobs and wait (up to `timeout` s) for the accepted ones to finish."""
         with self._cv:

@@ -128,14 +128,17 @@ def openapi_errors(*statuses: int) -> dict[int | str, dict]:
     text = {
         400: "Undecodable or truncated image, or a malformed multipart body.",
         401: "Missing or wrong bearer token (only when SAMDIFFSR_AUTH_TOKEN is set).",
-        413: "Body over SAMDIFFSR_MAX_UPLOAD_BYTES (code payload_too_large; rejected while streaming) "
-             "or image over SAMDIFFSR_MAX_PIXELS (code image_too_large; decompression bombs included).",
+        408: "The body did not arrive within SAMDIFFSR_REQUEST_TIMEOUT_S (code request_timeout); the "
+             "connection is closed.",
+        413: "Body over SAMDIFFSR_MAX_UPLOAD_BYTES (code payload_too_large; rejected while streaming), "
+             "or image over SAMDIFFSR_MAX_PIXELS, SAMDIFFSR_MAX_REQUEST_WORK or SAMDIFFSR_MEMORY_BUDGET_MB "
+             "(code image_too_large; estimated from the header, before decoding).",
         415: "Body is neither multipart/form-data nor an image/* (or application/octet-stream) body.",
         422: "Invalid or missing parameter (code invalid_parameter / missing_image).",
         500: "The worker failed on this request (code worker_error); other requests are not affected.",
-        503: "Queue full (queue_full), model not ready (not_ready), shutting down (shutting_down), out "
-             "of accelerator memory (out_of_memory) or batching worker stopped (worker_stopped). Retry after "
-             "the Retry-After header's seconds.",
+        503: "Queue full or memory budget taken (queue_full), model not ready (not_ready), shutting down "
+             "(shutting_down), out of accelerator memory (out_of_memory) or batching worker stopped "
+             "(worker_stopped). Retry after the Retry-After header's seconds.",
         504: "The request's deadline (SAMDIFFSR_REQUEST_TIMEOUT_S) passed (code timeout).",
     }
     return {s: {"model": ErrorBody, "description": text[s]} for s in statuses}

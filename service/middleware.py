@@ -1,15 +1,20 @@
-"""Pure-ASGI middleware: request ids, metrics and access logs; the request body size limit."""
+"""Pure-ASGI middleware: request ids, metrics and access logs; the request body's size and time limits;
+and uvicorn's HTTP/1.1 protocol with a request-head size limit answered in the JSON error shape."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.errors import error_body
 from service.metrics import Metrics
@@ -20,6 +25,18 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 def request_id_of(scope: Scope) -> str | None:
     return scope.get("state", {}).get("request_id")
+
+
+def route_of(scope: Scope) -> str:
+    """The path template of the request's route (also for requests refused before routing, and for
+    routes without one in the scope, like /docs), else 'unmatched'."""
+    route = scope.get("route")
+    if getattr(route, "path", None):
+        return route.path
+    for candidate in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        if candidate.matches(scope)[0] is not Match.NONE and getattr(candidate, "path", None):
+            return candidate.path
+    return "unmatched"
 
 
 class RequestContextMiddleware:
@@ -52,8 +69,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = route_of(scope)
             method = scope.get("method", "")
             self.metrics.requests.labels(route=path, method=method, status=str(status)).inc()
             self.metrics.request_duration.labels(route=path).observe(elapsed)
@@ -71,15 +87,32 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit:,} bytes")
 
 
+class BodyTimeout(HTTPException):
+    """Raised from `receive` when the body has not arrived by the request's deadline."""
+
+    code = "request_timeout"
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body did not arrive within the request's deadline ({timeout_s:g} s)",
+                         headers={"Connection": "close"})
+
+
 class BodySizeLimitMiddleware:
     """Rejects bodies over `max_bytes` with 413: at once from Content-Length, else while streaming,
-    before the rest is read."""
+    before the rest is read. A body still incomplete `timeout_s` after the request started (or when
+    `cap()`, e.g. the drain deadline, passes) gets 408 and its connection is closed."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None,
+                 metrics: Metrics | None = None, cap: Callable[[], float | None] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self.cap = cap
 
     async def _reject(self, scope: Scope, send: Send) -> None:
+        if self.metrics is not None:
+            self.metrics.error("payload_too_large")
         exc = BodyTooLarge(self.max_bytes)
         body = json.dumps(error_body(exc.code, exc.detail, request_id_of(scope))).encode()
         await send({"type": "http.response.start", "status": 413,
@@ -102,12 +135,23 @@ class BodySizeLimitMiddleware:
                 return
         seen = 0
         started = False
+        complete = False
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete or deadline is None:
+                message = await receive()
+            else:
+                capped = self.cap() if self.cap is not None else None
+                until = deadline if capped is None else min(deadline, capped)
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, until - time.monotonic()))
+                except TimeoutError:
+                    raise BodyTimeout(self.timeout_s or 0) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
             return message
@@ -123,3 +167,19 @@ class BodySizeLimitMiddleware:
             if started:
                 raise
             await self._reject(scope, send)
+
+
+class JsonH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol; a request head over `h11_max_incomplete_event_size` bytes (or any
+    malformed request) is answered in the JSON error shape (431 or 400) and the connection closed."""
+
+    def send_400_response(self, msg: str) -> None:
+        limit = self.config.h11_max_incomplete_event_size
+        too_long = limit is not None and len(self.conn.trailing_data[0]) > limit
+        status, code, message = ((431, "request_header_too_large", f"the request head exceeds {limit:,} bytes")
+                                 if too_long else (400, "bad_request", "invalid HTTP request"))
+        body = json.dumps(error_body(code, message, None)).encode()
+        head = (f"HTTP/1.1 {status} {'Request Header Fields Too Large' if too_long else 'Bad Request'}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n")
+        self.transport.write(head.encode() + body)
+        self.transport.close()

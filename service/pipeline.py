@@ -1,39 +1,30 @@
-"""A request's work outside the model: decoded image -> LR tiles, and final SR tiles -> image.
+"""A request's work outside the model: decoded image -> tiles on demand, finished tiles -> output canvas.
 
-Both ends are `model.upscale.Upscaler`'s own (`prepare`, `assemble`, `to_image`), so the service and
-`samdiffsr upscale` produce the same images; the sampling in between is the batcher's.
+`ImageTiles` makes a tile's encoder input and bicubic up(LR) only when the batcher admits it, and
+blends each finished SR tile straight into an 8-bit (or 16-bit) `Canvas`, a band of rows at a time, so a
+request holds its decoded image, the tiles in the active set, a float band a few tiles high and the
+canvas, never a float copy of every tile. The values are those of `model.upscale.Upscaler` (`prepare`,
+`assemble`, `to_image`): the service and `samdiffsr upscale` produce the same images.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-from model.imaging import DecodedImage
-from model.tiling import TileGrid
+from model.imaging import FORMATS, DecodedImage, resize_alpha
+from model.inputs import lr_inputs
+from model.tiling import TileGrid, blend_ramps, pad_to
 from model.upscale import Upscaler
 
 Shape = tuple[int, int]
-
-
-@dataclass
-class Prepared:
-    image: DecodedImage
-    grid: TileGrid
-    lr_tiles: Tensor  # (N, 3, t, t) encoder input in [-1, 1]
-    up_tiles: Tensor  # (N, 3, t*s, t*s) up(LR) tiles in [-1, 1]
-
-
-def prepare(upscaler: Upscaler, image: DecodedImage) -> Prepared:
-    return Prepared(image, *upscaler.prepare(image.rgb))
-
-
-def finish(upscaler: Upscaler, prep: Prepared, sr_tiles: Tensor) -> DecodedImage:
-    """Final SR tiles (N, 3, T, T) in [-1, 1] -> the upscaled image (exactly `scale` times the input)."""
-    return upscaler.to_image(prep.image, upscaler.assemble(prep.grid, sr_tiles))
+MARGIN = 4  # LR context around a tile for its up(LR): bicubic reaches 2 pixels, so the tile is exact
 
 
 class Tiles(Protocol):
@@ -76,3 +67,149 @@ class TensorTiles:
 
     def result(self) -> Tensor:
         return torch.stack([self.out.pop(i) for i in range(self.n_tiles)])
+
+
+def _quantize(a: np.ndarray, depth: int) -> np.ndarray:
+    """As model.imaging does it, so the canvas holds exactly the bytes `encode_image` would write."""
+    if depth == 16:
+        return np.round(np.clip(a, 0, 1) * 65535).astype(np.uint16)
+    return np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
+
+
+class Canvas:
+    """The output image, filled as tiles finish: float sums only for the rows some tile still touches."""
+
+    def __init__(self, grid: TileGrid, grayscale: bool = False, depth: int = 8) -> None:
+        self.grid, self.grayscale, self.depth = grid, grayscale, depth
+        s = grid.scale
+        self.height, self.width = grid.height * s, grid.width * s
+        shape = (self.height, self.width) if grayscale else (self.height, self.width, 3)
+        self.pixels = np.zeros(shape, dtype=np.uint16 if depth == 16 else np.uint8)
+        self.wy, self.wx = blend_ramps(grid)
+        self._cols = len(grid.xs)
+        self._left = [self._cols] * len(grid.ys)  # tiles not yet put, per tile row
+        self._row = 0  # first tile row with a tile not yet put
+        self._top = 0  # HR row where the float band starts
+        self._acc = torch.zeros(3, 0, grid.padded_width * s)
+        self._norm = torch.zeros(1, 0, grid.padded_width * s)
+
+    @property
+    def complete(self) -> bool:
+        return self._row == len(self.grid.ys)
+
+    @property
+    def band_bytes(self) -> int:
+        return (self._acc.numel() + self._norm.numel()) * 4
+
+    def add(self, i: int, sr: Tensor) -> None:
+        """Blend finished tile i ((3, s*h, s*w) in [-1, 1]) in; rows no other tile touches become pixels."""
+        g, s = self.grid, self.grid.scale
+        r, c = divmod(i, self._cols)
+        y, x = g.ys[r] * s - self._top, g.xs[c] * s
+        h, w = sr.shape[-2:]
+        if y + h > self._acc.shape[1]:
+            grow = y + h - self._acc.shape[1]
+            self._acc = torch.cat([self._acc, self._acc.new_zeros(3, grow, self._acc.shape[2])], 1)
+            self._norm = torch.cat([self._norm, self._norm.new_zeros(1, grow, self._norm.shape[2])], 1)
+        wgt = self.wy[r][:, None] * self.wx[c][None, :]
+        self._acc[:, y:y + h, x:x + w] += sr.float() * wgt
+        self._norm[:, y:y + h, x:x + w] += wgt
+        self._left[r] -= 1
+        while self._row < len(g.ys) and self._left[self._row] == 0:
+            self._row += 1
+        final = g.ys[self._row] * s if self._row < len(g.ys) else g.padded_height * s
+        if final > self._top:
+            self._flush(final - self._top)
+
+    def _flush(self, n: int) -> None:
+        rows = min(n, self.height - self._top)
+        if rows > 0:
+            hr = self._acc[:, :rows, :self.width] / self._norm[:, :rows, :self.width]
+            rgb = ((hr.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+            value = rgb.mean(axis=2) if self.grayscale else rgb
+            self.pixels[self._top:self._top + rows] = _quantize(value, self.depth)
+        self._acc, self._norm = self._acc[:, n:].clone(), self._norm[:, n:].clone()
+        self._top += n
+
+
+class ImageTiles:
+    """The tiles of one decoded image, made on demand and blended into its canvas (see `Tiles`)."""
+
+    def __init__(self, upscaler: Upscaler, image: DecodedImage, grid: TileGrid, fmt: str = "png") -> None:
+        self.cfg = upscaler.runtime.config
+        self.grid = grid
+        self.n_tiles, self.tile_shape = len(grid), grid.tile_shape
+        img = torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1).float()  # a view
+        self.lr = pad_to(img, grid.padded_height, grid.padded_width)
+        sixteen = image.bit_depth == 16 and image.grayscale and image.alpha is None and fmt == "png"
+        self.canvas = Canvas(grid, image.grayscale, 16 if sixteen else 8)
+
+    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+        pairs = [self._tile(i) for i in idx]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def _tile(self, i: int) -> tuple[Tensor, Tensor]:
+        g, s = self.grid, self.cfg.scale
+        (th, tw), (r, c) = g.tile_shape, divmod(i, len(g.xs))
+        y, x = g.ys[r], g.xs[c]
+        y0, x0 = max(0, y - MARGIN), max(0, x - MARGIN)
+        crop = self.lr[:, y0:min(self.lr.shape[1], y + th + MARGIN), x0:min(self.lr.shape[2], x + tw + MARGIN)]
+        lr, up = lr_inputs(crop[None], self.cfg)
+        dy, dx = y - y0, x - x0
+        return (lr[0, :, dy:dy + th, dx:dx + tw].clone(),
+                up[0, :, dy * s:(dy + th) * s, dx * s:(dx + tw) * s].clone())
+
+    def put(self, i: int, sr: Tensor) -> None:
+        self.canvas.add(i, sr)
+
+    def result(self) -> Canvas:
+        if not self.canvas.complete:
+            raise RuntimeError("the canvas is missing tiles")
+        return self.canvas
+
+
+@dataclass
+class Prepared:
+    """A decoded image and its tile grid; `tiles` makes its tiles on demand."""
+
+    image: DecodedImage
+    grid: TileGrid
+    upscaler: Upscaler = field(repr=False)
+
+    def tiles(self, fmt: str = "png") -> ImageTiles:
+        return ImageTiles(self.upscaler, self.image, self.grid, fmt)
+
+    @property
+    def lr_tiles(self) -> Tensor:
+        """All encoder-input tiles at once (N, 3, h, w) in [-1, 1] (memory grows with the image)."""
+        return self.upscaler.prepare(self.image.rgb)[1]
+
+    @property
+    def up_tiles(self) -> Tensor:
+        """All bicubic up(LR) tiles at once (N, 3, s*h, s*w) in [-1, 1] (memory grows with the image)."""
+        return self.upscaler.prepare(self.image.rgb)[2]
+
+
+def prepare(upscaler: Upscaler, image: DecodedImage) -> Prepared:
+    return Prepared(image, upscaler.plan(image.height, image.width), upscaler)
+
+
+def finish(upscaler: Upscaler, prep: Prepared, sr_tiles: Tensor) -> DecodedImage:
+    """Final SR tiles (N, 3, T, T) in [-1, 1] -> the upscaled image (exactly `scale` times the input)."""
+    return upscaler.to_image(prep.image, upscaler.assemble(prep.grid, sr_tiles))
+
+
+def encode_canvas(canvas: Canvas, image: DecodedImage, fmt: str = "png", quality: int = 95) -> bytes:
+    """The finished canvas of `image` as PNG, JPEG or WebP bytes; alpha (upscaled) kept in PNG and WebP."""
+    pil = Image.fromarray(canvas.pixels)  # L, I;16 or RGB
+    if image.alpha is not None and fmt != "jpeg":
+        alpha = Image.fromarray(_quantize(resize_alpha(image.alpha, canvas.grid.scale), 8))
+        pil = pil.convert("LA" if image.grayscale else "RGBA")
+        pil.putalpha(alpha)
+    buf = io.BytesIO()
+    kind = FORMATS[fmt]
+    if kind == "PNG":
+        pil.save(buf, format="PNG", compress_level=6)
+    else:
+        pil.save(buf, format=kind, quality=quality)
+    return buf.getvalue()

@@ -13,9 +13,18 @@ from model.checkpoint import CheckpointError
 from model.runtime import load_runtime
 from service.app import Service, create_app
 from service.logs import setup_logging
+from service.middleware import JsonH11Protocol
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+DRAIN_GRACE_S = 3.0  # after the drain deadline: time to write the 503s before connections are cut
+
+
+def uvicorn_options(settings: Settings) -> dict:
+    """uvicorn.Config options every server of this app uses (`serve` and service.testing.LiveServer)."""
+    return {"http": JsonH11Protocol, "h11_max_incomplete_event_size": settings.max_header_bytes,
+            "timeout_graceful_shutdown": settings.drain_timeout_s + DRAIN_GRACE_S, "lifespan": "on",
+            "access_log": False, "server_header": False}
 
 
 class DrainingServer(uvicorn.Server):
@@ -50,8 +59,7 @@ def serve(settings: Settings) -> int:
         return 2
     app = create_app(settings, runtime=runtime)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=log_config,
-                            access_log=False, lifespan="on", timeout_graceful_shutdown=settings.drain_timeout_s,
-                            server_header=False)
+                            **uvicorn_options(settings))
     server = DrainingServer(config, app.state.service)
     # After a drain uvicorn restores the handlers it found and re-raises the signal; with these no-ops
     # in place a completed drain exits with status 0 instead of dying by the signal.

@@ -12,6 +12,7 @@ import uvicorn
 
 from model.runtime import Runtime
 from service.app import create_app
+from service.server import uvicorn_options
 from service.settings import Settings
 
 
@@ -49,8 +50,7 @@ class LiveServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=settings.drain_timeout_s)
+        config = uvicorn.Config(self.app, log_level="warning", **uvicorn_options(settings))
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         name="live-server", daemon=True)

@@ -1,0 +1,124 @@
+"""Admission by cost: a request's work and memory, estimated from the image header before decoding.
+
+`estimate` reads only the header (size, mode) and plans the tiles the request would get. A request
+that could never fit (more work than `max_request_work` tile-steps, or more memory than the whole
+budget) is refused with 413 and a message saying the limit and how to get under it. `MemoryBudget`
+counts the estimated bytes of the requests admitted and not yet finished; a request that does not fit
+next to them gets 503 queue_full with Retry-After.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+
+from PIL import Image
+
+from model.upscale import Upscaler
+from service.errors import ImageTooLarge, QueueFull
+
+MB = 1024 * 1024
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+@dataclass(frozen=True)
+class Cost:
+    width: int
+    height: int
+    tiles: int
+    steps: int
+    memory: int  # bytes
+
+    @property
+    def work(self) -> int:
+        """Tile-steps: every tile is encoded once and stepped `steps` times."""
+        return self.tiles * max(1, self.steps)
+
+
+def probe(data: bytes) -> tuple[int, int, str, bool] | None:
+    """(width, height, mode, has_alpha) from the header alone; None if Pillow cannot tell."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+            return img.width, img.height, img.mode, alpha
+    except Exception:
+        return None  # decoding reports it properly
+
+
+def estimate(upscaler: Upscaler, data: bytes, steps: int) -> Cost | None:
+    """The request's tiles and peak bytes (upload, decoded image, canvas, encoding, active tiles)."""
+    head = probe(data)
+    if head is None:
+        return None
+    w, h, mode, alpha = head
+    cfg = upscaler.runtime.config
+    s = cfg.scale
+    # EXIF may turn the image: plan both ways, count the larger.
+    grids = [upscaler.plan(h, w), upscaler.plan(w, h)]
+    grid = max(grids, key=len)
+    gray = mode in GRAY_MODES
+    lr_px, hr_px = w * h, w * h * s * s
+    th, tw = grid.tile_shape
+    tile_px = th * tw * s * s
+    memory = (
+        len(data)
+        + lr_px * (12 + 4 + (4 if alpha else 0))  # float RGB, Pillow's decoded copy, alpha
+        + hr_px * ((2 if gray else 3) + (1 if gray else 4) + (2 if gray else 3))  # canvas, Pillow copy, output
+        + (hr_px * 5 if alpha else 0)  # upscaled alpha, float then 8-bit
+        + 3 * th * s * grid.padded_width * s * 16  # float rows being blended
+        + min(len(grid), upscaler.max_batch * 2) * tile_px * 4 * (4 * 3 + cfg.cond_channels)  # active tiles
+    )
+    return Cost(w, h, len(grid), steps, memory)
+
+
+def check_limits(cost: Cost, max_work: int, budget_bytes: int) -> None:
+    """413 for a request that can never fit, saying the limit and how to get under it."""
+    if cost.work > max_work:
+        fewer = max_work // cost.tiles - (1 if max_work // cost.tiles >= 1 else 0)
+        steps_hint = f"use steps <= {fewer}, or " if fewer >= 1 and cost.steps > fewer else ""
+        px = int(cost.width * cost.height * max_work / cost.work)
+        raise ImageTooLarge(
+            f"this request needs {cost.tiles:,} tiles x {max(1, cost.steps)} steps = {cost.work:,} tile-steps; the "
+            f"limit (SAMDIFFSR_MAX_REQUEST_WORK) is {max_work:,}: {steps_hint}send a smaller image (about "
+            f"{px:,} pixels or fewer at these steps)")
+    if cost.memory > budget_bytes:
+        px = int(cost.width * cost.height * budget_bytes / cost.memory)
+        raise ImageTooLarge(
+            f"this {cost.width}x{cost.height} image needs about {cost.memory / MB:,.0f} MiB to upscale; the limit "
+            f"(SAMDIFFSR_MEMORY_BUDGET_MB) is {budget_bytes / MB:,.0f} MiB: send an image of about {px:,} pixels "
+            "or fewer")
+
+
+class MemoryBudget:
+    """The server-wide memory budget: estimated bytes of admitted, unfinished requests."""
+
+    def __init__(self, limit_bytes: int, retry_after_s: int = 2) -> None:
+        self.limit = limit_bytes
+        self.retry_after_s = retry_after_s
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> Reservation:
+        """Reserve `nbytes`; QueueFull (503) when they do not fit next to the requests in progress."""
+        with self._lock:
+            if self.used and self.used + nbytes > self.limit:
+                raise QueueFull(f"the server's memory budget is taken by the requests in progress "
+                                f"({self.used / MB:,.0f} of {self.limit / MB:,.0f} MiB); retry later",
+                                retry_after_s=self.retry_after_s)
+            self.used += nbytes
+        return Reservation(self, nbytes)
+
+
+class Reservation:
+    """Bytes held in a MemoryBudget until `release` (idempotent)."""
+
+    def __init__(self, budget: MemoryBudget, nbytes: int) -> None:
+        self.budget, self.nbytes = budget, nbytes
+        self._held = True
+
+    def release(self, *_: object) -> None:
+        with self.budget._lock:
+            if self._held:
+                self._held = False
+                self.budget.used -= self.nbytes
