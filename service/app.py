@@ -18,18 +18,20 @@ from typing import Annotated, Any
 
 import anyio
 import torch
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model.imaging import MEDIA_TYPES
 from model.runtime import Runtime, load_runtime
 from model.upscale import Upscaler, default_sampler, default_steps
 from service import intake
+from service.admission import MB, MemoryBudget
 from service.batcher import Batcher, BatcherConfig, Job
 from service.errors import (
     Cancelled,
@@ -74,6 +76,8 @@ class Service:
         self.ready = threading.Event()
         self.warmup_error: str | None = None
         self.draining = False
+        self.drain_deadline: float | None = None  # time.monotonic() value, once draining
+        self.budget = MemoryBudget(settings.memory_budget_mb * MB, settings.retry_after_s)
 
     def start(self) -> None:
         """Load the model (unless given), start the worker, warm up in the background."""
@@ -83,7 +87,7 @@ class Service:
         rt = self.runtime = self.runtime or load_runtime(s.checkpoint, s.backend, s.device,
                                                         threads=s.torch_threads)
         cfg = rt.config
-        self.upscaler = Upscaler(rt, s.tile_size, s.tile_overlap, s.max_tiles_per_batch)
+        self.upscaler = Upscaler(rt, s.tile_size, s.tile_overlap, s.max_tiles_per_batch, fit=True)
         self.steps = default_steps(cfg) if s.default_steps is None else s.default_steps
         if not 0 <= self.steps <= cfg.timesteps:
             raise ValueError(f"SAMDIFFSR_DEFAULT_STEPS={self.steps} is outside 0..{cfg.timesteps} "
@@ -116,8 +120,20 @@ class Service:
         log.info("model warmed up; ready")
 
     def begin_drain(self) -> None:
-        """Stop taking new requests (SIGTERM); requests in flight go on."""
+        """Stop taking new requests (SIGTERM); requests in flight go on until the drain deadline, when
+        they are answered 503 shutting_down."""
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+            timer = threading.Timer(self.settings.drain_timeout_s, self._drain_expired)
+            timer.daemon = True
+            timer.start()
         self.draining = True
+
+    def _drain_expired(self) -> None:
+        if self.batcher is not None:
+            n = self.batcher.abort(ShuttingDown("the server's drain deadline passed before this request finished",
+                                                retry_after_s=self.settings.retry_after_s))
+            log.warning("drain deadline: %d requests still in progress are answered 503", n)
 
     def stop(self) -> None:
         self.draining = True
@@ -194,7 +210,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes,
+                       timeout_s=settings.request_timeout_s, metrics=metrics, cap=lambda: service.drain_deadline)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every response
     _add_error_handlers(app, metrics)
 
@@ -235,19 +252,19 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     @app.post(
         "/v1/upscale", dependencies=auth, tags=["upscale"], response_class=Response,
-        openapi_extra=_upscale_openapi(),
+        openapi_extra=_upscale_openapi(query=True),
         responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}, "description": (
             "The image at exactly 4x. Headers: X-Request-Id, X-Seed (the seed used), X-Steps, X-Sampler, "
             "X-Tiles, X-Image-Size (WxH), X-Denoiser-Calls / X-Shared-Calls (denoiser calls that advanced "
             "this request / also advanced others), Server-Timing (decode, queue, sample, encode, total, "
             "in ms).")},
-            **openapi_errors(400, 401, 413, 415, 422, 500, 503, 504)},
+            **openapi_errors(400, 401, 408, 413, 415, 422, 500, 503, 504)},
     )
-    async def upscale(request: Request, params: Annotated[UpscaleParams, Query()]) -> Response:
+    async def upscale(request: Request) -> Response:
         """Upscale an image x4: multipart field `image` (`curl -F image=@photo.jpg`) or the raw image as
         the body (`Content-Type: image/...`). Any mode Pillow reads: grayscale, RGBA (alpha kept),
         palette, 16-bit, EXIF-rotated; the output keeps the mode where the format allows."""
-        acc = await intake.accept(service, request, params, settings.request_timeout_s)
+        acc = await intake.accept(service, request, None, settings.request_timeout_s)  # form over query
         assert service.batcher is not None and service.upscaler is not None
         job, prep, t_start, t_decoded = acc.job, acc.prep, acc.t_start, acc.t_decoded
         steps, sampler, seed, fmt = acc.steps, acc.sampler, acc.seed, acc.fmt
@@ -332,8 +349,13 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = getattr(exc, "code", None) or status_code_name(exc.status_code)
-        kind = code if exc.status_code in (400, 413) else None
+        kind = code if exc.status_code in (400, 408, 413) else None
         return respond(request, exc.status_code, code, str(exc.detail), kind, exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        err = Cancelled("the client disconnected before its upload was read")
+        return respond(request, err.status, err.code, err.message, err.kind)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -22,6 +22,7 @@ from torch import Tensor
 from model.imaging import DecodedImage, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
 from model.upscale import Upscaler
 from service import pipeline
+from service.admission import MB, check_limits, estimate
 from service.batcher import Job
 from service.errors import ImageTooLarge, InvalidImage, InvalidParameter, MissingImage, UnsupportedMediaType
 from service.metrics import Metrics
@@ -50,12 +51,16 @@ class UpscaleParams(BaseModel):
     quality: int = Field(95, ge=1, le=100, description="Quality of lossy formats (jpeg, webp).")
 
 
-def upscale_openapi() -> dict:
-    """The request body of an upscale (multipart form or raw image) for the OpenAPI docs."""
+def upscale_openapi(query: bool = False) -> dict:
+    """The request body of an upscale (multipart form or raw image) for the OpenAPI docs; `query`: also
+    the query parameters (for a route that reads them itself, see `read_upload`)."""
     props = {"image": {"type": "string", "format": "binary", "description": "The input image."}}
-    props.update(UpscaleParams.model_json_schema()["properties"])
+    schema = UpscaleParams.model_json_schema()
+    props.update(schema["properties"])
     binary = {"schema": {"type": "string", "format": "binary"}}
-    return {"requestBody": {"required": True, "content": {
+    params = [{"name": k, "in": "query", "required": False, "description": v.get("description", ""),
+               "schema": {x: y for x, y in v.items() if x != "description"}} for k, v in schema["properties"].items()]
+    return {**({"parameters": params} if query else {}), "requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": props}},
         "image/*": binary, "application/octet-stream": binary}}}
 
@@ -77,8 +82,9 @@ class Accepted:
     deadline: float  # time.monotonic() value
 
 
-async def accept(service: Service, request: Request, params: UpscaleParams, timeout_s: float) -> Accepted:
-    """Read, validate, decode and queue an upload; `timeout_s` counts from now (the request's start)."""
+async def accept(service: Service, request: Request, params: UpscaleParams | None, timeout_s: float) -> Accepted:
+    """Read, validate, check the cost of, decode and queue an upload; `timeout_s` counts from now (the
+    request's start). `params=None` reads the query parameters here (form fields win over them)."""
     t_start = time.perf_counter()
     service.check_accepting()
     data, params = await read_upload(request, params)
@@ -92,34 +98,62 @@ async def accept(service: Service, request: Request, params: UpscaleParams, time
     fmt = "jpeg" if params.output_format == "jpg" else params.output_format
     rid = request_id_of(request.scope) or ""
 
-    prep = await run_in_threadpool(decode_and_prepare, service.upscaler, data, service.settings.max_pixels)
-    t_decoded = time.perf_counter()
-    deadline = time.monotonic() + timeout_s - (t_decoded - t_start)
-    job = service.batcher.submit(prep.lr_tiles, prep.up_tiles, steps=steps, sampler=sampler, seed=seed,
-                                 deadline=deadline, request_id=rid)
+    settings = service.settings
+    cost = estimate(service.upscaler, data, steps)  # from the header, before decoding
+    reservation = None
+    if cost is not None:
+        check_limits(cost, settings.max_request_work, settings.memory_budget_mb * MB)
+        reservation = service.budget.acquire(cost.memory)
+    try:
+        prep = await run_in_threadpool(decode_and_prepare, service.upscaler, data, settings.max_pixels)
+        del data
+        t_decoded = time.perf_counter()
+        deadline = time.monotonic() + timeout_s - (t_decoded - t_start)
+        job = service.batcher.submit_tiles(prep.tiles(fmt), steps=steps, sampler=sampler, seed=seed,
+                                           deadline=deadline, request_id=rid)
+    except BaseException:
+        if reservation is not None:
+            reservation.release()
+        raise
+    if reservation is not None:
+        job.future.add_done_callback(reservation.release)
     return Accepted(prep, job, steps, sampler, seed, fmt, params.quality, rid, t_start, t_decoded, deadline)
 
 
-def render(upscaler: Upscaler, acc: Accepted, sr_tiles: Tensor, metrics: Metrics) -> tuple[DecodedImage, bytes]:
-    """SR tiles -> the upscaled image and its encoded bytes (blocking: run it in a thread)."""
-    out = pipeline.finish(upscaler, acc.prep, sr_tiles)
-    body = encode_image(out, acc.fmt, acc.quality)
+def render(upscaler: Upscaler, acc: Accepted, result: Tensor | pipeline.Canvas,
+           metrics: Metrics) -> tuple[DecodedImage | pipeline.Canvas, bytes]:
+    """The job's result (its canvas, or SR tiles) -> the upscaled image (`.width`, `.height`) and its
+    encoded bytes (blocking: run it in a thread)."""
+    out: DecodedImage | pipeline.Canvas
+    if isinstance(result, pipeline.Canvas):
+        out, body = result, pipeline.encode_canvas(result, acc.prep.image, acc.fmt, acc.quality)
+    else:
+        out = pipeline.finish(upscaler, acc.prep, result)
+        body = encode_image(out, acc.fmt, acc.quality)
     metrics.images.inc()
     metrics.output_megapixels.inc(out.width * out.height / 1e6)
     return out, body
 
 
-async def read_upload(request: Request, query: UpscaleParams) -> tuple[bytes, UpscaleParams]:
-    """The image bytes and the parameters (form fields override query parameters)."""
+def _params(query: UpscaleParams | None, request: Request, fields: dict[str, str], where: str) -> UpscaleParams:
+    """Query parameters overridden by form fields, validated once (an invalid query value that a form
+    field replaces is no error)."""
+    given = query.model_dump(exclude_unset=True) if query is not None else dict(request.query_params)
+    try:
+        return UpscaleParams.model_validate({**given, **fields})
+    except ValidationError as e:
+        raise InvalidParameter(validation_message(e.errors(), where)) from e
+
+
+async def read_upload(request: Request, query: UpscaleParams | None) -> tuple[bytes, UpscaleParams]:
+    """The image bytes and the parameters (form fields override query parameters; `query=None`: read
+    them from the request)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
         try:
             fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
-            try:
-                params = UpscaleParams.model_validate({**query.model_dump(exclude_unset=True), **fields})
-            except ValidationError as e:
-                raise InvalidParameter(validation_message(e.errors(), "form")) from e
+            params = _params(query, request, fields, "form")
             image = form.get("image")
             if not isinstance(image, UploadFile):
                 raise MissingImage("no image: send it as the multipart file field 'image'")
@@ -130,7 +164,7 @@ async def read_upload(request: Request, query: UpscaleParams) -> tuple[bytes, Up
         finally:
             await form.close()
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
-        params = query
+        params = _params(query, request, {}, "query")
         data = await request.body()
     else:
         raise UnsupportedMediaType(

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
                                    "take to finish before the server exits anyway.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body.")
     max_pixels: int = Field(2048 * 2048, ge=1, description="Largest input image, in pixels.")
+    max_request_work: int = Field(4096, ge=1, description="Most tile-steps (tiles x max(steps, 1)) one "
+                                  "request may take, estimated from the image header; beyond it: 413.")
+    memory_budget_mb: int = Field(1536, ge=16, description="Memory (MiB) the requests in progress may take "
+                                  "together, estimated from their image headers: a request that can never fit "
+                                  "gets 413, one that does not fit now 503 queue_full.")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="Largest request head (request line and "
+                                  "headers); beyond it the connection is refused and closed.")
     # --- asynchronous jobs (POST /v1/jobs); held in memory: a restarted replica loses them
     job_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one job, from its submission.")
     job_ttl_s: float = Field(3600.0, gt=0, description="How long a finished job and its result are kept.")
