@@ -68,7 +68,9 @@ blocked = {mod for mod, dists in md.packages_distributions().items() if not {nor
 class RuntimeOnly(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.partition(".")[0] in blocked:
-            raise ImportError(f"{name} is not installed in the image (not a runtime dependency)")
+            # What a missing module raises: code that copes with an absent optional module (anyio without
+            # sniffio) catches ModuleNotFoundError, as it does in the image.
+            raise ModuleNotFoundError(f"{name} is not installed in the image (not a runtime dependency)", name=name)
 
 sys.meta_path.insert(0, RuntimeOnly())
 from samdiffsr.cli import main
