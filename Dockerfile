@@ -3,6 +3,7 @@
 #
 #   GPU (default): docker build -t samdiffsr .
 #   CPU:           docker build --build-arg VARIANT=cpu -t samdiffsr:cpu .
+#   No Docker:     make image (deploy/image.sh: buildah on a local Debian base); make image-test runs it
 #
 # The GPU variant installs PyPI's CUDA build of torch, whose wheel pins the CUDA user-space libraries it was
 # built against (cuBLAS, cuDNN, cuFFT, ... as nvidia-* wheels). onnxruntime-gpu (built for the same CUDA major)
@@ -36,6 +37,14 @@ ARG VARIANT
 ARG TORCH_VERSION=2.13.0
 # Where the CPU variant's torch comes from (PyTorch's CPU-only wheels, no CUDA libraries inside).
 ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Or a directory of local torch wheels inside the build, e.g. a bind mount (deploy/image.sh: `buildah build
+# --volume /opt/wheels:/tmp/wheels:ro --build-arg TORCH_WHEELS=/tmp/wheels`): torch itself then comes from there
+# (no index), its dependencies from PyPI. Empty (the default): the index above (CPU) or PyPI (CUDA).
+ARG TORCH_WHEELS=
+# A CA bundle for pip inside the build, where a proxy intercepts TLS (e.g. a bind mount: `buildah build
+# --volume /etc/ssl/certs/ca-certificates.crt:/tmp/build-ca.pem:ro --build-arg PIP_CERT=/tmp/build-ca.pem`).
+# Build-time only: an ARG of the builder stage, so nothing of it reaches the runtime image.
+ARG PIP_CERT
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv \
@@ -47,19 +56,27 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
 # torch first: the largest layer, rebuilt only when the version or variant changes.
-RUN if [ "$VARIANT" = "cpu" ]; then \
+RUN if [ -n "$TORCH_WHEELS" ]; then \
+        pip install --no-index --find-links "${TORCH_WHEELS}" --no-deps "torch==${TORCH_VERSION}" \
+        && pip install "torch==${TORCH_VERSION}"; \
+    elif [ "$VARIANT" = "cpu" ]; then \
         pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_CPU_INDEX_URL}"; \
     else \
         pip install "torch==${TORCH_VERSION}"; \
     fi
 
-# Then the runtime dependencies listed in pyproject.toml (not the train/dev extras): cached until it changes.
-COPY pyproject.toml README.md ./
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > requirements.txt \
+# Then the runtime dependencies listed in pyproject.toml (not the train/dev extras): cached until it changes
+# (README.md, which pyproject.toml names, comes with the project below, so editing it does not reinstall these).
+# The CPU variant takes ONNX Runtime's CPU build instead of onnxruntime-gpu (the same `onnxruntime` module,
+# without the CUDA/TensorRT providers' libraries).
+COPY pyproject.toml ./
+RUN python3 -c "import sys, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+print('\n'.join(d.replace('onnxruntime-gpu', 'onnxruntime') if sys.argv[1] == 'cpu' else d for d in deps))" \
+        "$VARIANT" > requirements.txt \
     && pip install -r requirements.txt
 
 # Then the project itself (a regular, non-editable install), and pip goes: the image never installs at run time.
+COPY README.md ./
 COPY model ./model
 COPY training ./training
 COPY service ./service

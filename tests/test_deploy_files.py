@@ -7,10 +7,12 @@ structure and by cross-references (ports, labels, paths, metric and setting name
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -300,6 +302,49 @@ def test_dockerfile_copies_only_what_exists_and_is_in_the_context() -> None:
     for private in (".venv", ".git", "shared", "tests", "checkpoints/other", "data/x.png", ".env",
                     "model/__pycache__/x.pyc"):
         assert _dockerignore_excludes(private), f"{private} would be sent to the Docker daemon"
+
+
+def test_the_image_installs_every_file_of_the_packages() -> None:
+    """The image installs the project as a wheel (`pip install .`), which carries a package's non-Python files
+    only where pyproject.toml's [tool.setuptools.package-data] names them: a file left out works in the editable
+    development install but is missing in the container."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    package_data = project.get("tool", {}).get("setuptools", {}).get("package-data", {})
+    missing = []
+    for top in ("model", "training", "service", "samdiffsr"):
+        for f in sorted((ROOT / top).rglob("*")):
+            if not f.is_file() or f.suffix in (".py", ".pyc", ".pyo") or "__pycache__" in f.parts:
+                continue
+            rel = f.relative_to(ROOT).as_posix()
+            covered = any(
+                (key == "*" or rel.startswith(key.replace(".", "/") + "/"))
+                and fnmatch.fnmatch(rel if key == "*" else rel[len(key) + 1:], pattern)
+                for key, patterns in package_data.items() for pattern in patterns
+            )
+            if not covered:
+                missing.append(rel)
+    assert not missing, (f"not in the wheel, so not in the image: {missing}; name them in pyproject.toml's "
+                         "[tool.setuptools.package-data]")
+
+
+def test_image_build_hooks_leave_the_default_build_alone() -> None:
+    """The local-build hooks (deploy/image.sh, `make image`) change nothing for a plain `docker compose up`."""
+    ins = _instructions((ROOT / "Dockerfile").read_text())
+    stages = [i for i, (k, _) in enumerate(ins) if k == "FROM"]
+    builder, runtime = ins[stages[-2]:stages[-1]], ins[stages[-1]:]
+    # Local wheels: off unless asked for; a CA bundle for pip: a builder-stage ARG without a default.
+    assert ("ARG", "TORCH_WHEELS=") in builder and ("ARG", "PIP_CERT") in builder
+    assert not any("PIP_CERT" in a or "TORCH_WHEELS" in a for _, a in runtime)
+    assert not any(k == "ENV" and "PIP_CERT" in a for k, a in ins)
+    # The image targets exist and stay out of `make test` (they download and build for minutes).
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^image:.*\n\tdeploy/image\.sh build$", makefile, re.M)
+    assert re.search(r"^image-test:.*\n\tdeploy/image\.sh test$", makefile, re.M)
+    assert "image" not in re.search(r"^test:(.*)$", makefile, re.M).group(1)
+    script = ROOT / "deploy" / "image.sh"
+    assert os.access(script, os.X_OK)
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
 
 
 # -------------------------------------------------------------------------------------------- Kubernetes
