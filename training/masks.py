@@ -26,8 +26,9 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from model.imaging import list_images
+from model.imaging import ImageDecodeError, decode_image, list_images
 from training.sam_compat import SamUnavailableError, import_segment_anything
+from training.spe import VARIANTS, encode_masks
 
 ANNOTATION_KEYS = ("segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score",
                    "crop_box")
@@ -43,8 +44,6 @@ class MaskFileError(ValueError):
 
 def load_rgb8(path: str | Path) -> np.ndarray:
     """An image file as uint8 RGB (H, W, 3), EXIF-rotated (grayscale is replicated to 3 channels)."""
-    from model.imaging import decode_image
-
     rgb = decode_image(Path(path)).rgb
     return np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -298,8 +297,6 @@ def generate_masks(images_dir: str | Path, out_dir: str | Path, backend: MaskBac
     Resumable: images whose JSON already exists are skipped (unless `overwrite`). An image that
     cannot be read is reported in ``failed`` and the others go on.
     """
-    from model.imaging import ImageDecodeError
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RunReport()
@@ -323,8 +320,6 @@ def generate_masks(images_dir: str | Path, out_dir: str | Path, backend: MaskBac
 
 def embed_image(image: str | Path, masks_json: str | Path, variant: str = "rope") -> np.ndarray:
     """The SPE map (float32, image size) of one image from its mask JSON file."""
-    from training.spe import encode_masks
-
     shape = image_size(image)
     return encode_masks(read_masks(masks_json, shape), variant, shape=shape)  # type: ignore[arg-type]
 
@@ -336,8 +331,6 @@ def embed_masks(images_dir: str | Path, masks_dir: str | Path, out_dir: str | Pa
     An image whose mask file holds no masks gets an all-zero map; one with no mask file at all is
     reported in ``failed``.
     """
-    from training.spe import VARIANTS
-
     if variant not in VARIANTS:
         raise ValueError(f"unknown SPE variant {variant!r}; choose from {VARIANTS}")
     masks_dir, out_dir = Path(masks_dir), Path(out_dir)

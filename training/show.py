@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from training.masks import load_rgb8, read_masks
+from training.spe import encode_masks
+
 LABEL_H = 22
 BAR_H = 14
 
@@ -69,9 +72,6 @@ def render_overview(rgb: np.ndarray, masks: list[np.ndarray], spe: np.ndarray, t
 def show(image: str | Path, masks_json: str | Path, out_png: str | Path, variant: str = "rope",
          spe_npy: str | Path | None = None, max_side: int = 512) -> Path:
     """Write the overview PNG of one image (the SPE map is read from `spe_npy` or computed)."""
-    from training.masks import load_rgb8, read_masks
-    from training.spe import encode_masks
-
     rgb = load_rgb8(image)
     shape = rgb.shape[:2]
     masks = read_masks(masks_json, shape)
