@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from hardware import matmul_gflops  # bench/hardware.py, beside this script
 from PIL import Image
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
@@ -36,15 +37,6 @@ from model.upscale import Upscaler, default_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT.parent / "shared" / "data" / "corpus-hr" / "val" / "skimage-coffee.png"
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
 class TimedRuntime:

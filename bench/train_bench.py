@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hardware import matmul_gflops  # bench/hardware.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.diffusion import make_schedule
@@ -47,15 +48,6 @@ RECIPES = (
            False, False),
     Recipe("current", ROOT / "configs" / "default.yaml", (), True, True),
 )
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def make_step(cfg: TrainConfig, stage: str, bf16: bool, channels_last: bool):

@@ -1,0 +1,17 @@
+"""What the machine can do, measured in the benchmark's own run: a plain matmul's GFLOP/s as the yardstick."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of an n x n matmul in `dtype` on the CPU (one warm-up, then `repeats` timed)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
