@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -82,9 +83,11 @@ class Accepted:
     deadline: float  # time.monotonic() value
 
 
-async def accept(service: Service, request: Request, params: UpscaleParams | None, timeout_s: float) -> Accepted:
+async def accept(service: Service, request: Request, params: UpscaleParams | None, timeout_s: float,
+                 wrap_tiles: Callable[[pipeline.Tiles], pipeline.Tiles] | None = None) -> Accepted:
     """Read, validate, check the cost of, decode and queue an upload; `timeout_s` counts from now (the
-    request's start). `params=None` reads the query parameters here (form fields win over them)."""
+    request's start). `params=None` reads the query parameters here (form fields win over them).
+    `wrap_tiles` may wrap the image's tiles before they are queued (the jobs API counts finished ones)."""
     t_start = time.perf_counter()
     service.check_accepting()
     data, params = await read_upload(request, params)
@@ -109,7 +112,8 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
         del data
         t_decoded = time.perf_counter()
         deadline = time.monotonic() + timeout_s - (t_decoded - t_start)
-        job = service.batcher.submit_tiles(prep.tiles(fmt), steps=steps, sampler=sampler, seed=seed,
+        tiles = prep.tiles(fmt) if wrap_tiles is None else wrap_tiles(prep.tiles(fmt))
+        job = service.batcher.submit_tiles(tiles, steps=steps, sampler=sampler, seed=seed,
                                            deadline=deadline, request_id=rid)
     except BaseException:
         if reservation is not None:

@@ -17,7 +17,9 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import Tensor
 
 from model.imaging import MEDIA_TYPES, encode_image
 from service import intake, pipeline
@@ -97,19 +99,36 @@ class JobRecord:
         return self.steps * self.n_tiles
 
 
+class CountingTiles:
+    """A job's tiles (`pipeline.Tiles`) that count the finished ones, for its progress."""
+
+    def __init__(self, inner: pipeline.Tiles) -> None:
+        self.inner = inner
+        self.n_tiles, self.tile_shape = inner.n_tiles, inner.tile_shape
+        self.done = 0
+
+    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+        return self.inner.inputs(idx)
+
+    def put(self, i: int, sr: Tensor) -> None:
+        self.inner.put(i, sr)
+        self.done += 1
+
+    def result(self) -> Any:
+        return self.inner.result()
+
+
 def live_progress(job: Job, steps: int) -> tuple[int, int]:
-    """(tiles done, denoiser steps done) of a batcher job, from its tracks and finished tiles (the
-    job's `out`, or its tiles' `out` where the batcher keeps them with the tiles)."""
-    out = getattr(job, "out", None)
-    if out is None:
-        out = getattr(getattr(job, "tiles", None), "out", {})
-    for _ in range(10):  # the worker thread mutates the dicts; a copy is taken between its changes
+    """(tiles done, denoiser steps done) of a batcher job: its finished tiles (counted by CountingTiles)
+    and the positions of its tiles being sampled (their tracks)."""
+    done = job.tiles.done if isinstance(job.tiles, CountingTiles) else 0
+    for _ in range(10):  # the worker thread mutates the dict; a copy is taken between its changes
         try:
-            tracks, done = list(job.tracks.values()), len(out)
+            tracks = list(job.tracks.values())
         except RuntimeError:
             continue
         return done, done * steps + sum(min(tr.pos, steps) for tr in tracks)
-    return 0, 0
+    return done, done * steps
 
 
 class JobStore:

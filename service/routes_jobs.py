@@ -20,7 +20,7 @@ from model.imaging import MEDIA_TYPES
 from service import intake
 from service.errors import ErrorDetail, openapi_errors
 from service.intake import UpscaleParams
-from service.jobs import FINAL, JobNotDone, JobRecord, JobStatus, JobStore
+from service.jobs import FINAL, CountingTiles, JobNotDone, JobRecord, JobStatus, JobStore
 
 EVENTS_POLL_S = 0.25
 EVENTS_KEEPALIVE_S = 15.0
@@ -132,7 +132,7 @@ def add_job_routes(app: FastAPI, store: JobStore, auth: list[Any]) -> None:
         """Submit an upscale as a job: the same body and parameters as POST /v1/upscale. The image is
         decoded and checked at once (the same 4xx as /v1/upscale); then poll the status URL, or follow
         its events, and fetch the result when the status is `succeeded`."""
-        acc = await intake.accept(service, request, params, store.settings.job_timeout_s)
+        acc = await intake.accept(service, request, params, store.settings.job_timeout_s, wrap_tiles=CountingTiles)
         rec = store.add(acc, bicubic=options.bicubic)
         response.headers["Location"] = _urls(rec).status
         return JobCreated(id=rec.id, status=store.status(rec), urls=_urls(rec))

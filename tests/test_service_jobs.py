@@ -132,7 +132,8 @@ def test_cancel_mid_run_frees_the_batch(server, client, photo_img):
 
 
 def test_progress_events(client, photo_img):
-    job_id = submit(client, png(crop(photo_img, 28, 20)), {"steps": 20}).json()["id"]
+    # 9 tiles, more than the 8 sampled at once: tiles finish while others wait for their turn.
+    job_id = submit(client, png(crop(photo_img, 40, 40)), {"steps": 20}).json()["id"]
     events = []
     with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -140,8 +141,12 @@ def test_progress_events(client, photo_img):
             if line.startswith("data: "):
                 events.append(json.loads(line[len("data: "):]))
     assert events and events[-1]["status"] == "succeeded" and events[-1]["progress"]["fraction"] == 1
-    done = [e["progress"]["steps_done"] for e in events]
+    progress = [e["progress"] for e in events]
+    assert progress[-1]["steps_total"] == progress[-1]["steps_done"] == 9 * 20
+    done = [p["steps_done"] for p in progress]
     assert done == sorted(done) and len(set(done)) == len(done)  # one event per change, never back
+    assert all(p["steps_done"] >= 20 * p["tiles_done"] for p in progress)
+    assert any(0 < p["tiles_done"] < 9 for p in progress)  # finished tiles count while others run
 
 
 def test_metrics_of_jobs(server, client, photo_img):
