@@ -25,15 +25,17 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# System tools the deploy checks run (tests/test_deploy_*.py): promtool and prometheus (Debian `prometheus`),
-# docker-compose (validates the compose files, no Docker engine needed). Installed only when missing, and only
-# as root where apt-get exists; otherwise those tests say what is missing.
+# System tools some tests run: for the deploy checks (tests/test_deploy_*.py) promtool and prometheus (Debian
+# `prometheus`) and docker-compose (validates the compose files, no Docker engine needed); for the page test
+# (tests/test_service_page.py) a headless browser, Debian's `chromium` and `chromium-driver`. Installed only when
+# missing, and only as root where apt-get exists; otherwise those tests say what is missing.
 system-deps:
-	@if command -v promtool >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1; then :; \
+	@if command -v promtool >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1 \
+	    && command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus docker-compose >/dev/null; \
-	else echo "system-deps: promtool/docker-compose missing; install Debian's prometheus and docker-compose" >&2; fi
+	    prometheus docker-compose chromium chromium-driver >/dev/null; \
+	else echo "system-deps: missing tools; install Debian's prometheus, docker-compose, chromium and chromium-driver" >&2; fi
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .

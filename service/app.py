@@ -52,6 +52,7 @@ from service.intake import validation_message as _validation_message
 from service.jobs import JobStore
 from service.metrics import Metrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, request_id_of
+from service.page import add_page
 from service.routes_jobs import add_job_routes
 from service.settings import Settings
 
@@ -286,6 +287,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     app.state.jobs = jobs
     add_job_routes(app, jobs, auth)
+    add_page(app)
     return app
 
 

@@ -1,0 +1,225 @@
+// The try-it page: submit the chosen image as a job, follow its progress, show and offer the result.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const POLL_MS = 300;
+const WORDS = {
+  invalid_image: "This file could not be read as an image.",
+  image_too_large: "This image is too large for this server.",
+  payload_too_large: "This file is too large to upload to this server.",
+  unsupported_media_type: "This file type is not supported.",
+  invalid_parameter: "A setting is not valid.",
+  missing_image: "Choose an image first.",
+  unauthorized: "This server needs an access token: enter it in the Access token field.",
+  queue_full: "The server is busy. Try again in a few seconds.",
+  not_ready: "The model is still loading. Try again in a few seconds.",
+  shutting_down: "The server is restarting. Try again in a moment.",
+  out_of_memory: "The server ran out of memory on this image. Try a smaller one.",
+  timeout: "The job took longer than this server allows.",
+  worker_error: "The model failed on this image.",
+  job_expired: "The result has expired. Submit the image again.",
+  job_not_found: "The job is gone (the server may have restarted). Submit the image again.",
+};
+
+let file = null;
+let job = null;  // {id, timer}
+const urls = [];
+
+function headers() {
+  const token = $("token").value.trim();
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+function showError(text) {
+  $("error").textContent = text;
+  $("error").hidden = !text;
+}
+
+// An error response (or a failed job's error) in words: the plain explanation, then the server's message.
+function describe(err, status) {
+  if (!err) return `The server answered with HTTP ${status}.`;
+  const words = WORDS[err.code] || "Something went wrong.";
+  return err.message ? `${words} (${err.message})` : words;
+}
+
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+  } catch (e) {
+    throw new Error("The server cannot be reached. Is it still running?");
+  }
+  if (!response.ok) {
+    let body = null;
+    try { body = await response.json(); } catch (e) { /* not JSON */ }
+    throw new Error(describe(body && body.error, response.status));
+  }
+  return response;
+}
+
+async function loadModel() {
+  try {
+    const { models: [m] } = await (await api("/v1/models")).json();
+    $("steps").max = m.max_steps;
+    $("steps").value = m.default_steps;
+    $("model").textContent = `Model ${m.name} on ${m.device} (${m.backend}); default ${m.default_steps} ` +
+      `${m.default_sampler} steps.`;
+    showError("");
+  } catch (e) {
+    $("model").textContent = "";
+    showError(e.message);
+  }
+  updateSteps();
+}
+
+function updateSteps() {
+  const n = Number($("steps").value);
+  $("steps-value").textContent = n === 0 ? "0 (fidelity: the encoder's output, fastest)" : String(n);
+}
+
+function choose(f) {
+  if (!f) return;
+  file = f;
+  showError("");
+  $("drop-text").innerHTML = "";
+  $("drop-text").append(Object.assign(document.createElement("strong"), { textContent: f.name }),
+    ` (${Math.ceil(f.size / 1024)} KiB) — choose another or drop it here`);
+  const url = URL.createObjectURL(f);
+  urls.push(url);
+  $("thumb").src = url;
+  $("thumb").hidden = false;
+  $("submit").disabled = false;
+}
+
+function setBusy(busy) {
+  $("submit").disabled = busy || !file;
+  $("cancel").hidden = !busy;
+  $("file").disabled = busy;
+}
+
+function showProgress(info) {
+  const p = info.progress;
+  $("progress").value = info.status === "succeeded" ? 1 : p.fraction;
+  const steps = p.steps_total ? `${p.steps_done} of ${p.steps_total} denoiser steps` :
+    `${p.tiles_done} of ${p.tiles_total} tiles`;
+  $("status-text").textContent = `${info.status}: ${steps}, ${p.tiles_total} tiles, ` +
+    `${info.timings.total_s.toFixed(1)} s`;
+}
+
+async function submit(event) {
+  event.preventDefault();
+  if (!file) { showError(WORDS.missing_image); return; }
+  showError("");
+  $("result").hidden = true;
+  const form = new FormData();
+  form.append("image", file, file.name);
+  form.append("steps", $("steps").value);
+  if ($("seed").value !== "") form.append("seed", $("seed").value);
+  setBusy(true);
+  $("status").hidden = false;
+  $("progress").value = 0;
+  $("status-text").textContent = "uploading…";
+  try {
+    const created = await (await api("/v1/jobs?bicubic=true", { method: "POST", body: form })).json();
+    job = { id: created.id, timer: null };
+    poll(created.id);
+  } catch (e) {
+    finish(e.message);
+  }
+}
+
+async function poll(id) {
+  if (!job || job.id !== id) return;
+  try {
+    const info = await (await api(`/v1/jobs/${id}`)).json();
+    if (!job || job.id !== id) return;
+    showProgress(info);
+    if (info.status === "succeeded") {
+      await showResult(info);
+      finish("");
+    } else if (info.status === "failed") {
+      finish(describe(info.error, 500));
+    } else if (info.status === "cancelled") {
+      finish("");
+      $("status-text").textContent = "cancelled";
+    } else {
+      job.timer = setTimeout(() => poll(id), POLL_MS);
+    }
+  } catch (e) {
+    finish(e.message);
+  }
+}
+
+function finish(error) {
+  if (job && job.timer) clearTimeout(job.timer);
+  job = null;
+  setBusy(false);
+  showError(error);
+}
+
+async function blobUrl(path) {
+  const url = URL.createObjectURL(await (await api(path)).blob());
+  urls.push(url);
+  return url;
+}
+
+function loaded(img, src) {
+  return new Promise((resolve, reject) => {
+    img.onload = resolve;
+    img.onerror = () => reject(new Error("The browser could not show the result."));
+    img.src = src;
+  });
+}
+
+async function showResult(info) {
+  while (urls.length > 8) URL.revokeObjectURL(urls.shift());
+  const [after, before] = await Promise.all([blobUrl(info.urls.result), blobUrl(info.urls.bicubic)]);
+  await Promise.all([loaded($("after"), after), loaded($("before"), before)]);
+  const ext = info.params.output_format === "jpeg" ? "jpg" : info.params.output_format;
+  const base = file.name.replace(/\.[^.]*$/, "") || "image";
+  $("download").href = after;
+  $("download").download = `${base}_x4.${ext}`;
+  const [w, h] = info.output_size;
+  $("result-text").textContent = `${w}×${h}, ${info.params.steps} steps, seed ${info.params.seed}`;
+  $("result").hidden = false;
+}
+
+function slide() {
+  const x = $("slider").value;
+  $("after").style.clipPath = `inset(0 0 0 ${x}%)`;
+  $("divider").style.left = `${x}%`;
+}
+
+async function cancel() {
+  if (!job) return;
+  const id = job.id;
+  try {
+    await api(`/v1/jobs/${id}`, { method: "DELETE" });
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function init() {
+  $("file").addEventListener("change", () => choose($("file").files[0]));
+  const drop = $("drop");
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+  }
+  drop.addEventListener("drop", (e) => choose(e.dataTransfer.files[0]));
+  $("steps").addEventListener("input", updateSteps);
+  $("slider").addEventListener("input", slide);
+  $("form").addEventListener("submit", submit);
+  $("cancel").addEventListener("click", cancel);
+  $("token").value = sessionStorage.getItem("samdiffsr-token") || "";
+  $("token").addEventListener("change", () => {
+    sessionStorage.setItem("samdiffsr-token", $("token").value.trim());
+    loadModel();
+  });
+  loadModel();
+}
+
+init();

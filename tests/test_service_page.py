@@ -1,0 +1,171 @@
+"""The try-it page at `/` in a real headless Chromium (Debian's `chromium` and `chromedriver`, driven by
+Selenium): upload, progress, before/after, download, errors in words, the bearer-token field.
+
+`make system-deps` installs the browser; without it these tests are skipped with the reason. To refresh the
+README's screenshot with the shipped model (its tile size and 10 steps):
+
+    SAMDIFFSR_PAGE_CHECKPOINT=checkpoints/default SAMDIFFSR_PAGE_STEPS=10 SAMDIFFSR_PAGE_SCREENSHOT=docs/page.png \\
+        .venv/bin/python -m pytest tests/test_service_page.py -k finished
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from service.settings import Settings
+from service.testing import LiveServer
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.chrome.service import Service as ChromeService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # the dev extra is not installed
+    webdriver = None
+
+SETTINGS = dict(tile_size=32, tile_overlap=4, max_tiles_per_batch=4, default_steps=2, torch_threads=1,
+                max_pixels=256 * 256, max_upload_bytes=1024 * 1024, drain_timeout_s=5, device="cpu")
+CROP = (120, 30, 320, 160)  # 200x130 of the cat's face
+STEPS = os.environ.get("SAMDIFFSR_PAGE_STEPS", "3")
+WAIT_S = 120
+
+
+def browser_paths() -> tuple[str, str]:
+    """(chromium, chromedriver), or skip saying what is missing."""
+    if webdriver is None:
+        pytest.skip("selenium is not installed: pip install -e '.[dev]'")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("no headless browser: run `make system-deps` (Debian: apt-get install chromium chromium-driver)")
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WebDriver, Path]]:
+    chromium, driver_path = browser_paths()
+    downloads = tmp_path_factory.mktemp("downloads")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1000,1400", "--no-first-run", "--disable-extensions"):
+        opts.add_argument(arg)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                           "download.prompt_for_download": False})
+    driver = webdriver.Chrome(options=opts, service=ChromeService(executable_path=driver_path))
+    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    try:
+        yield driver, downloads
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path) -> Iterator[LiveServer]:
+    checkpoint = os.environ.get("SAMDIFFSR_PAGE_CHECKPOINT")
+    own = {"tile_size": 64, "tile_overlap": 8, "default_steps": None} if checkpoint else {}  # a real model's
+    with LiveServer(Settings(checkpoint=Path(checkpoint or tiny_checkpoint), **{**SETTINGS, **own})) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def image_file(photo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("upload") / "chelsea.png"
+    Image.open(photo).convert("RGB").crop(CROP).save(path)
+    return path
+
+
+def until(driver: WebDriver, script: str, what: str, timeout: float = WAIT_S) -> object:
+    """Wait until the JavaScript expression `script` is truthy; on failure say what the page shows."""
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: d.execute_script(f"return {script}"))
+    except TimeoutException:
+        shown = driver.execute_script("return document.getElementById('error').textContent + ' | ' + "
+                                      "document.getElementById('status-text').textContent")
+        pytest.fail(f"the page never showed {what} (page says: {shown})")
+
+
+def set_value(driver: WebDriver, element_id: str, value: str) -> None:
+    driver.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                          "e.dispatchEvent(new Event('input')); e.dispatchEvent(new Event('change'));",
+                          element_id, value)
+
+
+def test_upscale_a_photo_on_the_finished_page(server, browser, image_file):
+    driver, downloads = browser
+    driver.get(server.url + "/")
+    until(driver, "document.getElementById('model').textContent.startsWith('Model ')", "the model's details")
+    assert driver.find_element(By.ID, "submit").get_attribute("disabled")  # nothing chosen yet
+    set_value(driver, "steps", STEPS)
+    assert driver.find_element(By.ID, "steps-value").text == STEPS
+    set_value(driver, "seed", "7")
+    driver.find_element(By.ID, "file").send_keys(str(image_file))
+    assert "chelsea.png" in driver.find_element(By.ID, "drop-text").text
+    driver.find_element(By.ID, "submit").click()
+
+    until(driver, "!document.getElementById('result').hidden", "the result")
+    assert driver.find_element(By.ID, "progress").get_attribute("value") == "1"
+    assert driver.find_element(By.ID, "error").is_displayed() is False
+    w, h = CROP[2] - CROP[0], CROP[3] - CROP[1]
+    sizes = driver.execute_script("return ['after', 'before'].map(id => { const i = document.getElementById(id);"
+                                  "return [i.naturalWidth, i.naturalHeight, i.complete]; })")
+    assert sizes == [[4 * w, 4 * h, True], [4 * w, 4 * h, True]]
+    assert f"{4 * w}×{4 * h}" in driver.find_element(By.ID, "result-text").text
+    set_value(driver, "slider", "30")  # the before/after slider moves the split
+    assert driver.execute_script("return document.getElementById('after').style.clipPath") == "inset(0px 0px 0px 30%)"
+    set_value(driver, "slider", "50")
+
+    if os.environ.get("SAMDIFFSR_PAGE_SCREENSHOT"):
+        driver.save_screenshot(os.environ["SAMDIFFSR_PAGE_SCREENSHOT"])
+    driver.find_element(By.ID, "download").click()
+    target = downloads / "chelsea_x4.png"
+    end = time.monotonic() + 30
+    while not target.exists() and time.monotonic() < end:
+        time.sleep(0.1)
+    assert target.exists(), f"no download; the folder holds {sorted(p.name for p in downloads.iterdir())}"
+    sync = httpx.post(f"{server.url}/v1/upscale", files={"image": ("a.png", image_file.read_bytes(), "image/png")},
+                      params={"steps": STEPS, "seed": 7}, timeout=WAIT_S)
+    assert target.read_bytes() == sync.content  # the downloaded file is the service's image
+
+
+def test_a_bad_file_shows_an_error_in_words(server, browser, tmp_path):
+    driver, _ = browser
+    driver.get(server.url + "/")
+    until(driver, "document.getElementById('model').textContent.startsWith('Model ')", "the model's details")
+    bad = tmp_path / "holiday.png"
+    bad.write_text("this is a shopping list, not a picture")
+    driver.find_element(By.ID, "file").send_keys(str(bad))
+    driver.find_element(By.ID, "submit").click()
+    until(driver, "!document.getElementById('error').hidden", "an error")
+    text = driver.find_element(By.ID, "error").text
+    assert text.startswith("This file could not be read as an image."), text
+    assert driver.find_element(By.ID, "result").is_displayed() is False
+    assert driver.find_element(By.ID, "submit").is_enabled()  # ready for another try
+
+
+def test_the_token_field(tiny_checkpoint, browser, image_file):
+    driver, _ = browser
+    with LiveServer(Settings(checkpoint=tiny_checkpoint, auth_token="s3cret", **SETTINGS)) as srv:
+        assert httpx.get(srv.url + "/").status_code == 200  # the page is public; its API calls carry the token
+        driver.get(srv.url + "/")
+        until(driver, "!document.getElementById('error').hidden", "the missing-token error")
+        assert "needs an access token" in driver.find_element(By.ID, "error").text
+        set_value(driver, "token", "s3cret")
+        until(driver, "document.getElementById('model').textContent.startsWith('Model ')", "the model's details")
+        assert driver.find_element(By.ID, "error").is_displayed() is False
+        set_value(driver, "steps", "0")  # the fidelity mode
+        assert driver.find_element(By.ID, "steps-value").text.startswith("0 (fidelity")
+        driver.find_element(By.ID, "file").send_keys(str(image_file))
+        driver.find_element(By.ID, "submit").click()
+        until(driver, "!document.getElementById('result').hidden", "the result")
+        assert "0 steps" in driver.find_element(By.ID, "result-text").text
