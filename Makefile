@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench bench-load default-model clean system-deps image image-test
+.PHONY: venv run test lint bench bench-load masks default-model ablations clean system-deps image image-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,22 +50,40 @@ bench-load: $(STAMP)
 	$(BIN)/python bench/load_bench.py $(ARGS)
 
 # The shipped model, end to end (MODEL_CARD.md): stand-in masks -> SPE maps -> stage 1 (RRDB) -> stage 2 with
-# structure modulation and, on the same budget, without it (the ablation) -> evaluation. About 2 hours on
-# 2 CPU cores. Then `cp -r $(RUNS)/default-diffusion/checkpoint checkpoints/default` ships it.
+# structure modulation. Stage 2 is a campaign over sessions: stop it with SIGTERM (it checkpoints) and run
+# `make default-model` again to resume exactly (finished steps are skipped). Then
+# `cp $(RUNS)/default-diffusion/checkpoint/* checkpoints/default/` ships it.
 CORPUS ?= ../shared/data/corpus-hr
 RUNS ?= runs
-TRAIN_CONFIG ?= configs/cpu-small.yaml
-RRDB_STEPS ?= 2653
-DIFFUSION_STEPS ?= 6000
-default-model: $(STAMP)
+TRAIN_CONFIG ?= configs/default.yaml
+RRDB_STEPS ?= 3600
+DIFFUSION_STEPS ?= 200000
+RRDB_SETTINGS := --set data.hr_patch=128 --set optim.decay_every=1200 --set optim.ema=0 --set run.threads=1
+STAGE2 := $(BIN)/samdiffsr train diffusion --config $(TRAIN_CONFIG) --rrdb $(RUNS)/default-rrdb/checkpoint \
+	--spe-dir $(RUNS)/masks/train-spe
+masks: $(STAMP)
 	$(BIN)/samdiffsr masks generate $(CORPUS)/train $(RUNS)/masks/train-json --backend felzenszwalb --no-progress
 	$(BIN)/samdiffsr masks embed $(CORPUS)/train $(RUNS)/masks/train-json $(RUNS)/masks/train-spe --no-progress
-	$(BIN)/samdiffsr train rrdb --config $(TRAIN_CONFIG) --out $(RUNS)/default-rrdb --steps $(RRDB_STEPS)
-	$(BIN)/samdiffsr train diffusion --config $(TRAIN_CONFIG) --out $(RUNS)/default-diffusion \
-	  --rrdb $(RUNS)/default-rrdb/checkpoint --spe-dir $(RUNS)/masks/train-spe --steps $(DIFFUSION_STEPS) \
-	  --set optim.ema=0.998
-	$(BIN)/samdiffsr train diffusion --config $(TRAIN_CONFIG) --out $(RUNS)/ablation-nostructure \
-	  --rrdb $(RUNS)/default-rrdb/checkpoint --no-structure --steps $(DIFFUSION_STEPS) --set optim.ema=0.998
+
+default-model: masks
+	$(BIN)/samdiffsr train rrdb --config $(TRAIN_CONFIG) --out $(RUNS)/default-rrdb $(RRDB_SETTINGS) --steps $(RRDB_STEPS)
+	$(STAGE2) --out $(RUNS)/default-diffusion --steps $(DIFFUSION_STEPS)
+
+# Ablations at equal budget (MODEL_CARD.md): stage 2 from the same stage-1 encoder for ABLATION_STEPS steps,
+# one run per prediction target x residual base, and the shipped setting without structure modulation; then
+# each is evaluated on centre crops of the validation photos.
+ABLATION_STEPS ?= 800
+ABLATIONS ?= epsilon-bicubic v-bicubic sample-bicubic sample-rrdb
+ablations: masks
+	for a in $(ABLATIONS); do \
+	  $(STAGE2) --out $(RUNS)/ablation-$$a --steps $(ABLATION_STEPS) --set run.threads=1 \
+	    --set model.overrides.prediction=$${a%-*} --set model.overrides.residual_base=$${a#*-} || exit 1; \
+	done
+	$(STAGE2) --out $(RUNS)/ablation-nostructure --steps $(ABLATION_STEPS) --set run.threads=1 --no-structure
+	for a in $(ABLATIONS) nostructure; do \
+	  $(BIN)/samdiffsr eval $(RUNS)/ablation-$$a/checkpoint $(CORPUS)/val --steps 0,1,2,4 --tile 64 --hr-crop 384 \
+	    --out $(RUNS)/ablation-$$a/eval || exit 1; \
+	done
 
 # The container image's CPU variant (deploy/image.sh): `docker build` where a Docker engine answers, else
 # buildah on a locally debootstrapped Debian base with this machine's torch wheel. image-test (not part of
