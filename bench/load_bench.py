@@ -248,7 +248,6 @@ def bench_mode(mode: str, checkpoint: Path, args: argparse.Namespace, images: li
         "SAMDIFFSR_BACKEND": args.backend,
         "SAMDIFFSR_TILE_SIZE": str(args.tile_size),
         "SAMDIFFSR_TILE_OVERLAP": str(args.tile_overlap),
-        "SAMDIFFSR_MAX_TILES_PER_BATCH": str(args.max_tiles_per_batch),
         "SAMDIFFSR_MAX_BATCH_WAIT_MS": str(args.max_batch_wait_ms),
         "SAMDIFFSR_REPRODUCIBLE": "true" if args.reproducible else "false",
         "SAMDIFFSR_MAX_QUEUE": str(max(32, max(args.concurrency))),
@@ -258,6 +257,8 @@ def bench_mode(mode: str, checkpoint: Path, args: argparse.Namespace, images: li
     }
     if args.torch_threads:
         env["SAMDIFFSR_TORCH_THREADS"] = str(args.torch_threads)
+    if args.max_tiles_per_batch:  # 0: the service sizes it (model/sizing.py)
+        env["SAMDIFFSR_MAX_TILES_PER_BATCH"] = str(args.max_tiles_per_batch)
     server = Server(checkpoint, env, workdir / f"server-{mode}.log")
     try:
         server.wait_ready(args.ready_timeout)
@@ -318,8 +319,10 @@ def environment(args: argparse.Namespace, info: dict, checkpoint_desc: str, imag
         f"{model.get('device', '?')}",
         f"- per request: {args.steps} {model.get('default_sampler', 'ddim')} steps; inputs: "
         f"{', '.join(f'{w}x{h}' for w, h in args.sizes)} px ({images_desc}), multipart PNG, PNG output",
-        f"- tile {args.tile_size} px (overlap {args.tile_overlap}), at most {args.max_tiles_per_batch} tiles per "
-        f"denoiser call, max batch wait {args.max_batch_wait_ms:g} ms, reproducible "
+        f"- tile {args.tile_size} px (overlap {args.tile_overlap}), at most "
+        f"{model.get('max_tiles_per_batch', '?')} tiles per "
+        f"denoiser call ({'set' if args.max_tiles_per_batch else 'chosen by the service'}), precision "
+        f"{model.get('precision', '?')}, max batch wait {args.max_batch_wait_ms:g} ms, reproducible "
         f"{'on (calls padded to the full batch)' if args.reproducible else 'off'}, torch threads "
         f"{args.torch_threads or 'default'}",
         f"- {args.requests} requests per concurrency level (closed loop, after one warm-up request per input); "
@@ -370,7 +373,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default="on,off", help="continuous batching modes to run: on, off or on,off")
     p.add_argument("--tile-size", type=int, help="SAMDIFFSR_TILE_SIZE")
     p.add_argument("--tile-overlap", type=int, help="SAMDIFFSR_TILE_OVERLAP")
-    p.add_argument("--max-tiles-per-batch", type=int, help="SAMDIFFSR_MAX_TILES_PER_BATCH")
+    p.add_argument("--max-tiles-per-batch", type=int, help="SAMDIFFSR_MAX_TILES_PER_BATCH (0: the service's choice)")
     p.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="SAMDIFFSR_MAX_BATCH_WAIT_MS")
     p.add_argument("--reproducible", action=argparse.BooleanOptionalAction, default=True,
                    help="SAMDIFFSR_REPRODUCIBLE (pad denoiser calls to the full batch)")

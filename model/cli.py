@@ -40,8 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=64, help="LR tile size")
     p.add_argument("--overlap", type=int, default=8, help="LR overlap between tiles")
-    p.add_argument("--batch", type=int, default=16, help="tiles per denoiser call")
+    p.add_argument("--batch", type=int, help="tiles per denoiser call (default: what suits the device, "
+                   "model/sizing.py)")
     p.add_argument("--backend", choices=["torch", "torchscript", "onnx"], default="torch")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="the denoiser's precision (default auto: the measured default for the device)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
     p.set_defaults(func=cmd_upscale)
@@ -130,6 +133,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from model.diffusion import timestep_plan
     from model.imaging import ImageDecodeError, decode_image, format_for, save_image
     from model.runtime import load_runtime
+    from model.sizing import choose_batch
     from model.upscale import Upscaler, default_steps
 
     src, dst = Path(args.input), Path(args.output)
@@ -139,8 +143,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     try:  # bad options fail before any image is decoded
         if not src.is_dir() and not dst.is_dir():
             format_for(dst)
-        runtime = load_runtime(args.checkpoint, args.backend, args.device)
-        upscaler = Upscaler(runtime, tile=args.tile, overlap=args.overlap, max_batch=args.batch)
+        runtime = load_runtime(args.checkpoint, args.backend, args.device, precision=args.precision)
+        batch = choose_batch(runtime, (args.tile, args.tile), args.batch).batch
+        upscaler = Upscaler(runtime, tile=args.tile, overlap=args.overlap, max_batch=batch)
         steps = args.steps or default_steps(runtime.config)
         timestep_plan(runtime.config.timesteps, steps)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
@@ -155,7 +160,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             failed += 1
             continue
         grid = upscaler.plan(image.height, image.width)
-        calls = sum(steps for _ in range(0, len(grid), args.batch))
+        calls = sum(steps for _ in range(0, len(grid), batch))
         with tqdm(total=calls, desc=path_in.name, unit="step") as bar:
             out = upscaler.upscale(image, steps=steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
                                    on_step=lambda _n: bar.update(1))

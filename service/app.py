@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from model.imaging import MEDIA_TYPES
 from model.runtime import Runtime, load_runtime
+from model.sizing import Sizing, choose_batch
 from model.upscale import Upscaler, default_sampler, default_steps
 from service import intake
 from service.admission import MB, MemoryBudget
@@ -72,6 +73,7 @@ class Service:
         self.runtime = runtime
         self.upscaler: Upscaler | None = None
         self.batcher: Batcher | None = None
+        self.sizing = Sizing(settings.max_tiles_per_batch or 1, "setting")  # chosen in start()
         self.steps = 0
         self.sampler = "ddim"
         self.ready = threading.Event()
@@ -86,24 +88,26 @@ class Service:
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         rt = self.runtime = self.runtime or load_runtime(s.checkpoint, s.backend, s.device,
-                                                        threads=s.torch_threads)
+                                                        threads=s.torch_threads, precision=s.precision)
         cfg = rt.config
-        self.upscaler = Upscaler(rt, s.tile_size, s.tile_overlap, s.max_tiles_per_batch, fit=True)
+        self.sizing = choose_batch(rt, (s.tile_size, s.tile_size), s.max_tiles_per_batch)
+        batch = self.sizing.batch
+        self.upscaler = Upscaler(rt, s.tile_size, s.tile_overlap, batch, fit=True)
         self.steps = default_steps(cfg) if s.default_steps is None else s.default_steps
         if not 0 <= self.steps <= cfg.timesteps:
             raise ValueError(f"SAMDIFFSR_DEFAULT_STEPS={self.steps} is outside 0..{cfg.timesteps} "
                              "(the checkpoint's timesteps)")
         self.sampler = default_sampler(cfg)
         self.batcher = Batcher(rt, BatcherConfig(
-            max_batch_tiles=s.max_tiles_per_batch, max_active_tiles=s.active_tiles,
+            max_batch_tiles=batch, max_active_tiles=max(batch, s.active_tiles(batch)),
             max_wait_s=s.max_batch_wait_ms / 1000, max_queue=s.max_queue, continuous=s.continuous_batching,
             reproducible=s.reproducible, retry_after_s=s.retry_after_s), self.metrics)
         self.batcher.start()
         self.metrics.set_model(rt.info.name, rt.backend, str(rt.device))
         self.metrics.track_gpu_memory(str(rt.device))
         threading.Thread(target=self._warmup, name="samdiffsr-warmup", daemon=True).start()
-        log.info("serving %s (%s on %s), tile %d, batch %d, default %d %s steps", rt.info.name, rt.backend,
-                 rt.device, s.tile_size, s.max_tiles_per_batch, self.steps, self.sampler)
+        log.info("serving %s (%s %s on %s), tile %d, %s, default %d %s steps", rt.info.name, rt.backend,
+                 getattr(rt, "precision", "fp32"), rt.device, s.tile_size, self.sizing, self.steps, self.sampler)
 
     def _warmup(self) -> None:
         """One full-size tile through the worker, so the first request does not pay for set-up."""
@@ -166,6 +170,7 @@ class ModelCard(BaseModel):
     tile_size: int
     tile_overlap: int
     max_tiles_per_batch: int
+    precision: str
     continuous_batching: bool
     reproducible: bool
     ready: bool
@@ -248,7 +253,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             name=rt.info.name, scale=rt.config.scale, backend=rt.backend, device=str(rt.device),
             default_steps=service.steps, default_sampler=service.sampler, max_steps=rt.config.timesteps,
             tile_size=settings.tile_size, tile_overlap=settings.tile_overlap,
-            max_tiles_per_batch=settings.max_tiles_per_batch, continuous_batching=settings.continuous_batching,
+            max_tiles_per_batch=service.sizing.batch, precision=getattr(rt, "precision", "fp32"),
+            continuous_batching=settings.continuous_batching,
             reproducible=settings.reproducible, ready=service.ready.is_set(), provenance=rt.info.provenance)])
 
     @app.post(

@@ -11,8 +11,10 @@ of vLLM v1's `Scheduler` / `EngineCore.step`:
 Decisions made here: the queue limit; dropping cancelled requests and requests past their deadline;
 admitting new tiles into the active set, round-robin across requests, each up to a fair share of it;
 choosing at most `batch_limit` active tiles of one tile shape, round-robin across requests (most
-advanced tiles of a request first); halving the batch limit after an out-of-memory error and doubling it
-back after a run of successful calls; and how long an idle worker waits for company.
+advanced tiles of a request first; when the requests outnumber the batch, those served longest ago first,
+so a batch of one tile alternates between requests instead of finishing the oldest first); halving the
+batch limit after an out-of-memory error and doubling it back after a run of successful calls; and how long
+an idle worker waits for company.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class _State:
     next_tile: int = 0  # tiles below it were handed to the encoder
     active: dict[int, int] = field(default_factory=dict)  # tile index -> denoiser steps left
     done: int = 0
+    last_call: int = -1  # number of the last denoiser call that advanced it (-1: none yet)
 
 
 class Scheduler:
@@ -124,6 +127,7 @@ class Scheduler:
         self._ok_calls = 0
         self._state: dict[Request, _State] = {}  # accepted and unfinished, in arrival order
         self._last_shape: Shape | None = None
+        self._calls = 0  # denoiser calls recorded so far
 
     # ------------------------------------------------------------------ the queue
 
@@ -248,6 +252,8 @@ class Scheduler:
             shape = shapes[(shapes.index(self._last_shape) + 1) % len(shapes)]
         self._last_shape = shape
         lists = [q for s, q in queues if s == shape]
+        if len(lists) > self.batch_limit:  # not every request fits: least recently served first
+            lists.sort(key=lambda q: self._state[q[0][0]].last_call)
         batch: list[Item] = []
         depth = 0
         while len(batch) < self.batch_limit and any(depth < len(q) for q in lists):
@@ -290,9 +296,12 @@ class Scheduler:
                     "out of accelerator memory with a batch of one tile", self.config.retry_after_s))
         for call in result.calls:
             reqs = list(dict.fromkeys(req for req, _ in call))
+            self._calls += 1
             for req in reqs:
                 req.calls += 1
                 req.shared_calls += len(reqs) > 1
+                if req in self._state:
+                    self._state[req].last_call = self._calls
             for req, i in call:
                 s = self._state.get(req)
                 if s is None or i not in s.active:

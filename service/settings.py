@@ -25,20 +25,24 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(Path("checkpoints/default"),
                              description="Checkpoint directory (our format) or an original .ckpt file.")
     backend: Literal["torch", "torchscript", "onnx"] = Field("torch", description="Inference backend.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="The denoiser's compute "
+                                                               "precision (torch backend); auto: the measured "
+                                                               "default for the device (model/runtime.py).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     default_steps: int | None = Field(None, ge=0, description="Default sampling steps "
                                       "(default: the checkpoint's extras['default_steps'], else 20).")
     # --- tiling and batching
     tile_size: int = Field(64, ge=8, le=1024, description="LR tile size in pixels (output tiles are 4x).")
     tile_overlap: int = Field(8, ge=0, description="LR overlap between neighbouring tiles.")
-    max_tiles_per_batch: int = Field(8, ge=1, le=1024, description="Most tiles in one denoiser call.")
+    max_tiles_per_batch: int | None = Field(None, ge=1, le=1024, description="Most tiles in one denoiser call "
+                                            "(default: what suits the device, model/sizing.py).")
     max_active_tiles: int | None = Field(None, ge=1, description="Most tiles being sampled at once "
                                          "(encoded, in memory); default 2 x max_tiles_per_batch.")
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long an idle worker waits "
                                      "for more requests before its first step.")
     continuous_batching: bool = Field(True, description="Step-level batching across requests; false runs "
                                       "one request at a time (its own tiles still batched).")
-    reproducible: bool = Field(True, description="Pad every denoiser call to max_tiles_per_batch so "
+    reproducible: bool = Field(True, description="Pad every denoiser call to the batch size so "
                                "a request's output does not depend on what it was batched with.")
     # --- limits
     max_queue: int = Field(32, ge=1, description="Most requests accepted at once (waiting or being "
@@ -92,13 +96,14 @@ class Settings(BaseSettings):
         if self.tile_overlap * 2 > self.tile_size:
             raise ValueError(f"SAMDIFFSR_TILE_OVERLAP ({self.tile_overlap}) must be at most half of "
                              f"SAMDIFFSR_TILE_SIZE ({self.tile_size})")
-        if self.max_active_tiles is not None and self.max_active_tiles < self.max_tiles_per_batch:
+        if (self.max_active_tiles is not None and self.max_tiles_per_batch is not None
+                and self.max_active_tiles < self.max_tiles_per_batch):
             raise ValueError("SAMDIFFSR_MAX_ACTIVE_TILES must be at least SAMDIFFSR_MAX_TILES_PER_BATCH")
         return self
 
-    @property
-    def active_tiles(self) -> int:
-        return self.max_active_tiles or 2 * self.max_tiles_per_batch
+    def active_tiles(self, batch: int) -> int:
+        """The active set for a chosen batch size (`max_active_tiles`, else 2 x batch)."""
+        return self.max_active_tiles or 2 * batch
 
 
 def describe_error(err: ValidationError) -> str:

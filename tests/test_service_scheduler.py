@@ -223,3 +223,15 @@ def test_idle_worker_waits_for_company_but_not_when_a_batch_is_full():
     tick(s2, NOW + 0.1)
     s2.add(req(1))
     assert s2.wait_s(NOW + 0.1) == 0  # busy: never waits between steps
+
+
+def test_a_batch_of_one_alternates_between_requests_newest_first():
+    s = make(max_batch_tiles=1, max_active_tiles=4)
+    big = req(3, steps=4)
+    s.add(big)
+    tick(s)
+    small = req(1, steps=2)
+    s.add(small)
+    order = [tick(s)[0].step[0][0] for _ in range(4)]
+    assert order == [small, big, small, big]  # not: every call to the oldest request until it is done
+    assert small not in s

@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="centre-crop HR images to at most NxN first, to keep CPU runs short (default: 0 = off)")
     p.add_argument("--max-images", type=int, default=0, help="only the first N images by name (default: all)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto (default: cpu)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                   help="the denoiser's compute precision (default: fp32)")
     p.add_argument("--out", type=Path, help="write eval.md and eval.json here")
     p.add_argument("--crops", action="store_true", help="also write side-by-side crops to OUT/crops/")
     p.add_argument("--crop-size", type=int, default=128, help="HR size of those crops (default: 128)")
@@ -59,7 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = EvalOptions(
         checkpoint=args.checkpoint, hr_dir=args.hr_dir, device=args.device, hr_crop=args.hr_crop,
         max_images=args.max_images, crops_dir=args.out / "crops" if args.crops else None,
-        crop_size=args.crop_size,
+        crop_size=args.crop_size, precision=args.precision,
         sampler=SamplerSettings(sampler=args.sampler, steps=args.steps or (), eta=args.eta, seed=args.seed,
                                 tile=args.tile, overlap=args.overlap, max_batch=args.max_batch))
     try:

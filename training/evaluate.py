@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from model.diffusion import timestep_plan
 from model.imaging import decode_image, list_images
 from model.loading import load_any
-from model.runtime import TorchRuntime, resolve_device
+from model.runtime import TorchRuntime, resolve_device, resolve_precision
 from model.upscale import Upscaler, default_steps
 from training.degrade import crop_to_multiple, make_lr_numpy
 from training.metrics import psnr_y, quantize8, ssim_y
@@ -108,10 +108,10 @@ class SamplerSettings:
 class Models:
     """A checkpoint, run through `model.upscale.Upscaler` (the one inference path) on the torch backend."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", precision: str = "fp32") -> None:
         net, self.info = load_any(checkpoint, "cpu")
         self.device = resolve_device(device)
-        self.runtime = TorchRuntime(net, self.info, self.device)
+        self.runtime = TorchRuntime(net, self.info, self.device, resolve_precision(precision, self.device))
         self.config = self.info.config
 
     def upscale(self, lr01: np.ndarray, s: SamplerSettings, steps: int) -> np.ndarray:
@@ -133,6 +133,7 @@ class EvalOptions:
     max_images: int = 0  # evaluate only the first N images by name (0 = all)
     crops_dir: Path | None = None  # write side-by-side crops here, and all of them stacked: contact-sheet.png
     crop_size: int = 128  # HR size of those crops
+    precision: str = "fp32"  # the denoiser's (model.runtime.PRECISIONS)
 
     def command(self) -> str:
         """The `samdiffsr eval` command line that reproduces this evaluation."""
@@ -146,6 +147,8 @@ class EvalOptions:
             args += ["--hr-crop", str(self.hr_crop)]
         if self.max_images:
             args += ["--max-images", str(self.max_images)]
+        if self.precision != "fp32":
+            args += ["--precision", self.precision]
         return shlex.join(args)
 
 
@@ -272,7 +275,7 @@ def side_by_side(hr: np.ndarray, outputs: dict[str, np.ndarray], crop_size: int)
 def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -> EvalReport:
     """Run the evaluation; `progress` gets one line per image."""
     torch.manual_seed(opts.sampler.seed)
-    models = Models(opts.checkpoint, opts.device)
+    models = Models(opts.checkpoint, opts.device, opts.precision)
     if not opts.sampler.steps:
         opts.sampler.steps = (0, default_steps(models.config))
     for steps in opts.sampler.steps:
