@@ -7,11 +7,14 @@ import time
 import torch
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """GFLOP/s of an n x n matmul in `dtype` on the CPU (one warm-up, then `repeats` timed)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
+    """GFLOP/s of an n x n matmul in `dtype` on `device` (one warm-up, then `repeats` timed)."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync()
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9

@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=64, help="LR tile size")
     p.add_argument("--overlap", type=int, default=8, help="LR overlap between tiles")
+    p.add_argument("--snug-tiles", action=argparse.BooleanOptionalAction, default=True,
+                   help="size the tiles to each image (up to 1.25x --tile) so that it needs fewer (default: on)")
     p.add_argument("--batch", type=int, help="tiles per denoiser call (default: what suits the device, "
                    "model/sizing.py)")
     p.add_argument("--backend", choices=["torch", "torchscript", "onnx"], default="torch")
@@ -133,7 +135,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from model.diffusion import timestep_plan
     from model.imaging import ImageDecodeError, decode_image, format_for, save_image
     from model.runtime import load_runtime
-    from model.sizing import choose_batch
+    from model.sizing import SNUG_GROW, choose_batch
     from model.upscale import Upscaler, default_steps
 
     src, dst = Path(args.input), Path(args.output)
@@ -145,7 +147,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             format_for(dst)
         runtime = load_runtime(args.checkpoint, args.backend, args.device, precision=args.precision)
         batch = choose_batch(runtime, (args.tile, args.tile), args.batch).batch
-        upscaler = Upscaler(runtime, tile=args.tile, overlap=args.overlap, max_batch=batch)
+        upscaler = Upscaler(runtime, tile=args.tile, overlap=args.overlap, max_batch=batch,
+                            grow=SNUG_GROW if args.snug_tiles else 1.0)
         steps = args.steps or default_steps(runtime.config)
         timestep_plan(runtime.config.timesteps, steps)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:

@@ -7,7 +7,8 @@
   free memory is shared out with a safety margin, capped at `GPU_MAX_BATCH`. Where the estimate is wrong the
   service's scheduler halves the batch after an out-of-memory error, as before.
 
-A batch given explicitly (`--batch`, `SAMDIFFSR_MAX_TILES_PER_BATCH`) always wins.
+A batch given explicitly (`--batch`, `SAMDIFFSR_MAX_TILES_PER_BATCH`) always wins. `SNUG_GROW` is how far a tile
+may grow so that an image needs fewer tiles (the CLI's default; the service's `SAMDIFFSR_SNUG_TILES`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ CPU_LR_PIXELS_PER_CALL = 64 * 64
 GPU_MAX_BATCH = 128
 GPU_MEMORY_FRACTION = 0.7  # of the free memory, for the denoiser's activations
 FALLBACK_GPU_BATCH = 16  # when the memory cannot be measured (ONNX Runtime, TorchScript)
+SNUG_GROW = 1.25  # snug tiles (`model.tiling.plan_tiles(grow=...)`) are at most this much longer than a tile
 
 
 @dataclass(frozen=True)

@@ -34,24 +34,25 @@ class Upscaler:
     """Upscale images tile by tile; tiles of one image are sampled together in batches.
 
     `tile=0` samples each image whole (one tile, padded to a square of the model's size multiple).
-    `fit=True` gives thin or small images tiles that fit them (`model.tiling.plan_tiles`)."""
+    `fit=True` gives thin or small images tiles that fit them, `grow` > 1 tiles sized to each image
+    (`model.tiling.plan_tiles`)."""
 
     def __init__(self, runtime: Runtime, tile: int = 64, overlap: int = 8, max_batch: int = 16,
-                 fit: bool = False) -> None:
+                 fit: bool = False, grow: float = 1.0) -> None:
         cfg = runtime.config
         if tile:
             plan_tiles(1, 1, tile, overlap, cfg.scale, cfg.lr_multiple)  # validates tile and overlap
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.runtime = runtime
-        self.tile, self.overlap, self.max_batch, self.fit = tile, overlap, max_batch, fit
+        self.tile, self.overlap, self.max_batch, self.fit, self.grow = tile, overlap, max_batch, fit, grow
 
     def plan(self, height: int, width: int) -> TileGrid:
         cfg = self.runtime.config
         if not self.tile:
             m = cfg.lr_multiple
             return plan_tiles(height, width, -(-max(height, width) // m) * m, 0, cfg.scale, m)
-        return plan_tiles(height, width, self.tile, self.overlap, cfg.scale, cfg.lr_multiple, self.fit)
+        return plan_tiles(height, width, self.tile, self.overlap, cfg.scale, cfg.lr_multiple, self.fit, self.grow)
 
     def prepare(self, rgb: np.ndarray) -> tuple[TileGrid, Tensor, Tensor]:
         """(H, W, 3) RGB in [0, 1] -> the tile grid, encoder-input tiles and up(LR) tiles (both in [-1, 1])."""

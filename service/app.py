@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from model.imaging import MEDIA_TYPES
 from model.runtime import Runtime, load_runtime
-from model.sizing import Sizing, choose_batch
+from model.sizing import SNUG_GROW, Sizing, choose_batch
 from model.upscale import Upscaler, default_sampler, default_steps
 from service import intake
 from service.admission import MB, MemoryBudget
@@ -92,7 +92,8 @@ class Service:
         cfg = rt.config
         self.sizing = choose_batch(rt, (s.tile_size, s.tile_size), s.max_tiles_per_batch)
         batch = self.sizing.batch
-        self.upscaler = Upscaler(rt, s.tile_size, s.tile_overlap, batch, fit=True)
+        self.upscaler = Upscaler(rt, s.tile_size, s.tile_overlap, batch, fit=True,
+                                 grow=SNUG_GROW if s.snug_tiles else 1.0)
         self.steps = default_steps(cfg) if s.default_steps is None else s.default_steps
         if not 0 <= self.steps <= cfg.timesteps:
             raise ValueError(f"SAMDIFFSR_DEFAULT_STEPS={self.steps} is outside 0..{cfg.timesteps} "

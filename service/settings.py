@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     # --- tiling and batching
     tile_size: int = Field(64, ge=8, le=1024, description="LR tile size in pixels (output tiles are 4x).")
     tile_overlap: int = Field(8, ge=0, description="LR overlap between neighbouring tiles.")
+    snug_tiles: bool = Field(False, description="Size each image's tiles to it (up to 1.25 x tile_size) so that it "
+                             "needs fewer tiles; tiles of different sizes do not share a denoiser call.")
     max_tiles_per_batch: int | None = Field(None, ge=1, le=1024, description="Most tiles in one denoiser call "
                                             "(default: what suits the device, model/sizing.py).")
     max_active_tiles: int | None = Field(None, ge=1, description="Most tiles being sampled at once "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,15 @@ def test_upscale_command_sizes_the_batch_and_takes_a_precision(tiny_checkpoint: 
     args = ["upscale", str(photo), str(out), "--checkpoint", str(tiny_checkpoint), "--steps", "1", "--tile", "64"]
     assert main([*args, "--precision", "bf16"]) == 0 and out.stat().st_size > 0
     assert main([*args, "--backend", "onnx", "--precision", "bf16"]) == 2
+
+
+@pytest.mark.parametrize("size", [70, 128, 256, 300])
+def test_snug_tiles_cover_the_image_with_fewer_tiles_and_stitch_exactly(size: int) -> None:
+    from model.tiling import stitch
+
+    snug, plain = plan_tiles(size, size, 64, 8, grow=1.25), plan_tiles(size, size, 64, 8)
+    assert len(snug) < len(plain) and 64 <= snug.tile <= 80 and snug.tile % 2 == 0
+    assert snug.ys[-1] + snug.tile == size and all(b - a <= snug.tile - 8 for a, b in pairwise(snug.ys))
+    hr = torch.rand(3, 4 * size, 4 * size)
+    tiles = torch.stack([hr[:, 4 * y:4 * (y + snug.tile), 4 * x:4 * (x + snug.tile)] for y, x in snug.origins])
+    assert torch.allclose(stitch(tiles, snug), hr, atol=1e-6)
