@@ -30,8 +30,9 @@ BACKENDS = ("torch", "torchscript", "onnx")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What `precision="auto"` picks per device type: reduced precision only where it was measured to cost at most
-# 0.05 dB PSNR-Y on corpus-hr/val and to be faster (README, "Serving efficiency"); CUDA is unmeasured.
-AUTO_PRECISION = {"cpu": "fp32", "cuda": "fp32"}
+# 0.05 dB PSNR-Y on corpus-hr/val and to be faster (README, "Serving efficiency"); CUDA is unmeasured. bf16 on
+# a CPU only where oneDNN has native bf16 (AVX512-BF16 or AMX); elsewhere it is emulated and slower.
+AUTO_PRECISION = {"cpu": "bf16", "cuda": "fp32"}
 
 
 class Runtime(Protocol):
@@ -182,6 +183,8 @@ def resolve_precision(precision: str, device: torch.device, backend: str = "torc
     """`auto` -> the measured default for the device (`AUTO_PRECISION`); checks the backend supports it."""
     if precision == "auto":
         precision = AUTO_PRECISION.get(device.type, "fp32") if backend == "torch" else "fp32"
+        if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            precision = "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from auto, {', '.join(PRECISIONS)}")
     if precision != "fp32" and backend != "torch":
