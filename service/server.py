@@ -52,7 +52,7 @@ def serve(settings: Settings) -> int:
     log_config = setup_logging(settings.log_format, settings.log_level)
     try:
         runtime = load_runtime(settings.checkpoint, settings.backend, settings.device,
-                               threads=settings.torch_threads)
+                               threads=settings.torch_threads, precision=settings.precision)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: cannot load {settings.checkpoint} (backend {settings.backend}, device {settings.device}): "
               f"{e}", file=sys.stderr)
