@@ -163,6 +163,10 @@ def test_bad_setups_are_clear_errors(rrdb_run: Path, dataset: Path, tmp_path: Pa
              **{"diffusion.rrdb_checkpoint": str(rrdb_run / "checkpoint")})
     with pytest.raises(ValueError, match="prediction must be one of"):
         _run(dataset, tmp_path, "rrdb", tmp_path / "b", 2, **{"model.overrides.prediction": "noise"})
+    # Stage 1 trains only the encoder: the diffusion's target may be chosen after it started.
+    _run(dataset, tmp_path, "rrdb", tmp_path / "c", 2)
+    _run(dataset, tmp_path, "rrdb", tmp_path / "c", 3, **{"model.overrides.prediction": "sample"})
+    assert len(_losses(tmp_path / "c")) == 3
     with pytest.raises(ValueError, match="another model config"):
         _run(dataset, tmp_path, "rrdb", rrdb_run, 6, **{"model.overrides.rrdb_num_feat": "12"})
 

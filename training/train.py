@@ -69,13 +69,24 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
             raise ValueError("stage 2 needs diffusion.rrdb_checkpoint (a stage-1 checkpoint)")
         pre, info = load_any(src)
         a, b = info.config, mcfg
-        keys = ("scale", "rrdb_num_block", "rrdb_num_feat", "rrdb_growth")
+        keys = ENCODER_FIELDS[:4]
         if any(getattr(a, k) != getattr(b, k) for k in keys):
             raise ValueError(f"{src}: its RRDB ({[getattr(a, k) for k in keys]}) does not match this "
                              f"config's ({[getattr(b, k) for k in keys]})")
         net.rrdb.load_state_dict(pre.rrdb.state_dict())
         net.rrdb.requires_grad_(False)
     return net
+
+
+ENCODER_FIELDS = ("scale", "rrdb_num_block", "rrdb_num_feat", "rrdb_growth", "lr_up_divisor")
+
+
+def same_trained_network(a: ModelConfig, b: ModelConfig, stage: Stage) -> bool:
+    """Whether a run saved with config `a` can go on with `b`: stage 1 trains only the encoder, so only the
+    encoder's fields must agree there (the diffusion's target and base may be chosen later)."""
+    if stage == "rrdb":
+        return all(getattr(a, k) == getattr(b, k) for k in ENCODER_FIELDS)
+    return a == b
 
 
 class Trainer:
@@ -139,7 +150,7 @@ class Trainer:
         saved = json.loads(path.read_text())
         if saved.get("stage") != self.stage:
             raise ValueError(f"{self.state_dir} holds a {saved.get('stage')!r} run, not {self.stage!r}")
-        if "model" in saved and ModelConfig.from_dict(saved["model"]) != self.mcfg:
+        if "model" in saved and not same_trained_network(ModelConfig.from_dict(saved["model"]), self.mcfg, self.stage):
             raise ValueError(f"{self.state_dir} was trained with another model config; use --fresh or another --out")
         meta = load_training_state(self.state_dir, self.module, self.opt, self.ema, self.device)
         self.step, self.epoch, self.offset = meta["step"], meta["epoch"], meta["offset"]
