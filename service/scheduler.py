@@ -11,8 +11,9 @@ of vLLM v1's `Scheduler` / `EngineCore.step`:
 Decisions made here: the queue limit; dropping cancelled requests and requests past their deadline;
 admitting new tiles into the active set, round-robin across requests, each up to a fair share of it;
 choosing at most `batch_limit` active tiles of one tile shape, round-robin across requests (most
-advanced tiles of a request first; when the requests outnumber the batch, those served longest ago first,
-so a batch of one tile alternates between requests instead of finishing the oldest first); halving the
+advanced tiles of a request first; when the requests outnumber the batch, those with the least work left
+first, so that a small request is not stuck behind a large one, except that a request passed over for
+`STARVE_AFTER` calls goes first); halving the
 batch limit after an out-of-memory error and doubling it back after a run of successful calls; and how long
 an idle worker waits for company.
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from service.errors import Cancelled, DeadlineExceeded, OutOfMemory, QueueFull, ServiceError
 
 Shape = tuple[int, int]
+STARVE_AFTER = 4  # denoiser calls a request with tiles ready may be passed over before it goes first
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class _State:
     active: dict[int, int] = field(default_factory=dict)  # tile index -> denoiser steps left
     done: int = 0
     last_call: int = -1  # number of the last denoiser call that advanced it (-1: none yet)
+    waiting_since: int = 0  # number of denoiser calls recorded when it was accepted
 
 
 class Scheduler:
@@ -148,7 +151,7 @@ class Scheduler:
         if len(self._state) >= self.config.max_queue:
             raise QueueFull(f"the queue is full ({self.config.max_queue} requests in progress); retry later",
                             retry_after_s=self.config.retry_after_s)
-        self._state[req] = _State()
+        self._state[req] = _State(waiting_since=self._calls)
 
     def remove(self, req: Request) -> bool:
         """Forget a request (finished elsewhere, cancelled); False if it was not here."""
@@ -252,8 +255,8 @@ class Scheduler:
             shape = shapes[(shapes.index(self._last_shape) + 1) % len(shapes)]
         self._last_shape = shape
         lists = [q for s, q in queues if s == shape]
-        if len(lists) > self.batch_limit:  # not every request fits: least recently served first
-            lists.sort(key=lambda q: self._state[q[0][0]].last_call)
+        if len(lists) > self.batch_limit:  # not every request fits: least work left first, unless starved
+            lists.sort(key=self._priority)
         batch: list[Item] = []
         depth = 0
         while len(batch) < self.batch_limit and any(depth < len(q) for q in lists):
@@ -262,6 +265,14 @@ class Scheduler:
                     batch.append(q[depth])
             depth += 1
         return batch
+
+    def _priority(self, queue: list[Item]) -> tuple[int, int, int]:
+        """Sort key of a request's queue of ready tiles: starved first, then least tile-steps left."""
+        req = queue[0][0]
+        s = self._state[req]
+        starved = self._calls - max(s.last_call, s.waiting_since) >= STARVE_AFTER
+        left = sum(s.active.values()) + (req.n_tiles - s.next_tile) * req.steps
+        return (0 if starved else 1, left, s.last_call)
 
     # ------------------------------------------------------------------ recording
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.errors import Cancelled, DeadlineExceeded, OutOfMemory, QueueFull, WorkerError
-from service.scheduler import BatcherConfig, Request, Scheduler, StepPlan, StepResult
+from service.scheduler import STARVE_AFTER, BatcherConfig, Request, Scheduler, StepPlan, StepResult
 
 NOW = 1000.0
 
@@ -225,13 +225,18 @@ def test_idle_worker_waits_for_company_but_not_when_a_batch_is_full():
     assert s2.wait_s(NOW + 0.1) == 0  # busy: never waits between steps
 
 
-def test_a_batch_of_one_alternates_between_requests_newest_first():
+def test_a_batch_of_one_serves_the_least_work_first_but_never_starves_a_request():
     s = make(max_batch_tiles=1, max_active_tiles=4)
     big = req(3, steps=4)
     s.add(big)
     tick(s)
     small = req(1, steps=2)
     s.add(small)
-    order = [tick(s)[0].step[0][0] for _ in range(4)]
-    assert order == [small, big, small, big]  # not: every call to the oldest request until it is done
+    order = [tick(s)[0].step[0][0] for _ in range(3)]
+    assert order == [small, small, big]  # not: every call to the oldest request until it is done
     assert small not in s
+    many = [req(1, steps=8) for _ in range(3)]
+    for r in many:
+        s.add(r)
+    order = [tick(s)[0].step[0][0] for _ in range(2 * STARVE_AFTER + 2)]
+    assert big in order  # passed over for the smaller ones at most STARVE_AFTER calls in a row
