@@ -59,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                 post(client, small, args.steps, 0)  # warm-up
                 idle = [post(client, small, args.steps, i) for i in range(args.repeats)]
                 big: list[float] = []
-                worker = threading.Thread(target=lambda: big.append(post(httpx.Client(
-                    base_url=server.url, timeout=900), large, args.steps, 1)))
+
+                def send_large() -> None:
+                    with httpx.Client(base_url=server.url, timeout=900) as other:
+                        big.append(post(other, large, args.steps, 1))
+
+                worker = threading.Thread(target=send_large)
                 worker.start()
                 time.sleep(0.5)
                 loaded = []
