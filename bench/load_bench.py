@@ -21,7 +21,6 @@ import io
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,10 +30,16 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from PIL import Image
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.checkpoint import save_random_checkpoint
+from model.config import PRESETS
+from service.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "corpus-hr" / "val"
@@ -98,9 +103,6 @@ def parse_ints(text: str) -> list[int]:
 def make_images(images_dir: Path, sizes: list[tuple[int, int]]) -> tuple[list[tuple[str, bytes]], str]:
     """PNG centre crops of every size from every *.png in `images_dir` (sizes alternate, so that every
     concurrency level gets a mix); a synthetic pattern for a size no image is large enough for."""
-    import numpy as np
-    from PIL import Image
-
     paths = sorted(images_dir.glob("*.png")) if images_dir.is_dir() else []
     out = []
     for path in paths:
@@ -127,9 +129,6 @@ def _png(img: Image.Image) -> bytes:
 
 def random_checkpoint(out: Path, preset: str) -> Path:
     """A randomly initialised model of `preset` in our checkpoint format (seed 0)."""
-    from model.checkpoint import save_random_checkpoint
-    from model.config import PRESETS
-
     return save_random_checkpoint(out / preset, PRESETS[preset], f"{preset}-random",
                                   provenance={"source": "bench/load_bench.py, random weights"})
 
@@ -137,54 +136,8 @@ def random_checkpoint(out: Path, preset: str) -> Path:
 # ----------------------------------------------------------------------------- the server
 
 
-class Server:
-    """`samdiffsr serve` in a subprocess with SAMDIFFSR_* settings; stopped with SIGTERM."""
-
-    def __init__(self, checkpoint: Path, env: dict[str, str], log_path: Path) -> None:
-        from service.testing import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full = {k: v for k, v in os.environ.items() if not k.startswith("SAMDIFFSR_")}
-        full.update(env)
-        self.command = [sys.executable, "-m", "samdiffsr", "serve", "--checkpoint", str(checkpoint),
-                        "--host", "127.0.0.1", "--port", str(self.port)]
-        self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, env=full, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float) -> None:
-        from service.testing import wait_ready
-
-        def check_alive() -> None:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n{self.log_tail()}")
-
-        try:
-            wait_ready(self.url, timeout, check_alive)
-        except TimeoutError as e:
-            raise TimeoutError(f"{e}:\n{self.log_tail()}") from None
-
-    def log_tail(self, lines: int = 30) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-
-
 def scrape(url: str) -> dict[str, float]:
     """The metrics the table uses, summed over their labels."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
     wanted = {"samdiffsr_batch_tiles_sum", "samdiffsr_batch_tiles_count",
               "samdiffsr_denoiser_call_duration_seconds_sum", "samdiffsr_queue_wait_seconds_sum",
               "samdiffsr_queue_wait_seconds_count"}
@@ -202,8 +155,6 @@ def scrape(url: str) -> dict[str, float]:
 def run_level(url: str, images: list[tuple[str, bytes]], concurrency: int, n_requests: int, steps: int,
               timeout_s: float) -> tuple[list[Result], float]:
     """`n_requests` requests from `concurrency` threads, closed loop. Returns results and wall time."""
-    import httpx
-
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     with httpx.Client(base_url=url, timeout=timeout_s, limits=limits) as client:
 
@@ -259,11 +210,9 @@ def bench_mode(mode: str, checkpoint: Path, args: argparse.Namespace, images: li
         env["SAMDIFFSR_TORCH_THREADS"] = str(args.torch_threads)
     if args.max_tiles_per_batch:  # 0: the service sizes it (model/sizing.py)
         env["SAMDIFFSR_MAX_TILES_PER_BATCH"] = str(args.max_tiles_per_batch)
-    server = Server(checkpoint, env, workdir / f"server-{mode}.log")
+    server = ServerProcess(checkpoint, env, workdir / f"server-{mode}.log", cwd=ROOT)
     try:
         server.wait_ready(args.ready_timeout)
-        import httpx
-
         if "model" not in info:
             info["model"] = httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"][0]
         # Warm-up, not counted: every distinct input once.
@@ -289,8 +238,6 @@ def bench_mode(mode: str, checkpoint: Path, args: argparse.Namespace, images: li
 
 
 def environment(args: argparse.Namespace, info: dict, checkpoint_desc: str, images_desc: str) -> list[str]:
-    import torch
-
     def git(*cmd: str) -> str:
         try:
             return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()

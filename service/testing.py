@@ -1,11 +1,17 @@
-"""Run a real uvicorn server on loopback in a background thread (tests, benchmarks)."""
+"""Run a real server on loopback (tests, benchmarks): uvicorn in a background thread (`LiveServer`), or
+`samdiffsr serve` in a subprocess (`ServerProcess`)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -72,3 +78,42 @@ class LiveServer:
         self.server.should_exit = True
         self._thread.join(60)
         self._sock.close()
+
+
+class ServerProcess:
+    """`samdiffsr serve` in a subprocess with SAMDIFFSR_* settings; stopped with SIGTERM."""
+
+    def __init__(self, checkpoint: Path, env: dict[str, str], log_path: Path, cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full = {k: v for k, v in os.environ.items() if not k.startswith("SAMDIFFSR_")}
+        full.update(env)
+        self.command = [sys.executable, "-m", "samdiffsr", "serve", "--checkpoint", str(checkpoint),
+                        "--host", "127.0.0.1", "--port", str(self.port)]
+        self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(self.command, cwd=cwd, env=full, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float) -> None:
+        def check_alive() -> None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n{self.log_tail()}")
+
+        try:
+            wait_ready(self.url, timeout, check_alive)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}:\n{self.log_tail()}") from None
+
+    def log_tail(self, lines: int = 30) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
