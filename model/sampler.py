@@ -100,10 +100,10 @@ def start_tracks(
 
 def track_image(tr: Track, cfg: ModelConfig) -> Tensor:
     """A finished track's SR image (3, H, W), nominally in [-1, 1] (not clamped), on the CPU."""
+    base = tr.base.detach().to("cpu", torch.float32)
     if not tr.plan:
-        return tr.base.detach().to("cpu", torch.float32)
-    x0 = tr.x.detach().to("cpu", torch.float32)
-    return res2img(x0, tr.base.detach().to("cpu", torch.float32), cfg.res_rescale, cfg.clip_input)
+        return base
+    return res2img(tr.x.detach().to("cpu", torch.float32), base, cfg.res_rescale, cfg.clip_input)
 
 
 def step_tracks(denoise: DenoiseFn, sched: Schedule, tracks: Sequence[Track], prediction: str = "epsilon") -> None:

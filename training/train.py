@@ -58,6 +58,10 @@ from training.validation import bicubic_psnr, validate
 log = logging.getLogger(__name__)
 
 
+RRDB_SHAPE = ("scale", "rrdb_num_block", "rrdb_num_feat", "rrdb_growth")  # what a stage-1 checkpoint must match
+ENCODER_FIELDS = (*RRDB_SHAPE, "lr_up_divisor")  # what a resumed stage-1 run must keep
+
+
 def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
     """A fresh network; for stage 2 with the stage-1 RRDB loaded and frozen."""
     mcfg: ModelConfig = cfg.model.build()
@@ -69,16 +73,13 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
             raise ValueError("stage 2 needs diffusion.rrdb_checkpoint (a stage-1 checkpoint)")
         pre, info = load_any(src)
         a, b = info.config, mcfg
-        keys = ENCODER_FIELDS[:4]
+        keys = RRDB_SHAPE
         if any(getattr(a, k) != getattr(b, k) for k in keys):
             raise ValueError(f"{src}: its RRDB ({[getattr(a, k) for k in keys]}) does not match this "
                              f"config's ({[getattr(b, k) for k in keys]})")
         net.rrdb.load_state_dict(pre.rrdb.state_dict())
         net.rrdb.requires_grad_(False)
     return net
-
-
-ENCODER_FIELDS = ("scale", "rrdb_num_block", "rrdb_num_feat", "rrdb_growth", "lr_up_divisor")
 
 
 def same_trained_network(a: ModelConfig, b: ModelConfig, stage: Stage) -> bool:
