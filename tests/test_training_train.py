@@ -181,9 +181,12 @@ def _env() -> dict[str, str]:
 
 def test_sigterm_writes_a_checkpoint_and_resumes(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    sets = _config(dataset, tmp_path, 100000, **{"val.every": "0", "data.repeat": "50"})
+    # With a loader worker, and the signal sent to the whole process group as Ctrl-C and `timeout` do: the
+    # worker must leave the stop to the trainer, not die and take the run down without a checkpoint.
+    sets = _config(dataset, tmp_path, 100000, **{"val.every": "0", "data.repeat": "50", "data.workers": "1"})
     args = _cli("rrdb", "--out", str(out), "--no-progress", *[x for s in sets for x in ("--set", s)])
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -191,7 +194,7 @@ def test_sigterm_writes_a_checkpoint_and_resumes(dataset: Path, tmp_path: Path) 
                 break
             assert proc.poll() is None, proc.stdout.read().decode()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         output = proc.communicate(timeout=60)[0].decode()
     finally:
         if proc.poll() is None:

@@ -88,6 +88,13 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: SIGINT/SIGTERM sent to the whole process group (Ctrl-C, `timeout`, a job
+    scheduler) are the main process's; it checkpoints and then shuts its workers down itself."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop checkpoints and returns at the next step boundary."""
 

@@ -45,6 +45,7 @@ from training.distributed import (
     ResumableSampler,
     StopFlag,
     bf16_supported,
+    ignore_stop_signals,
     init_distributed,
     pick_device,
     step_generator,
@@ -198,7 +199,8 @@ class Trainer:
             self.sampler.set_epoch(self.epoch)
             self.sampler.start = self.offset * dcfg.batch_size
             loader = DataLoader(self.dataset, batch_size=dcfg.batch_size, sampler=self.sampler, drop_last=True,
-                                num_workers=dcfg.workers, pin_memory=self.device.type == "cuda")
+                                num_workers=dcfg.workers, pin_memory=self.device.type == "cuda",
+                                worker_init_fn=ignore_stop_signals if dcfg.workers else None)
             for batch in loader:
                 yield batch
                 if self.step >= self.cfg.run.steps:
