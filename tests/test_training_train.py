@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -171,6 +173,19 @@ def test_bad_setups_are_clear_errors(rrdb_run: Path, dataset: Path, tmp_path: Pa
         _run(dataset, tmp_path, "rrdb", rrdb_run, 6, **{"model.overrides.rrdb_num_feat": "12"})
 
 
+def test_resume_with_a_larger_batch_goes_on_where_the_epoch_was(dataset: Path, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # 4 images, batch 2: step 3 stops one batch (2 samples) into epoch 1. With batch 4 an epoch is one batch, so
+    # those 2 samples round up to a whole epoch: it goes on with epoch 2 (it once looped on empty epochs forever).
+    out = tmp_path / "run"
+    _run(dataset, tmp_path, "rrdb", out, 3)
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        _run(dataset, tmp_path, "rrdb", out, 5, **{"data.batch_size": "4"})
+    assert "going on at batch 0 of epoch 2" in caplog.text
+    assert [s for s, _ in _losses(out)] == [1, 2, 3, 4, 5]
+    assert json.loads((out / "state" / "state.json").read_text())["batch_size"] == 4
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "samdiffsr", "train", *args]
 
@@ -201,8 +216,6 @@ def test_sigterm_writes_a_checkpoint_and_resumes(dataset: Path, tmp_path: Path) 
             proc.kill()
     assert proc.returncode == 0, output
     assert "stopped at step" in output
-    import json
-
     step = json.loads((out / "state" / "state.json").read_text())["step"]
     assert 3 <= step < 100000
     net, info = load_any(out / "checkpoint")

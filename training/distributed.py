@@ -88,11 +88,11 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: SIGINT/SIGTERM sent to the whole process group (Ctrl-C, `timeout`, a job
-    scheduler) are the main process's; it checkpoints and then shuts its workers down itself."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+def own_process_group(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the worker leaves the trainer's process group, so that SIGINT/SIGTERM sent to
+    the group (Ctrl-C, `timeout`, job schedulers) reach the trainer alone, which checkpoints and then shuts its
+    workers down. The loader can still terminate a worker, and a worker whose trainer died exits by itself."""
+    os.setpgid(0, 0)
 
 
 class StopFlag:

@@ -45,8 +45,8 @@ from training.distributed import (
     ResumableSampler,
     StopFlag,
     bf16_supported,
-    ignore_stop_signals,
     init_distributed,
+    own_process_group,
     pick_device,
     step_generator,
 )
@@ -119,7 +119,7 @@ class Trainer:
                                     weight_decay=cfg.optim.weight_decay)
         self.ema = EMA(self.module, cfg.optim.ema) if cfg.optim.ema > 0 else None
         self.amp = cfg.optim.amp and bf16_supported(device)
-        self.step = self.epoch = self.offset = 0
+        self.step = self.epoch = self.offset = self.epoch_samples = 0
         if resume:
             self._resume()
         self._load_data()
@@ -156,6 +156,9 @@ class Trainer:
             raise ValueError(f"{self.state_dir} was trained with another model config; use --fresh or another --out")
         meta = load_training_state(self.state_dir, self.module, self.opt, self.ema, self.device)
         self.step, self.epoch, self.offset = meta["step"], meta["epoch"], meta["offset"]
+        # Where in the epoch, in samples: the batch size or the number of processes may change on resume.
+        per_step = meta.get("batch_size", self.cfg.data.batch_size) * meta.get("world_size", self.d.world)
+        self.epoch_samples = self.offset * per_step
         if self.d.main:
             log.info("resumed %s at step %d (epoch %d, batch %d)", self.state_dir, self.step, self.epoch, self.offset)
         if self.d.enabled:
@@ -182,6 +185,14 @@ class Trainer:
         if self.batches_per_epoch < 1:
             raise ValueError(f"{len(self.dataset)} samples per epoch are fewer than one batch per process; "
                              "raise data.repeat")
+        offset = -(-self.epoch_samples // (dcfg.batch_size * d.world))  # the first batch not yet trained on
+        if offset != self.offset or offset >= self.batches_per_epoch:
+            if offset >= self.batches_per_epoch:
+                self.epoch, offset = self.epoch + 1, 0
+            if d.main:
+                log.info("batch size, processes or data changed since the saved state: going on at batch %d of "
+                         "epoch %d", offset, self.epoch)
+        self.offset = offset
         self.pairs = []
         if d.main and dcfg.val_dir is not None and cfg.val.every:
             self.pairs = val_pairs(dcfg.val_dir, dcfg.cache_dir, self.mcfg.scale, cfg.val.crop, cfg.val.max_images)
@@ -200,7 +211,7 @@ class Trainer:
             self.sampler.start = self.offset * dcfg.batch_size
             loader = DataLoader(self.dataset, batch_size=dcfg.batch_size, sampler=self.sampler, drop_last=True,
                                 num_workers=dcfg.workers, pin_memory=self.device.type == "cuda",
-                                worker_init_fn=ignore_stop_signals if dcfg.workers else None)
+                                worker_init_fn=own_process_group if dcfg.workers else None)
             for batch in loader:
                 yield batch
                 if self.step >= self.cfg.run.steps:
@@ -288,7 +299,8 @@ class Trainer:
         if self.d.main:
             cfg, dcfg = self.cfg, self.cfg.data
             meta = {"stage": self.stage, "step": self.step, "epoch": self.epoch, "offset": self.offset,
-                    "seed": self.seed, "world_size": self.d.world, "model": self.mcfg.to_dict()}
+                    "batch_size": dcfg.batch_size, "seed": self.seed, "world_size": self.d.world,
+                    "model": self.mcfg.to_dict()}
             save_training_state(self.state_dir, self.module, self.opt, self.ema, meta)
             training = {"stage": self.stage, "steps": self.step,
                         "structure": bool(self.stage == "diffusion" and cfg.diffusion.structure),
@@ -321,17 +333,26 @@ def train(cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = Tr
     """Train one stage into `out_dir`; returns the checkpoint directory (written by rank 0)."""
     trainer = Trainer(cfg, stage, out_dir, resume, progress)
     trainer.objective.train()
+    stopping = False
     with StopFlag() as stop:
-        for batch in trainer.batches():
-            trainer.set_lr()
-            loss = trainer.optimize(batch)
-            trainer.log(loss, trainer.validate())
-            stopping = trainer.should_stop(stop)
-            if trainer.due(cfg.run.checkpoint_every) or stopping:
-                trainer.save()
-            if stopping:
-                log.warning("stopped at step %d (%s); resume with the same command", trainer.step,
-                            "time budget" if trainer.out_of_time else "signal")
-                break
+        try:
+            for batch in trainer.batches():
+                trainer.set_lr()
+                loss = trainer.optimize(batch)
+                trainer.log(loss, trainer.validate())
+                stopping = trainer.should_stop(stop)
+                if trainer.due(cfg.run.checkpoint_every) or stopping:
+                    trainer.save()
+                if stopping:
+                    break
+        except RuntimeError:
+            if not stop.set:
+                raise
+            # A loader worker forked as the signal came got it too; every finished step is intact.
+            stopping = True
+            trainer.save()
+        if stopping:
+            log.warning("stopped at step %d (%s); resume with the same command", trainer.step,
+                        "time budget" if trainer.out_of_time else "signal")
     trainer.close()
     return trainer.out / "checkpoint"
