@@ -43,6 +43,8 @@ def service_metric_names() -> set[str]:
     m.errors.labels(kind="x").inc()
     m.requests.labels(route="/", method="GET", status="200").inc()
     m.request_duration.labels(route="/").observe(1)
+    m.jobs.labels(status="queued").set(0)
+    m.jobs_finished.labels(status="done").inc()
     return {s.name for fam in m.registry.collect() for s in fam.samples}
 
 
@@ -385,6 +387,10 @@ def test_kubernetes_manifests_fit_together() -> None:
     port_names = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert port_names == {"http": 8000} and c["args"] == ["--host", "0.0.0.0", "--port", "8000"]
     assert docs["Service"]["spec"]["ports"][0]["targetPort"] == "http"
+    # Jobs live in one replica: a client sticks to it for at least a job's lifetime.
+    svc = docs["Service"]["spec"]
+    assert svc["sessionAffinity"] == "ClientIP"
+    assert svc["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] >= Settings.model_fields["job_ttl_s"].default
     assert docs["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == docs["Service"]["spec"]["ports"][0]["name"]
     assert docs["ServiceMonitor"]["spec"]["endpoints"][0]["path"] == "/metrics"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -430,7 +436,9 @@ def test_dashboard_covers_the_service_metrics() -> None:
     for needed in ("samdiffsr_requests_total", "samdiffsr_request_duration_seconds_bucket",
                    "samdiffsr_queue_depth", "samdiffsr_batch_tiles_sum", "samdiffsr_errors_total",
                    "samdiffsr_gpu_memory_bytes", "samdiffsr_denoiser_call_duration_seconds_bucket",
-                   "samdiffsr_queue_wait_seconds_bucket", "samdiffsr_tiles_in_flight", "samdiffsr_model_info"):
+                   "samdiffsr_queue_wait_seconds_bucket", "samdiffsr_tiles_in_flight", "samdiffsr_model_info",
+                   "samdiffsr_jobs", "samdiffsr_jobs_finished_total", "samdiffsr_job_queue_wait_seconds_bucket",
+                   "samdiffsr_job_store_bytes"):
         assert needed in used, needed
     # No two panels overlap.
     cells = set()
