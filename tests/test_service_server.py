@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 from PIL import Image
 
 from samdiffsr.cli import main
-from service.testing import free_port, wait_ready
+from service.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,39 +57,24 @@ def test_unloadable_checkpoint_fails_at_start(clean_env, capsys, tmp_path):
     assert "SAMDIFFSR_DEFAULT_STEPS" in capsys.readouterr().err
 
 
-class ServerProcess:
-    def __init__(self, checkpoint: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full = {k: v for k, v in os.environ.items() if not k.startswith("SAMDIFFSR_")}
-        full.update(SAMDIFFSR_TILE_SIZE="16", SAMDIFFSR_TILE_OVERLAP="4", SAMDIFFSR_MAX_TILES_PER_BATCH="4",
+def start_server(checkpoint: Path, log_path: Path, **env: str) -> ServerProcess:
+    """`samdiffsr serve` on a tiny checkpoint with small tiles, logging JSON to `log_path`."""
+    settings = dict(SAMDIFFSR_TILE_SIZE="16", SAMDIFFSR_TILE_OVERLAP="4", SAMDIFFSR_MAX_TILES_PER_BATCH="4",
                     SAMDIFFSR_DEFAULT_STEPS="2", SAMDIFFSR_TORCH_THREADS="1", SAMDIFFSR_DEVICE="cpu",
-                    SAMDIFFSR_LOG_FORMAT="json", **env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "samdiffsr", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-             "--port", str(self.port)], cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    SAMDIFFSR_LOG_FORMAT="json")
+    return ServerProcess(checkpoint, {**settings, **env}, log_path, cwd=ROOT)
 
-    def wait_ready(self, timeout: float = 90) -> None:
-        def check_alive() -> None:
-            assert self.proc.poll() is None, self.proc.communicate()
 
-        wait_ready(self.url, timeout, check_alive)
-
-    def wait_sampling(self, timeout: float = 30) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            text = httpx.get(f"{self.url}/metrics", timeout=5).text
-            if any(ln.startswith("samdiffsr_tiles_in_flight ") and float(ln.split()[1]) > 0
-                   for ln in text.splitlines()):
-                return
-            time.sleep(0.02)
-        raise TimeoutError("no tile started sampling")
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        _, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, err
+def wait_sampling(srv: ServerProcess, timeout: float = 30) -> None:
+    """Until the server's /metrics shows a tile being sampled."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = httpx.get(f"{srv.url}/metrics", timeout=5).text
+        if any(ln.startswith("samdiffsr_tiles_in_flight ") and float(ln.split()[1]) > 0
+               for ln in text.splitlines()):
+            return
+        time.sleep(0.02)
+    raise TimeoutError("no tile started sampling")
 
 
 def png_bytes(photo: Path, w: int, h: int) -> bytes:
@@ -100,16 +83,16 @@ def png_bytes(photo: Path, w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
-def test_sigterm_finishes_requests_in_flight_then_exits(tiny_checkpoint, photo):
-    srv = ServerProcess(tiny_checkpoint, SAMDIFFSR_DRAIN_TIMEOUT_S="60")
+def test_sigterm_finishes_requests_in_flight_then_exits(tiny_checkpoint, photo, tmp_path):
+    srv = start_server(tiny_checkpoint, tmp_path / "server.log", SAMDIFFSR_DRAIN_TIMEOUT_S="60")
     try:
-        srv.wait_ready()
+        srv.wait_ready(90)
         result: list[httpx.Response] = []
         t = threading.Thread(target=lambda: result.append(httpx.post(
             f"{srv.url}/v1/upscale", params={"steps": 40}, timeout=120,
             files={"image": ("a.png", png_bytes(photo, 40, 36), "image/png")})))
         t.start()
-        srv.wait_sampling()
+        wait_sampling(srv)
         srv.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         with pytest.raises(httpx.TransportError):  # no longer accepting connections
@@ -119,18 +102,19 @@ def test_sigterm_finishes_requests_in_flight_then_exits(tiny_checkpoint, photo):
         assert Image.open(io.BytesIO(result[0].content)).size == (160, 144)
         assert srv.proc.wait(timeout=60) == 0
     finally:
-        code, err = srv.stop()
-    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        srv.stop()
+    log = srv.log_path.read_text()
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert any("draining" in r["message"] for r in records)
     access = [r for r in records if r["logger"] == "samdiffsr.access" and r.get("path") == "/v1/upscale"]
     assert access and access[0]["status"] == 200 and access[0]["request_id"]
 
 
-def test_sigterm_drain_is_bounded_by_the_drain_timeout(tiny_checkpoint, photo):
-    srv = ServerProcess(tiny_checkpoint, SAMDIFFSR_DRAIN_TIMEOUT_S="1")
+def test_sigterm_drain_is_bounded_by_the_drain_timeout(tiny_checkpoint, photo, tmp_path):
+    srv = start_server(tiny_checkpoint, tmp_path / "server.log", SAMDIFFSR_DRAIN_TIMEOUT_S="1")
     try:
-        srv.wait_ready()
+        srv.wait_ready(90)
         result: list[object] = []
 
         def long_request() -> None:
@@ -142,7 +126,7 @@ def test_sigterm_drain_is_bounded_by_the_drain_timeout(tiny_checkpoint, photo):
 
         t = threading.Thread(target=long_request)
         t.start()
-        srv.wait_sampling()
+        wait_sampling(srv)
         start = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(timeout=60) == 0
