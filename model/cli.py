@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "model/sizing.py)")
     p.add_argument("--backend", choices=["torch", "torchscript", "onnx"], default="torch")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="the denoiser's precision (default auto: the measured default for the device)")
+                   help="the network's precision (default auto: the measured default for the device)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
     p.set_defaults(func=cmd_upscale)

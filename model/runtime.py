@@ -61,7 +61,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 class _Base:
     backend = "base"
-    precision = "fp32"  # of the denoiser; the encoder (once per tile) always runs in fp32
+    precision = "fp32"  # the network's compute precision (encoder and denoiser); outputs are float32
 
     def __init__(self, info: CheckpointInfo, device: torch.device) -> None:
         self.info = info
@@ -95,8 +95,9 @@ class TorchRuntime(_Base):
 
     @torch.inference_mode()
     def encode(self, img_lr: Tensor) -> tuple[Tensor, Tensor]:
-        cond, sr = self.net.encode(self._input(img_lr))
-        return cond.contiguous(), sr.contiguous()
+        with self._autocast():
+            cond, sr = self.net.encode(self._input(img_lr))
+        return cond.float().contiguous(), sr.float().contiguous()
 
     @torch.inference_mode()
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
@@ -205,7 +206,7 @@ def load_runtime(checkpoint: str | Path, backend: str = "torch", device: str = "
     """Load a checkpoint and wrap it in the requested backend (exporting it first if needed).
 
     `threads` sets ONNX Runtime's intra-op threads (torch's are process-wide: `torch.set_num_threads`).
-    `precision` (`fp32`, `bf16`, `fp16` or `auto`) is the denoiser's compute precision (torch autocast);
+    `precision` (`fp32`, `bf16`, `fp16` or `auto`) is the network's compute precision (torch autocast);
     outputs are float32 whatever it is.
     """
     if backend not in BACKENDS:

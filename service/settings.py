@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(Path("checkpoints/default"),
                              description="Checkpoint directory (our format) or an original .ckpt file.")
     backend: Literal["torch", "torchscript", "onnx"] = Field("torch", description="Inference backend.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="The denoiser's compute "
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="The network's compute "
                                                                "precision (torch backend); auto: the measured "
                                                                "default for the device (model/runtime.py).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")

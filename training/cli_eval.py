@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, default=0, help="only the first N images by name (default: all)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto (default: cpu)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
-                   help="the denoiser's compute precision (default: fp32)")
+                   help="the network's compute precision (default: fp32)")
     p.add_argument("--out", type=Path, help="write eval.md and eval.json here")
     p.add_argument("--crops", action="store_true", help="also write side-by-side crops to OUT/crops/")
     p.add_argument("--crop-size", type=int, default=128, help="HR size of those crops (default: 128)")
