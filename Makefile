@@ -58,7 +58,7 @@ RUNS ?= runs
 TRAIN_CONFIG ?= configs/default.yaml
 RRDB_STEPS ?= 6000
 DIFFUSION_STEPS ?= 200000
-RRDB_SETTINGS := --set data.hr_patch=128 --set optim.decay_every=2000 --set optim.ema=0 --set run.threads=1
+RRDB_SETTINGS := --set data.hr_patch=128 --set optim.decay_every=2000 --set optim.decay_start=0 --set optim.ema=0 --set run.threads=1
 STAGE2 := $(BIN)/samdiffsr train diffusion --config $(TRAIN_CONFIG) --rrdb $(RUNS)/default-rrdb/checkpoint \
 	--spe-dir $(RUNS)/masks/train-spe
 masks: $(STAMP)

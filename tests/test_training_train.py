@@ -22,6 +22,7 @@ from model.loading import load_any
 from model.runtime import TorchRuntime
 from model.upscale import Upscaler
 from training.config import load_config
+from training.optim import lr_at
 from training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +172,13 @@ def test_bad_setups_are_clear_errors(rrdb_run: Path, dataset: Path, tmp_path: Pa
     assert len(_losses(tmp_path / "c")) == 3
     with pytest.raises(ValueError, match="another model config"):
         _run(dataset, tmp_path, "rrdb", rrdb_run, 6, **{"model.overrides.rrdb_num_feat": "12"})
+
+
+def test_lr_steps_down_from_decay_start() -> None:
+    cfg = load_config(None, ["optim.lr=0.4", "optim.gamma=0.5", "optim.decay_every=10"])
+    assert [lr_at(s, cfg) for s in (0, 9, 10, 25)] == [0.4, 0.4, 0.2, 0.1]  # the original's schedule
+    cfg = load_config(None, ["optim.lr=0.4", "optim.gamma=0.5", "optim.decay_every=10", "optim.decay_start=100"])
+    assert [lr_at(s, cfg) for s in (0, 99, 109, 110, 125)] == [0.4, 0.4, 0.4, 0.2, 0.1]
 
 
 def test_resume_with_a_larger_batch_goes_on_where_the_epoch_was(dataset: Path, tmp_path: Path,

@@ -55,8 +55,10 @@ class OptimSection(_Strict):
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
-    # Step decay as in the original: lr * gamma ** (step // decay_every).
+    # Step decay as in the original: lr * gamma ** (step // decay_every), counted from decay_start
+    # (0 as in the original; later to anneal a run that was trained at a constant rate so far).
     decay_every: int = Field(200_000, ge=1)
+    decay_start: int = Field(0, ge=0)
     gamma: float = Field(0.5, gt=0, le=1)
     clip_grad: float = Field(10.0, ge=0)  # 0 disables clipping
     ema: float = Field(0.0, ge=0, lt=1)  # EMA decay of the trained weights; 0 disables

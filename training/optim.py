@@ -39,5 +39,6 @@ class EMA:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Step decay as in the original: lr * gamma ** (step // decay_every)."""
-    return cfg.optim.lr * cfg.optim.gamma ** (step // cfg.optim.decay_every)
+    """Step decay as in the original: lr * gamma ** (step // decay_every), from `decay_start` on."""
+    o = cfg.optim
+    return o.lr * o.gamma ** (max(0, step - o.decay_start) // o.decay_every)
