@@ -8,11 +8,14 @@ from torch import Tensor
 from model.config import ModelConfig
 
 
-def lr_inputs(rgb01: Tensor, cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+def lr_inputs(rgb01: Tensor, cfg: ModelConfig, with_up: bool = True) -> tuple[Tensor, Tensor | None]:
     """(B, 3, h, w) RGB in [0, 1] -> (img_lr, img_lr_up), both in [-1, 1].
 
-    up(LR) is MATLAB-style bicubic on LR * 255 / `cfg.lr_up_divisor` (256 for original checkpoints).
+    up(LR) is MATLAB-style bicubic on LR * 255 / `cfg.lr_up_divisor` (256 for original checkpoints);
+    `with_up=False` skips it (None), for callers that do not use it.
     """
     img_lr = rgb01 * 2 - 1
+    if not with_up:
+        return img_lr, None
     up = bicubic.imresize(rgb01 * (255.0 / cfg.lr_up_divisor), scale=cfg.scale)
     return img_lr, up * 2 - 1

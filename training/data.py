@@ -185,11 +185,12 @@ class PatchDataset(Dataset):
         }
 
 
-def model_inputs(batch: dict[str, Tensor], cfg, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
+def model_inputs(batch: dict[str, Tensor], cfg, device: torch.device | str,
+                 with_up: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
     """(img_lr, img_lr_up, img_hr) in [-1, 1], with the same conventions as inference
-    (`model.inputs.lr_inputs`)."""
+    (`model.inputs.lr_inputs`). `with_up=False` skips the bicubic up(LR) (None), for objectives without it."""
     lr = batch["lr"].to(device, non_blocking=True)
-    img_lr, img_lr_up = lr_inputs(lr, cfg)
+    img_lr, img_lr_up = lr_inputs(lr, cfg, with_up)
     img_hr = batch["hr"].to(device, non_blocking=True) * 2 - 1
     return img_lr, img_lr_up, img_hr
 

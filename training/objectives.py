@@ -37,7 +37,7 @@ class DiffusionObjective(nn.Module):
         super().__init__()
         self.net, self.sched, self.structure = net, sched, structure
 
-    def forward(self, img_lr: Tensor, img_lr_up: Tensor, img_hr: Tensor, spe: Tensor, t: Tensor,
+    def forward(self, img_lr: Tensor, img_lr_up: Tensor | None, img_hr: Tensor, spe: Tensor, t: Tensor,
                 noise: Tensor) -> Tensor:
         cfg = self.net.cfg
         # The frozen encoder runs under the caller's autocast: its bf16 x4 output is within 58 dB PSNR of the
@@ -46,6 +46,8 @@ class DiffusionObjective(nn.Module):
             sr, feats = self.net.rrdb(img_lr)
         cond = self.net.denoise_fn.project_cond(feats)
         base = sr.float() if cfg.residual_base == "rrdb" else img_lr_up
+        if base is None:
+            raise ValueError("residual_base 'bicubic' needs img_lr_up")
         x0 = img2res(img_hr, base, cfg.res_rescale)
         if self.structure:
             noise = modulate_noise(self.sched, noise, t, spe)
