@@ -347,8 +347,8 @@ def train(cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = Tr
                     trainer.save()
                 if stopping:
                     break
-        except RuntimeError:
-            if not stop.set:
+        except RuntimeError as e:
+            if not stop.set or "DataLoader worker" not in str(e):
                 raise
             # A loader worker forked as the signal came got it too; every finished step is intact.
             stopping = True
