@@ -26,7 +26,7 @@ def validate(net: SRDiffNet, stage: Stage, pairs: list[tuple[str, Tensor, Tensor
              device: torch.device) -> float:
     """Mean PSNR-Y over validation crops, each upscaled whole by `model.upscale.Upscaler`: the encoder's own
     output (stage 1, or `steps=0`), else DDIM (eta=0) with `steps` steps."""
-    runtime = TorchRuntime(net, CheckpointInfo(config=net.cfg), device)
+    runtime = TorchRuntime(net, CheckpointInfo(config=net.cfg), device, channels_last=False)  # the training layout
     upscaler = Upscaler(runtime, tile=0)
     scores = []
     for _, hr01, lr01 in pairs:
