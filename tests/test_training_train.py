@@ -179,6 +179,8 @@ def test_lr_steps_down_from_decay_start() -> None:
     assert [lr_at(s, cfg) for s in (0, 9, 10, 25)] == [0.4, 0.4, 0.2, 0.1]  # the original's schedule
     cfg = load_config(None, ["optim.lr=0.4", "optim.gamma=0.5", "optim.decay_every=10", "optim.decay_start=100"])
     assert [lr_at(s, cfg) for s in (0, 99, 109, 110, 125)] == [0.4, 0.4, 0.4, 0.2, 0.1]
+    cfg = load_config(None, ["optim.lr=0.4", "optim.gamma=0.5", "optim.decay_every=10", "optim.min_lr=0.15"])
+    assert [lr_at(s, cfg) for s in (0, 10, 20, 1000)] == [0.4, 0.2, 0.15, 0.15]
 
 
 def test_resume_with_a_larger_batch_goes_on_where_the_epoch_was(dataset: Path, tmp_path: Path,

@@ -59,6 +59,7 @@ class OptimSection(_Strict):
     # (0 as in the original; later to anneal a run that was trained at a constant rate so far).
     decay_every: int = Field(200_000, ge=1)
     decay_start: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)  # a floor for the decay: a long campaign keeps learning at this rate
     gamma: float = Field(0.5, gt=0, le=1)
     clip_grad: float = Field(10.0, ge=0)  # 0 disables clipping
     ema: float = Field(0.0, ge=0, lt=1)  # EMA decay of the trained weights; 0 disables

@@ -39,6 +39,6 @@ class EMA:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Step decay as in the original: lr * gamma ** (step // decay_every), from `decay_start` on."""
+    """Step decay as in the original: lr * gamma ** (step // decay_every), from `decay_start` on, not below `min_lr`."""
     o = cfg.optim
-    return o.lr * o.gamma ** (max(0, step - o.decay_start) // o.decay_every)
+    return max(o.min_lr, o.lr * o.gamma ** (max(0, step - o.decay_start) // o.decay_every))
