@@ -8,6 +8,11 @@ from torch import Tensor
 from model.config import ModelConfig
 
 
+def uses_up(cfg: ModelConfig) -> bool:
+    """Whether sampling needs bicubic up(LR): only for models whose residual base is bicubic."""
+    return cfg.residual_base == "bicubic"
+
+
 def lr_inputs(rgb01: Tensor, cfg: ModelConfig, with_up: bool = True) -> tuple[Tensor, Tensor | None]:
     """(B, 3, h, w) RGB in [0, 1] -> (img_lr, img_lr_up), both in [-1, 1].
 

@@ -69,10 +69,14 @@ class Track:
         return torch.randn(self.x.shape, generator=self.generator).to(self.x.device, self.x.dtype)
 
 
-def residual_base(cfg: ModelConfig, steps: int, up: Tensor, sr: Tensor) -> Tensor:
+def residual_base(cfg: ModelConfig, steps: int, up: Tensor | None, sr: Tensor) -> Tensor:
     """The base of a track: the encoder's x4 output `sr` for `steps=0` (the fidelity mode) and for models
-    trained on it (`residual_base="rrdb"`), else bicubic `up`."""
-    return sr if steps == 0 or cfg.residual_base == "rrdb" else up
+    trained on it (`residual_base="rrdb"`), else bicubic `up` (None is allowed where it is not used)."""
+    if steps == 0 or cfg.residual_base == "rrdb":
+        return sr
+    if up is None:
+        raise ValueError("this model's residual base is bicubic up(LR), and none was given")
+    return up
 
 
 def new_track(
@@ -89,12 +93,12 @@ def new_track(
 
 
 def start_tracks(
-    cfg: ModelConfig, cond: Tensor, sr: Tensor, up: Tensor, indices: Sequence[int], steps: int,
+    cfg: ModelConfig, cond: Tensor, sr: Tensor, up: Tensor | None, indices: Sequence[int], steps: int,
     sampler: SamplerName = "ddim", eta: float = 0.0, seed: int = 0,
 ) -> list[Track]:
-    """One track per encoded tile: `cond`, `sr` from `Runtime.encode`, `up` its bicubic up(LR) tiles;
-    tile `indices[j]` of the request draws its noise from (seed, indices[j])."""
-    base = residual_base(cfg, steps, up.to(sr.device, sr.dtype), sr)
+    """One track per encoded tile: `cond`, `sr` from `Runtime.encode`, `up` its bicubic up(LR) tiles (None
+    where `model.inputs.uses_up` is false); tile `indices[j]` of the request draws its noise from (seed, indices[j])."""
+    base = residual_base(cfg, steps, None if up is None else up.to(sr.device, sr.dtype), sr)
     return [new_track(cond[j], base[j], cfg.timesteps, steps, sampler, eta, seed, i) for j, i in enumerate(indices)]
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from model.config import ModelConfig
 from model.imaging import DecodedImage, with_rgb
-from model.inputs import lr_inputs
+from model.inputs import lr_inputs, uses_up
 from model.runtime import Runtime
 from model.sampler import SamplerName, sample, start_tracks, track_image
 from model.tiling import TileGrid, extract_tiles, pad_to, plan_tiles, stitch
@@ -54,16 +54,19 @@ class Upscaler:
             return plan_tiles(height, width, -(-max(height, width) // m) * m, 0, cfg.scale, m)
         return plan_tiles(height, width, self.tile, self.overlap, cfg.scale, cfg.lr_multiple, self.fit, self.grow)
 
-    def prepare(self, rgb: np.ndarray) -> tuple[TileGrid, Tensor, Tensor]:
-        """(H, W, 3) RGB in [0, 1] -> the tile grid, encoder-input tiles and up(LR) tiles (both in [-1, 1])."""
+    def prepare(self, rgb: np.ndarray, with_up: bool | None = None) -> tuple[TileGrid, Tensor, Tensor | None]:
+        """(H, W, 3) RGB in [0, 1] -> the tile grid, encoder-input tiles and up(LR) tiles (both in [-1, 1]).
+
+        up(LR) is None unless sampling uses it (`model.inputs.uses_up`) or `with_up` asks for it."""
         cfg = self.runtime.config
         grid = self.plan(*rgb.shape[:2])
         img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
         # Pad first, so that up(LR) sees the same borders whatever the tiling, and images smaller than
         # bicubic's reflection padding (e.g. 1x1) work.
         img = pad_to(img, grid.padded_height, grid.padded_width)
-        img_lr, img_lr_up = lr_inputs(img[None], cfg)
-        return grid, extract_tiles(img_lr[0], grid), extract_tiles(img_lr_up[0], grid, cfg.scale)
+        img_lr, img_lr_up = lr_inputs(img[None], cfg, uses_up(cfg) if with_up is None else with_up)
+        up_tiles = None if img_lr_up is None else extract_tiles(img_lr_up[0], grid, cfg.scale)
+        return grid, extract_tiles(img_lr[0], grid), up_tiles
 
     def assemble(self, grid: TileGrid, sr_tiles: Tensor) -> np.ndarray:
         """SR tiles (N, 3, T, T) in [-1, 1] (`model.sampler.track_image`) -> (scale*H, scale*W, 3) RGB in [0, 1]."""
@@ -85,14 +88,15 @@ class Upscaler:
         steps = default_steps(cfg) if steps is None else steps
         sampler = sampler or default_sampler(cfg)
         grid, lr_tiles, up_tiles = self.prepare(rgb)
-        out = torch.empty_like(up_tiles)
+        out = []
         for start in range(0, len(grid), self.max_batch):
             idx = range(start, min(start + self.max_batch, len(grid)))
             cond, sr = rt.encode(lr_tiles[idx.start:idx.stop])
-            tracks = start_tracks(cfg, cond, sr, up_tiles[idx.start:idx.stop], idx, steps, sampler, eta, seed)
+            up = None if up_tiles is None else up_tiles[idx.start:idx.stop]
+            tracks = start_tracks(cfg, cond, sr, up, idx, steps, sampler, eta, seed)
             sample(rt.denoise, rt.schedule, tracks, on_step, cfg.prediction)
-            out[idx.start:idx.stop] = torch.stack([track_image(tr, cfg) for tr in tracks])
-        return self.assemble(grid, out)
+            out += [track_image(tr, cfg) for tr in tracks]
+        return self.assemble(grid, torch.stack(out))
 
     def upscale(self, image: DecodedImage, steps: int | None = None, sampler: SamplerName | None = None,
                 eta: float = 0.0, seed: int = 0, on_step: Callable[[int], None] | None = None) -> DecodedImage:

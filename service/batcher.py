@@ -113,7 +113,7 @@ class Batcher:
         with self._cv:
             return len(self.scheduler)
 
-    def submit(self, lr_tiles: Tensor, up_tiles: Tensor, steps: int, sampler: SamplerName = "ddim",
+    def submit(self, lr_tiles: Tensor, up_tiles: Tensor | None, steps: int, sampler: SamplerName = "ddim",
                eta: float = 0.0, seed: int = 0, deadline: float | None = None, request_id: str = "") -> Job:
         """Queue a job of whole tile tensors; raises QueueFull or ShuttingDown if it cannot be taken."""
         return self.submit_tiles(TensorTiles(lr_tiles, up_tiles), steps, sampler, eta, seed, deadline, request_id)

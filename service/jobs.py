@@ -107,7 +107,7 @@ class CountingTiles:
         self.n_tiles, self.tile_shape = inner.n_tiles, inner.tile_shape
         self.done = 0
 
-    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor | None]:
         return self.inner.inputs(idx)
 
     def put(self, i: int, sr: Tensor) -> None:

@@ -9,7 +9,6 @@ canvas, never a float copy of every tile. The values are those of `model.upscale
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,8 +17,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model.imaging import FORMATS, DecodedImage, resize_alpha
-from model.inputs import lr_inputs
+from model.imaging import DecodedImage, pil_bytes, resize_alpha
+from model.inputs import lr_inputs, uses_up
 from model.tiling import TileGrid, blend_ramps, pad_to
 from model.upscale import Upscaler
 
@@ -33,8 +32,9 @@ class Tiles(Protocol):
     n_tiles: int
     tile_shape: Shape  # LR (height, width) of every tile
 
-    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor]:
-        """Encoder input (n, 3, h, w) and bicubic up(LR) (n, 3, s*h, s*w) of tiles `idx`, in [-1, 1]."""
+    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor | None]:
+        """Encoder input (n, 3, h, w) and bicubic up(LR) (n, 3, s*h, s*w) of tiles `idx`, in [-1, 1];
+        up(LR) is None for models that do not use it (`model.inputs.uses_up`)."""
         ...
 
     def put(self, i: int, sr: Tensor) -> None:
@@ -49,18 +49,19 @@ class Tiles(Protocol):
 class TensorTiles:
     """Tiles given as whole tensors; the job resolves to the stacked (N, 3, T, T) SR tiles."""
 
-    def __init__(self, lr_tiles: Tensor, up_tiles: Tensor) -> None:
+    def __init__(self, lr_tiles: Tensor, up_tiles: Tensor | None) -> None:
         if lr_tiles.ndim != 4 or lr_tiles.shape[0] < 1 or lr_tiles.shape[1] != 3:
             raise ValueError(f"lr_tiles must be (N>=1, 3, h, w), got {tuple(lr_tiles.shape)}")
-        if up_tiles.shape[0] != lr_tiles.shape[0]:
+        if up_tiles is not None and up_tiles.shape[0] != lr_tiles.shape[0]:
             raise ValueError("up_tiles must hold one tile per LR tile")
         self.lr, self.up = lr_tiles, up_tiles
         self.n_tiles = int(lr_tiles.shape[0])
         self.tile_shape = (int(lr_tiles.shape[2]), int(lr_tiles.shape[3]))
         self.out: dict[int, Tensor] = {}
 
-    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor]:
-        return self.lr[idx[0]:idx[-1] + 1], self.up[idx[0]:idx[-1] + 1]  # indices are consecutive
+    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor | None]:
+        i, j = idx[0], idx[-1] + 1  # indices are consecutive
+        return self.lr[i:j], None if self.up is None else self.up[i:j]
 
     def put(self, i: int, sr: Tensor) -> None:
         self.out[i] = sr
@@ -137,6 +138,7 @@ class ImageTiles:
 
     def __init__(self, upscaler: Upscaler, image: DecodedImage, grid: TileGrid, fmt: str = "png") -> None:
         self.cfg = upscaler.runtime.config
+        self.with_up = uses_up(self.cfg)
         self.grid = grid
         self.n_tiles, self.tile_shape = len(grid), grid.tile_shape
         img = torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1).float()  # a view
@@ -144,20 +146,21 @@ class ImageTiles:
         sixteen = image.bit_depth == 16 and image.grayscale and image.alpha is None and fmt == "png"
         self.canvas = Canvas(grid, image.grayscale, 16 if sixteen else 8)
 
-    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor | None]:
         pairs = [self._tile(i) for i in idx]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        lr = torch.stack([p[0] for p in pairs])
+        return lr, torch.stack([p[1] for p in pairs]) if self.with_up else None
 
-    def _tile(self, i: int) -> tuple[Tensor, Tensor]:
+    def _tile(self, i: int) -> tuple[Tensor, Tensor | None]:
         g, s = self.grid, self.cfg.scale
         (th, tw), (r, c) = g.tile_shape, divmod(i, len(g.xs))
         y, x = g.ys[r], g.xs[c]
         y0, x0 = max(0, y - MARGIN), max(0, x - MARGIN)
         crop = self.lr[:, y0:min(self.lr.shape[1], y + th + MARGIN), x0:min(self.lr.shape[2], x + tw + MARGIN)]
-        lr, up = lr_inputs(crop[None], self.cfg)
+        lr, up = lr_inputs(crop[None], self.cfg, self.with_up)
         dy, dx = y - y0, x - x0
-        return (lr[0, :, dy:dy + th, dx:dx + tw].clone(),
-                up[0, :, dy * s:(dy + th) * s, dx * s:(dx + tw) * s].clone())
+        lr_tile = lr[0, :, dy:dy + th, dx:dx + tw].clone()
+        return lr_tile, None if up is None else up[0, :, dy * s:(dy + th) * s, dx * s:(dx + tw) * s].clone()
 
     def put(self, i: int, sr: Tensor) -> None:
         self.canvas.add(i, sr)
@@ -187,7 +190,9 @@ class Prepared:
     @property
     def up_tiles(self) -> Tensor:
         """All bicubic up(LR) tiles at once (N, 3, s*h, s*w) in [-1, 1] (memory grows with the image)."""
-        return self.upscaler.prepare(self.image.rgb)[2]
+        up = self.upscaler.prepare(self.image.rgb, with_up=True)[2]
+        assert up is not None
+        return up
 
 
 def prepare(upscaler: Upscaler, image: DecodedImage) -> Prepared:
@@ -206,10 +211,4 @@ def encode_canvas(canvas: Canvas, image: DecodedImage, fmt: str = "png", quality
         alpha = Image.fromarray(_quantize(resize_alpha(image.alpha, canvas.grid.scale), 8))
         pil = pil.convert("LA" if image.grayscale else "RGBA")
         pil.putalpha(alpha)
-    buf = io.BytesIO()
-    kind = FORMATS[fmt]
-    if kind == "PNG":
-        pil.save(buf, format="PNG", compress_level=6)
-    else:
-        pil.save(buf, format=kind, quality=quality)
-    return buf.getvalue()
+    return pil_bytes(pil, fmt, quality)

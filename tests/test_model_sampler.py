@@ -18,6 +18,7 @@ from model.diffusion import (
     timestep_plan,
     training_target,
 )
+from model.inputs import uses_up
 from model.network import SRDiffNet
 from model.sampler import new_track, sample, start_tracks, step_tracks, track_image
 
@@ -68,6 +69,12 @@ def test_zero_steps_is_the_encoder_output() -> None:
     assert torch.equal(start_tracks(cfg, cond, sr, up, [0, 1], steps=2)[1].base, up[1])
     rrdb_cfg = dataclasses.replace(cfg, residual_base="rrdb")
     assert torch.equal(start_tracks(rrdb_cfg, cond, sr, up, [0, 1], steps=2)[1].base, sr[1])
+    # Callers skip up(LR) where it is not used (`uses_up`); a model that needs it says so.
+    assert not uses_up(rrdb_cfg) and uses_up(cfg)
+    assert torch.equal(start_tracks(rrdb_cfg, cond, sr, None, [0, 1], steps=2)[1].base, sr[1])
+    assert torch.equal(start_tracks(cfg, cond, sr, None, [0, 1], steps=0)[1].base, sr[1])
+    with pytest.raises(ValueError, match="residual base is bicubic"):
+        start_tracks(cfg, cond, sr, None, [0, 1], steps=2)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])

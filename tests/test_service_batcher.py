@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.checkpoint import save_random_checkpoint
 from model.config import PRESETS
 from model.imaging import decode_image
 from model.inputs import lr_inputs
@@ -93,6 +94,24 @@ def test_matches_upscaler(runtime, image):
     ref = up.upscale(image, steps=3, seed=11)
     assert out.rgb.shape == (120, 160, 3)
     np.testing.assert_allclose(out.rgb, ref.rgb, atol=1e-4)
+
+
+@pytest.mark.parametrize("base", ["bicubic", "rrdb"])
+def test_image_tiles_match_upscaler_and_skip_unused_up(base, image, tmp_path):
+    """Tiles made on demand and blended into the canvas give the Upscaler's pixels; bicubic up(LR) is made
+    only for a model whose residual base is bicubic."""
+    cfg = replace(PRESETS["tiny"], residual_base=base, prediction="sample")
+    rt = load_runtime(save_random_checkpoint(tmp_path / base, cfg, "tiny-" + base), "torch", "cpu")
+    up = Upscaler(rt, tile=TILE, overlap=4, max_batch=4)
+    prep = pipeline.prepare(up, image)
+    tiles = prep.tiles()
+    assert (tiles.inputs([0, 1])[1] is None) == (base == "rrdb")
+    assert (up.prepare(image.rgb)[2] is None) == (base == "rrdb")
+    assert prep.up_tiles.shape == (9, 3, 4 * TILE, 4 * TILE)  # the bicubic comparison still has it
+    with make_batcher(rt) as b:
+        canvas = b.submit_tiles(tiles, steps=2, seed=5).future.result(60)
+    ref = np.round(up.upscale(image, steps=2, seed=5).rgb * 255)
+    assert np.abs(canvas.pixels.astype(float) - ref).max() <= 1
 
 
 def test_zero_steps_is_the_encoder_output_without_denoiser_calls(runtime, image):

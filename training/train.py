@@ -37,6 +37,7 @@ from tqdm import tqdm
 from model.checkpoint import CheckpointInfo, save_checkpoint
 from model.config import ModelConfig
 from model.diffusion import make_schedule
+from model.inputs import uses_up
 from model.loading import load_any
 from model.network import SRDiffNet
 from training.config import TrainConfig
@@ -225,7 +226,7 @@ class Trainer:
         """One optimiser step on `batch`; returns the (all-reduced) loss."""
         cfg, device = self.cfg, self.device
         # Bicubic up(LR) only where it is the residual's base (about 5% of a stage-2 step on this CPU).
-        with_up = self.stage == "diffusion" and self.mcfg.residual_base == "bicubic"
+        with_up = self.stage == "diffusion" and uses_up(self.mcfg)
         img_lr, img_lr_up, img_hr = model_inputs(batch, self.mcfg, device, with_up)
         if cfg.optim.channels_last:
             img_lr, img_lr_up, img_hr = (x if x is None else x.contiguous(memory_format=torch.channels_last)
