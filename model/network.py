@@ -181,7 +181,7 @@ class Unet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """`cond` is the output of `project_cond`; `t` holds one timestep per sample."""
-        temb = self.mlp(self.time_pos_emb(t))
+        temb = self.mlp(self.time_pos_emb(t).to(x.dtype))  # a no-op but for a network whose weights are bf16
         skips = []
         for i, (resnet, resnet2, downsample) in enumerate(self.downs):
             x = resnet2(resnet(x, temb), temb)

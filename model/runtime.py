@@ -88,13 +88,21 @@ class TorchRuntime(_Base):
         # channels_last is the layout oneDNN's and cuDNN's fast convolutions want: on 2 CPU cores the encoder runs
         # 1.5x and a denoiser call 1.3x faster than in the default layout (same results to 1e-5). `net` is
         # converted in place; `channels_last=False` leaves its layout alone (a network being trained).
+        # bf16 holds the weights themselves in bf16 (the network has no normalisation layers): autocast would
+        # cast every weight again in every call, and a denoiser call is 1.34x faster without (2 CPU cores,
+        # 64-px tile; same outputs). fp16 runs under autocast, which keeps overflow-prone ops in fp32.
         self.channels_last = channels_last
-        self.net = net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        fmt = torch.channels_last if channels_last else torch.preserve_format
+        self.net = net.to(device, self.dtype, memory_format=fmt)
         self.net.eval()
         self.precision = precision
 
+    def _autocast(self) -> AbstractContextManager:
+        return contextlib.nullcontext() if self.precision == "bf16" else super()._autocast()
+
     def _input(self, x: Tensor) -> Tensor:
-        x = x.to(self.device)
+        x = x.to(self.device, self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
