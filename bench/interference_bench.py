@@ -8,7 +8,7 @@ Starts the real server (`samdiffsr serve`, as `bench/load_bench.py` does) with t
 
 and prints the small requests' p50/p95 latency in both cases and their ratio.
 
-    python bench/interference_bench.py                                # 64x64 small, 192x192 large, 10 steps
+    python bench/interference_bench.py                                # 64x64 small, 192x192 large, default steps
     python bench/interference_bench.py --small 64 --large 256 --steps 4 --env SAMDIFFSR_MAX_TILES_PER_BATCH=8
 
 Timings mean nothing while anything else runs on the machine.
@@ -25,12 +25,15 @@ import time
 from pathlib import Path
 
 import httpx
-from load_bench import DEFAULT_CHECKPOINT, DEFAULT_IMAGES, Server, make_images, percentile  # beside this script
+from load_bench import DEFAULT_CHECKPOINT, DEFAULT_IMAGES, ROOT, make_images, percentile  # beside this script
+
+from service.testing import ServerProcess
 
 
-def post(client: httpx.Client, png: bytes, steps: int, seed: int) -> float:
+def post(client: httpx.Client, png: bytes, steps: int | None, seed: int) -> float:
     t0 = time.perf_counter()
-    r = client.post("/v1/upscale", files={"image": ("in.png", png, "image/png")}, params={"steps": steps, "seed": seed})
+    params = {"seed": seed} if steps is None else {"steps": steps, "seed": seed}
+    r = client.post("/v1/upscale", files={"image": ("in.png", png, "image/png")}, params=params)
     r.raise_for_status()
     return time.perf_counter() - t0
 
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     p.add_argument("--small", type=int, default=64, help="LR side of the small request (default: 64)")
     p.add_argument("--large", type=int, default=192, help="LR side of the large request (default: 192)")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=None, help="denoiser steps (default: the service's default)")
     p.add_argument("--repeats", type=int, default=5, help="small requests on the idle server")
     p.add_argument("--env", action="append", default=[], help="extra SAMDIFFSR_*=value settings")
     args = p.parse_args(argv)
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     small = next(d for n, d in images if n.endswith(f"-{args.small}x{args.small}"))
     large = next(d for n, d in images if n.endswith(f"-{args.large}x{args.large}"))
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(args.checkpoint, env, Path(tmp) / "server.log")
+        server = ServerProcess(args.checkpoint, env, Path(tmp) / "server.log", cwd=ROOT)
         try:
             server.wait_ready(300)
             model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"][0]
@@ -76,15 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     print(f"```\npython bench/interference_bench.py {shlex.join(sys.argv[1:] if argv is None else argv)}\n```\n")
+    steps = model["default_steps"] if args.steps is None else args.steps
     print(f"Model {model['name']}, {model['backend']} {model.get('precision', '?')} on {model['device']}, tile "
-          f"{model['tile_size']} px, {model['max_tiles_per_batch']} tiles per call, {args.steps} steps; small "
+          f"{model['tile_size']} px, {model['max_tiles_per_batch']} tiles per call, {steps} steps; small "
           f"{args.small}x{args.small} LR, large {args.large}x{args.large} LR ({big[0]:.1f} s).\n")
     print("| small request | n | p50 s | p95 s |")
     print("| --- | ---: | ---: | ---: |")
     for name, xs in (("idle server", idle), ("beside the large one", loaded)):
         print(f"| {name} | {len(xs)} | {percentile(xs, 50):.2f} | {percentile(xs, 95):.2f} |")
-    if loaded:
-        print(f"\np95 ratio (beside / idle): **{percentile(loaded, 95) / percentile(idle, 95):.2f}x**")
+    if not loaded:
+        print("\nNo small request ran entirely beside the large one: make the large one larger (--large).")
+        return 1
+    print(f"\np95 ratio (beside / idle): **{percentile(loaded, 95) / percentile(idle, 95):.2f}x**")
     return 0
 
 

@@ -1,0 +1,30 @@
+"""The service benchmarks still run end to end (a real server on loopback, a tiny random model): their numbers
+are taken on demand, so a refactor must not leave them broken until then. Nothing here is timed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_load_bench_quick_prints_both_modes() -> None:
+    out = _bench("load_bench.py", "--quick")
+    rows = [line for line in out.splitlines() if line.startswith(("| on |", "| off |"))]
+    assert {r.split("|")[1].strip() for r in rows} == {"on", "off"}, out
+
+
+def test_interference_bench_prints_the_ratio(tiny_checkpoint: Path) -> None:
+    out = _bench("interference_bench.py", "--checkpoint", str(tiny_checkpoint), "--small", "16", "--large", "96",
+                 "--steps", "4", "--repeats", "2", "--env", "SAMDIFFSR_TILE_SIZE=16",
+                 "--env", "SAMDIFFSR_MAX_TILES_PER_BATCH=1")
+    assert "| idle server | 2 |" in out and "p95 ratio (beside / idle)" in out, out
