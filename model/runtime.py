@@ -218,8 +218,8 @@ def load_runtime(checkpoint: str | Path, backend: str = "torch", device: str = "
     """Load a checkpoint and wrap it in the requested backend (exporting it first if needed).
 
     `threads` sets ONNX Runtime's intra-op threads (torch's are process-wide: `torch.set_num_threads`).
-    `precision` (`fp32`, `bf16`, `fp16` or `auto`) is the network's compute precision (torch autocast);
-    outputs are float32 whatever it is.
+    `precision` (`fp32`, `bf16`, `fp16` or `auto`) is the network's compute precision (bf16: the weights in bf16;
+    fp16: autocast); outputs are float32 whatever it is.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
