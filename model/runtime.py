@@ -87,7 +87,8 @@ class TorchRuntime(_Base):
         super().__init__(info, device)
         # channels_last is the layout oneDNN's and cuDNN's fast convolutions want: on 2 CPU cores the encoder runs
         # 1.5x and a denoiser call 1.3x faster than in the default layout (same results to 1e-5). `net` is
-        # converted in place; `channels_last=False` leaves its layout alone (a network being trained).
+        # converted in place (layout, and dtype for bf16); `channels_last=False` leaves its layout alone (a network
+        # being trained).
         # bf16 holds the weights themselves in bf16 (the network has no normalisation layers): autocast would
         # cast every weight again in every call, and a denoiser call is 1.34x faster without (2 CPU cores,
         # 64-px tile; same outputs). fp16 runs under autocast, which keeps overflow-prone ops in fp32.

@@ -49,6 +49,8 @@ def test_work_shares_add_up() -> None:
 def test_reduced_precision_outputs_float32_close_to_fp32(tiny_checkpoint: Path, runtime, precision: str) -> None:
     low = load_runtime(tiny_checkpoint, "torch", "cpu", precision=precision)
     assert low.precision == precision
+    # bf16 holds the weights in bf16 (no per-call casts); fp16 keeps fp32 weights under autocast.
+    assert {p.dtype for p in low.net.parameters()} == {torch.bfloat16 if precision == "bf16" else torch.float32}
     x, t, c = torch.randn(2, 3, 32, 32), torch.tensor([10, 60]), torch.randn(2, runtime.config.hidden_size, 32, 32)
     ref, out = runtime.denoise(x, t, c), low.denoise(x, t, c)
     assert out.dtype == torch.float32 and out.shape == ref.shape
