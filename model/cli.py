@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the checkpoint's default (ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="self-ensemble of 1, 2 or 4 members: also upscale the image's mirror (2) or all its flips (4) "
+                   "and average them, for 2x or 4x the work and a higher PSNR (default 1: off)")
     p.add_argument("--tile", type=int, default=64, help="LR tile size")
     p.add_argument("--overlap", type=int, default=8, help="LR overlap between tiles")
     p.add_argument("--snug-tiles", action=argparse.BooleanOptionalAction, default=True,
@@ -136,7 +139,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from model.imaging import ImageDecodeError, decode_image, format_for, save_image
     from model.runtime import load_runtime
     from model.sizing import SNUG_GROW, choose_batch
-    from model.upscale import Upscaler, default_steps
+    from model.upscale import Upscaler, default_steps, ensemble_flips
 
     src, dst = Path(args.input), Path(args.output)
     if not src.exists():
@@ -149,8 +152,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         batch = choose_batch(runtime, (args.tile, args.tile), args.batch).batch
         upscaler = Upscaler(runtime, tile=args.tile, overlap=args.overlap, max_batch=batch,
                             grow=SNUG_GROW if args.snug_tiles else 1.0)
-        steps = args.steps or default_steps(runtime.config)
+        steps = default_steps(runtime.config) if args.steps is None else args.steps
         timestep_plan(runtime.config.timesteps, steps)
+        ensemble_flips(args.ensemble)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -163,10 +167,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             failed += 1
             continue
         grid = upscaler.plan(image.height, image.width)
-        calls = sum(steps for _ in range(0, len(grid), batch))
+        calls = sum(steps for _ in range(0, len(grid), batch)) * args.ensemble
         with tqdm(total=calls, desc=path_in.name, unit="step") as bar:
             out = upscaler.upscale(image, steps=steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
-                                   on_step=lambda _n: bar.update(1))
+                                   on_step=lambda _n: bar.update(1), ensemble=args.ensemble)
         save_image(out, path_out, quality=args.quality)
         print(f"{path_in} ({image.width}x{image.height}) -> {path_out} ({out.width}x{out.height})")
     return 1 if failed else 0

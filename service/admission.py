@@ -26,9 +26,10 @@ GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
 class Cost:
     width: int
     height: int
-    tiles: int
+    tiles: int  # every member's of a self-ensemble
     steps: int
     memory: int  # bytes
+    ensemble: int = 1
 
     @property
     def work(self) -> int:
@@ -46,8 +47,9 @@ def probe(data: bytes) -> tuple[int, int, str, bool] | None:
         return None  # decoding reports it properly
 
 
-def estimate(upscaler: Upscaler, data: bytes, steps: int) -> Cost | None:
-    """The request's tiles and peak bytes (upload, decoded image, canvas, encoding, active tiles)."""
+def estimate(upscaler: Upscaler, data: bytes, steps: int, ensemble: int = 1) -> Cost | None:
+    """The request's tiles and peak bytes (upload, decoded image, canvas, encoding, active tiles); a self-ensemble
+    of `ensemble` members has that many times the tiles, canvases and float rows."""
     head = probe(data)
     if head is None:
         return None
@@ -64,12 +66,13 @@ def estimate(upscaler: Upscaler, data: bytes, steps: int) -> Cost | None:
     memory = (
         len(data)
         + lr_px * (12 + 4 + (4 if alpha else 0))  # float RGB, Pillow's decoded copy, alpha
-        + hr_px * ((2 if gray else 3) + (1 if gray else 4) + (2 if gray else 3))  # canvas, Pillow copy, output
+        + hr_px * (ensemble * (2 if gray else 3) + (1 if gray else 4) + (2 if gray else 3))  # canvases, copy, output
+        + (hr_px * 4 * 3 if ensemble > 1 else 0)  # their float average
         + (hr_px * 5 if alpha else 0)  # upscaled alpha, float then 8-bit
-        + 3 * th * s * grid.padded_width * s * 16  # float rows being blended
-        + min(len(grid), upscaler.max_batch * 2) * tile_px * 4 * (4 * 3 + cfg.cond_channels)  # active tiles
+        + ensemble * 3 * th * s * grid.padded_width * s * 16  # float rows being blended
+        + min(len(grid) * ensemble, upscaler.max_batch * 2) * tile_px * 4 * (4 * 3 + cfg.cond_channels)  # active
     )
-    return Cost(w, h, len(grid), steps, memory)
+    return Cost(w, h, len(grid) * ensemble, steps, memory, ensemble)
 
 
 def check_limits(cost: Cost, max_work: int, budget_bytes: int) -> None:
@@ -77,6 +80,8 @@ def check_limits(cost: Cost, max_work: int, budget_bytes: int) -> None:
     if cost.work > max_work:
         fewer = max_work // cost.tiles - (1 if max_work // cost.tiles >= 1 else 0)
         steps_hint = f"use steps <= {fewer}, or " if fewer >= 1 and cost.steps > fewer else ""
+        if cost.ensemble > 1:
+            steps_hint = f"use a smaller ensemble (this one has {cost.ensemble} members), or " + steps_hint
         px = int(cost.width * cost.height * max_work / cost.work)
         raise ImageTooLarge(
             f"this request needs {cost.tiles:,} tiles x {max(1, cost.steps)} steps = {cost.work:,} tile-steps; the "

@@ -274,7 +274,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         palette, 16-bit, EXIF-rotated; the output keeps the mode where the format allows."""
         acc = await intake.accept(service, request, None, settings.request_timeout_s)  # form over query
         assert service.batcher is not None and service.upscaler is not None
-        job, prep, t_start, t_decoded = acc.job, acc.prep, acc.t_start, acc.t_decoded
+        job, t_start, t_decoded = acc.job, acc.t_start, acc.t_decoded
         steps, sampler, seed, fmt = acc.steps, acc.sampler, acc.seed, acc.fmt
         sr_tiles = await _wait(service.batcher, request, job, acc.deadline)
         t_sampled = time.perf_counter()
@@ -285,7 +285,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         timing = {"decode": t_decoded - t_start, "queue": queue_s, "sample": t_sampled - t_decoded - queue_s,
                   "encode": t_end - t_sampled, "total": t_end - t_start}
         headers = {
-            "X-Seed": str(seed), "X-Steps": str(steps), "X-Sampler": sampler, "X-Tiles": str(len(prep.grid)),
+            "X-Seed": str(seed), "X-Steps": str(steps), "X-Sampler": sampler, "X-Ensemble": str(acc.ensemble),
+            "X-Tiles": str(job.n_tiles),
             "X-Image-Size": f"{out.width}x{out.height}", "X-Denoiser-Calls": str(job.calls),
             "X-Shared-Calls": str(job.shared_calls),
             "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in timing.items()),

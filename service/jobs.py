@@ -66,6 +66,7 @@ class JobRecord:
     steps: int
     sampler: str
     seed: int
+    ensemble: int
     fmt: str
     quality: int
     input_size: tuple[int, int]
@@ -153,7 +154,8 @@ class JobStore:
         """Track an accepted request (already on the batcher) as a job."""
         img = acc.prep.image
         rec = JobRecord(id="job_" + secrets.token_urlsafe(24), request_id=acc.request_id, acc=acc, batch_job=acc.job,
-                        steps=acc.steps, sampler=acc.sampler, seed=acc.seed, fmt=acc.fmt, quality=acc.quality,
+                        steps=acc.steps, sampler=acc.sampler, seed=acc.seed, ensemble=acc.ensemble, fmt=acc.fmt,
+                        quality=acc.quality,
                         input_size=(img.width, img.height), n_tiles=acc.job.n_tiles, want_bicubic=bicubic)
         with self._lock:
             self._jobs[rec.id] = rec

@@ -9,7 +9,8 @@ canvas, never a float copy of every tile. The values are those of `model.upscale
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch import Tensor
 from model.imaging import DecodedImage, pil_bytes, resize_alpha
 from model.inputs import lr_inputs, uses_up
 from model.tiling import TileGrid, blend_ramps, pad_to
-from model.upscale import Upscaler
+from model.upscale import Upscaler, ensemble_flips, flip
 
 Shape = tuple[int, int]
 MARGIN = 4  # LR context around a tile for its up(LR): bicubic reaches 2 pixels, so the tile is exact
@@ -171,6 +172,32 @@ class ImageTiles:
         return self.canvas
 
 
+class EnsembleTiles:
+    """A self-ensemble's tiles (`model.upscale.ensemble_flips`): member m's tile j is tile m * n + j, so its
+    noise is the CLI's; the result is the members' canvases flipped back and averaged, in the first one."""
+
+    def __init__(self, members: list[ImageTiles], flips: tuple[tuple[bool, bool], ...]) -> None:
+        self.members, self.flips = members, flips
+        self.per_member = members[0].n_tiles  # flips keep the grid: every member has the same tiles
+        self.n_tiles, self.tile_shape = self.per_member * len(members), members[0].tile_shape
+
+    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor | None]:
+        parts = [self.members[m].inputs([i % self.per_member for i in group])
+                 for m, group in itertools.groupby(idx, key=lambda i: i // self.per_member)]
+        ups = [p[1] for p in parts]
+        return torch.cat([p[0] for p in parts]), None if ups[0] is None else torch.cat(ups)  # type: ignore[arg-type]
+
+    def put(self, i: int, sr: Tensor) -> None:
+        self.members[i // self.per_member].put(i % self.per_member, sr)
+
+    def result(self) -> Canvas:
+        canvases = [m.result() for m in self.members]
+        total = sum(flip(c.pixels, f).astype(np.float32) for c, f in zip(canvases, self.flips, strict=True))
+        first = canvases[0]
+        first.pixels = np.round(total / len(canvases)).astype(first.pixels.dtype)
+        return first
+
+
 @dataclass
 class Prepared:
     """A decoded image and its tile grid; `tiles` makes its tiles on demand."""
@@ -179,8 +206,14 @@ class Prepared:
     grid: TileGrid
     upscaler: Upscaler = field(repr=False)
 
-    def tiles(self, fmt: str = "png") -> ImageTiles:
-        return ImageTiles(self.upscaler, self.image, self.grid, fmt)
+    def tiles(self, fmt: str = "png", ensemble: int = 1) -> ImageTiles | EnsembleTiles:
+        """The image's tiles, or with `ensemble` > 1 those of the image and of its flips."""
+        if ensemble == 1:
+            return ImageTiles(self.upscaler, self.image, self.grid, fmt)
+        flips = ensemble_flips(ensemble)
+        members = [ImageTiles(self.upscaler, replace(self.image, rgb=flip(self.image.rgb, f)), self.grid, fmt)
+                   for f in flips]
+        return EnsembleTiles(members, flips)
 
     @property
     def lr_tiles(self) -> Tensor:

@@ -58,6 +58,7 @@ class JobParams(BaseModel):
     steps: int
     sampler: str
     seed: int
+    ensemble: int
     output_format: str
     quality: int
 
@@ -107,8 +108,8 @@ def job_info(store: JobStore, rec: JobRecord) -> JobInfo:
         id=rec.id, status=status,
         progress=JobProgress(fraction=round(fraction, 4), steps_done=steps, steps_total=total, tiles_done=tiles,
                              tiles_total=rec.n_tiles),
-        params=JobParams(steps=rec.steps, sampler=rec.sampler, seed=rec.seed, output_format=rec.fmt,
-                         quality=rec.quality),
+        params=JobParams(steps=rec.steps, sampler=rec.sampler, seed=rec.seed, ensemble=rec.ensemble,
+                         output_format=rec.fmt, quality=rec.quality),
         input_size=rec.input_size, output_size=rec.output_size, media_type=rec.media_type,
         created_at=_when(rec.created_wall), finished_at=_when(rec.finished_wall),
         expires_at=_when(store.expires_at(rec)),
@@ -155,7 +156,7 @@ def add_job_routes(app: FastAPI, store: JobStore, auth: list[Any]) -> None:
         name = f"{rec.id}{'-bicubic' if what == 'bicubic image' else ''}.{ext}"
         return Response(data, media_type=MEDIA_TYPES[rec.fmt], headers={
             "X-Seed": str(rec.seed), "X-Steps": str(rec.steps), "X-Sampler": rec.sampler,
-            "X-Tiles": str(rec.n_tiles), "X-Image-Size": f"{w}x{h}",
+            "X-Ensemble": str(rec.ensemble), "X-Tiles": str(rec.n_tiles), "X-Image-Size": f"{w}x{h}",
             "Content-Disposition": f'inline; filename="{name}"'})
 
     image_responses = {200: {"content": {m: {} for m in MEDIA_TYPES.values()}, "description": "The image."},

@@ -20,8 +20,9 @@ from model.imaging import (
     encode_image,
 )
 from model.runtime import load_runtime
+from model.sizing import SNUG_GROW
 from model.tiling import extract_tiles, plan_tiles, stitch
-from model.upscale import Upscaler
+from model.upscale import Upscaler, ensemble_flips, flip
 from samdiffsr.cli import main
 
 
@@ -126,6 +127,21 @@ def test_seed_reproducible_and_batching_invariant(tiny_checkpoint: Path, photo: 
     assert not np.allclose(a.rgb, c.rgb, atol=1e-3)
 
 
+def test_self_ensemble_averages_the_flips_upscaled(tiny_checkpoint: Path, photo: Path) -> None:
+    rt = load_runtime(tiny_checkpoint, "torch", "cpu")
+    up = Upscaler(rt, tile=16, overlap=4, max_batch=4)
+    rgb = decode_image(png_bytes(crop_of(photo, 30, 22))).rgb
+    # steps=0 has no noise, so each member is the flipped image's own upscale, flipped back.
+    members = [flip(up.upscale_rgb(np.ascontiguousarray(flip(rgb, f)), steps=0), f) for f in ensemble_flips(4)]
+    for n in (2, 4):
+        assert np.allclose(up.upscale_rgb(rgb, steps=0, ensemble=n), np.mean(members[:n], axis=0), atol=1e-6)
+    # With noise, member m's tiles draw the noise of tiles m * n_tiles + j: not member 0's noise again.
+    two = up.upscale_rgb(rgb, steps=2, seed=3, ensemble=2)
+    assert two.shape == (88, 120, 3) and not np.allclose(two, up.upscale_rgb(rgb, steps=2, seed=3), atol=1e-3)
+    with pytest.raises(ValueError, match="ensemble must be one of 1, 2, 4"):
+        up.upscale_rgb(rgb, steps=0, ensemble=3)
+
+
 def test_condition_computed_once_per_tile(tiny_checkpoint: Path, photo: Path) -> None:
     rt = load_runtime(tiny_checkpoint, "torch", "cpu")
     counts = {"encode": 0, "denoise": 0}
@@ -193,7 +209,25 @@ def test_upscale_command_on_folder(tiny_checkpoint: Path, photo: Path, tmp_path:
     assert Image.open(single).format == "WEBP"
 
 
-@pytest.mark.parametrize("args", [["--steps", "200"], ["--tile", "8", "--overlap", "8"], ["--batch", "0"]])
+def test_upscale_command_steps_zero_and_ensemble(tiny_checkpoint: Path, photo: Path, tmp_path: Path) -> None:
+    """`--steps 0` is the fidelity mode (it once fell back to the default steps); `--ensemble 2` averages the
+    mirror in, as `Upscaler.upscale(ensemble=2)` does."""
+    src = tmp_path / "a.png"
+    crop_of(photo, 21, 14).save(src)
+    rt = load_runtime(tiny_checkpoint, "torch", "cpu")
+    img = decode_image(src)
+    up = Upscaler(rt, tile=16, overlap=4, max_batch=1, grow=SNUG_GROW)
+    for args, ref in ((["--steps", "0"], up.upscale(img, steps=0)),
+                      (["--steps", "2", "--ensemble", "2"], up.upscale(img, steps=2, ensemble=2))):
+        out = tmp_path / "o.png"
+        assert main(["upscale", str(src), str(out), "--checkpoint", str(tiny_checkpoint), "--tile", "16",
+                     "--overlap", "4", "--batch", "1", "--precision", "fp32", *args]) == 0
+        got = np.asarray(Image.open(out), dtype=np.float32) / 255
+        assert np.abs(got - ref.rgb).max() <= 0.5 / 255 + 1e-4
+
+
+@pytest.mark.parametrize("args", [["--steps", "200"], ["--tile", "8", "--overlap", "8"], ["--batch", "0"],
+                                  ["--ensemble", "3"]])
 def test_upscale_command_rejects_bad_options(tiny_checkpoint: Path, photo: Path, tmp_path: Path, args: list[str],
                                              capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["upscale", str(photo), str(tmp_path / "o.png"), "--checkpoint", str(tiny_checkpoint), *args])

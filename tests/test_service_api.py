@@ -15,6 +15,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from model.imaging import decode_image
+from model.runtime import load_runtime
+from model.upscale import Upscaler
 from service.settings import Settings
 from service.testing import LiveServer
 
@@ -82,7 +85,8 @@ def test_health_ready_models_and_docs(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     op = spec["paths"]["/v1/upscale"]["post"]
-    assert {p["name"] for p in op["parameters"]} == {"steps", "sampler", "seed", "output_format", "quality"}
+    assert {p["name"] for p in op["parameters"]} == {"steps", "sampler", "seed", "ensemble", "output_format",
+                                                           "quality"}
     assert all(p.get("description") for p in op["parameters"])
     form = op["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["required"] == ["image"] and {"image", "steps", "seed"} <= set(form["properties"])
@@ -120,6 +124,25 @@ def test_upscale_multipart_raw_and_form_parameters(client, photo_img):
     assert all(f.status_code == 200 and f.headers["x-steps"] == "0" for f in fid)
     assert fid[0].content == fid[1].content != r.content
     assert Image.open(io.BytesIO(fid[0].content)).size == (112, 80)
+
+
+def test_self_ensemble_matches_the_upscaler(server, client, photo_img, tiny_checkpoint):
+    """ensemble=2 and 4: the image's flips sampled beside it and averaged, as `Upscaler.upscale(ensemble=n)`
+    does (the service averages 8-bit canvases, the CLI floats: at most one level apart)."""
+    data = png(crop(photo_img, 28, 20))
+    plain = upload(client, data, {"seed": 5})
+    precision = client.get("/v1/models").json()["models"][0]["precision"]  # the server's: auto
+    rt = load_runtime(tiny_checkpoint, "torch", "cpu", precision=precision)
+    up = Upscaler(rt, tile=16, overlap=4, max_batch=4)
+    for n in (2, 4):
+        r = upload(client, data, {"seed": 5, "ensemble": n})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ensemble"] == str(n) and int(r.headers["x-tiles"]) == 4 * n
+        got = np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.float32)
+        ref = up.upscale(decode_image(data), steps=2, seed=5, ensemble=n).rgb * 255
+        assert got.shape == (80, 112, 3) and np.abs(got - ref).max() <= 1.01
+        assert r.content != plain.content
+    assert plain.headers["x-ensemble"] == "1"
 
 
 @pytest.mark.parametrize("fmt,media,quality", [("jpeg", "image/jpeg", 40), ("jpg", "image/jpeg", 90),
@@ -230,7 +253,7 @@ def test_unsupported_media_types_are_415(client, photo_img):
 
 @pytest.mark.parametrize("params", [{"steps": -1}, {"steps": 101}, {"steps": "many"}, {"sampler": "euler"},
                                     {"output_format": "gif"}, {"quality": 0}, {"quality": 101}, {"seed": -1},
-                                    {"seed": 2**63}])
+                                    {"seed": 2**63}, {"ensemble": 3}, {"ensemble": 0}, {"ensemble": 8}])
 def test_invalid_parameters_are_422(client, photo_img, params):
     err = assert_error(upload(client, png(crop(photo_img, 12, 10)), params), 422, "invalid_parameter")
     assert next(iter(params)) in err["message"]

@@ -90,6 +90,8 @@ def test_limits_say_the_limit_and_how_to_get_under_it():
     with pytest.raises(ImageTooLarge, match=r"needs about 500 MiB.*limit \(SAMDIFFSR_MEMORY_BUDGET_MB\) is 100 MiB"):
         check_limits(Cost(2048, 2048, 10, 1, 500 * MB), max_work=4096, budget_bytes=100 * MB)
     check_limits(Cost(64, 64, 1, 20, MB), max_work=4096, budget_bytes=100 * MB)
+    with pytest.raises(ImageTooLarge, match=r"800 tiles x 1 steps.*smaller ensemble \(this one has 4 members\)"):
+        check_limits(Cost(1024, 1024, 800, 1, MB, ensemble=4), max_work=400, budget_bytes=100 * MB)
 
 
 def test_memory_budget_admits_what_fits_next_to_the_requests_in_progress():

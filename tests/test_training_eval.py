@@ -179,9 +179,10 @@ def test_eval_command_end_to_end(tiny_checkpoint: Path, hr_dir: Path, tmp_path: 
 
 def test_eval_tiled_sampling_and_errors(tiny_checkpoint: Path, hr_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "2", "--sampler", "ddpm", "--tile", "8",
-                 "--overlap", "2", "--max-images", "1"]) == 0
+                 "--overlap", "2", "--max-images", "1", "--ensemble", "2"]) == 0
     md = capsys.readouterr().out
     assert "--sampler ddpm --steps 2" in md and "--tile 8 --overlap 2" in md and "coffee" not in md
+    assert "--ensemble 2" in md
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["eval", str(tiny_checkpoint), str(empty)]) == 2
@@ -191,3 +192,4 @@ def test_eval_tiled_sampling_and_errors(tiny_checkpoint: Path, hr_dir: Path, tmp
     with pytest.raises(SystemExit):
         main(["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "1,x"])
     assert main(["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "101"]) == 2
+    assert main(["eval", str(tiny_checkpoint), str(hr_dir), "--ensemble", "3"]) == 2

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sample in LR tiles of this size as the service does (default: 0 = whole image)")
     p.add_argument("--overlap", type=int, default=8, help="tile overlap in LR pixels (default: 8)")
     p.add_argument("--max-batch", type=int, default=16, help="tiles sampled together (default: 16)")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="self-ensemble members: 1, 2 (and the mirror) or 4 (all flips) (default: 1)")
     p.add_argument("--hr-crop", type=int, default=0,
                    help="centre-crop HR images to at most NxN first, to keep CPU runs short (default: 0 = off)")
     p.add_argument("--max-images", type=int, default=0, help="only the first N images by name (default: all)")
@@ -63,7 +65,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_images=args.max_images, crops_dir=args.out / "crops" if args.crops else None,
         crop_size=args.crop_size, precision=args.precision,
         sampler=SamplerSettings(sampler=args.sampler, steps=args.steps or (), eta=args.eta, seed=args.seed,
-                                tile=args.tile, overlap=args.overlap, max_batch=args.max_batch))
+                                tile=args.tile, overlap=args.overlap, max_batch=args.max_batch,
+                                ensemble=args.ensemble))
     try:
         report = evaluate(opts, progress=lambda line: print(line, file=sys.stderr))
     except (CheckpointError, FileNotFoundError, ImageDecodeError, ValueError) as e:

@@ -34,7 +34,7 @@ from model.diffusion import timestep_plan
 from model.imaging import decode_image, list_images
 from model.loading import load_any
 from model.runtime import TorchRuntime, resolve_device, resolve_precision
-from model.upscale import Upscaler, default_steps
+from model.upscale import Upscaler, default_steps, ensemble_flips
 from training.degrade import crop_to_multiple, make_lr_numpy
 from training.metrics import psnr_y, quantize8, ssim_y
 
@@ -103,6 +103,7 @@ class SamplerSettings:
     tile: int = 0  # LR tile size, as the service tiles; 0 = the whole image at once
     overlap: int = 8
     max_batch: int = 16
+    ensemble: int = 1  # self-ensemble members (model.upscale.ensemble_flips)
 
 
 class Models:
@@ -116,7 +117,7 @@ class Models:
 
     def upscale(self, lr01: np.ndarray, s: SamplerSettings, steps: int) -> np.ndarray:
         up = Upscaler(self.runtime, tile=s.tile, overlap=s.overlap, max_batch=s.max_batch)
-        return up.upscale_rgb(lr01, steps, s.sampler, s.eta, s.seed)  # type: ignore[arg-type]
+        return up.upscale_rgb(lr01, steps, s.sampler, s.eta, s.seed, ensemble=s.ensemble)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,6 +144,8 @@ class EvalOptions:
                 "--tile", str(s.tile)]
         if s.tile:
             args += ["--overlap", str(s.overlap), "--max-batch", str(s.max_batch)]
+        if s.ensemble != 1:
+            args += ["--ensemble", str(s.ensemble)]
         if self.hr_crop:
             args += ["--hr-crop", str(self.hr_crop)]
         if self.max_images:
@@ -280,6 +283,7 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -
         opts.sampler.steps = (0, default_steps(models.config))
     for steps in opts.sampler.steps:
         timestep_plan(models.config.timesteps, steps)  # raises ValueError out of range
+    ensemble_flips(opts.sampler.ensemble)  # raises ValueError for an unknown member count
     scale = models.config.scale
     images = list_images(opts.hr_dir)
     if opts.max_images:
