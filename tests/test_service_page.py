@@ -109,6 +109,7 @@ def test_upscale_a_photo_on_the_finished_page(server, browser, image_file):
     set_value(driver, "steps", STEPS)
     assert driver.find_element(By.ID, "steps-value").text == STEPS
     set_value(driver, "seed", "7")
+    set_value(driver, "ensemble", "2")
     driver.find_element(By.ID, "file").send_keys(str(image_file))
     assert "chelsea.png" in driver.find_element(By.ID, "drop-text").text
     driver.find_element(By.ID, "submit").click()
@@ -121,6 +122,7 @@ def test_upscale_a_photo_on_the_finished_page(server, browser, image_file):
                                   "return [i.naturalWidth, i.naturalHeight, i.complete]; })")
     assert sizes == [[4 * w, 4 * h, True], [4 * w, 4 * h, True]]
     assert f"{4 * w}×{4 * h}" in driver.find_element(By.ID, "result-text").text
+    assert "ensemble of 2" in driver.find_element(By.ID, "result-text").text
     set_value(driver, "slider", "30")  # the before/after slider moves the split
     assert driver.execute_script("return document.getElementById('after').style.clipPath") == "inset(0px 0px 0px 30%)"
     set_value(driver, "slider", "50")
@@ -134,7 +136,7 @@ def test_upscale_a_photo_on_the_finished_page(server, browser, image_file):
         time.sleep(0.1)
     assert target.exists(), f"no download; the folder holds {sorted(p.name for p in downloads.iterdir())}"
     sync = httpx.post(f"{server.url}/v1/upscale", files={"image": ("a.png", image_file.read_bytes(), "image/png")},
-                      params={"steps": STEPS, "seed": 7}, timeout=WAIT_S)
+                      params={"steps": STEPS, "seed": 7, "ensemble": 2}, timeout=WAIT_S)
     assert target.read_bytes() == sync.content  # the downloaded file is the service's image
 
 

@@ -115,6 +115,7 @@ async function submit(event) {
   form.append("image", file, file.name);
   form.append("steps", $("steps").value);
   if ($("seed").value !== "") form.append("seed", $("seed").value);
+  if ($("ensemble").value !== "1") form.append("ensemble", $("ensemble").value);
   setBusy(true);
   $("status").hidden = false;
   $("progress").value = 0;
@@ -180,7 +181,8 @@ async function showResult(info) {
   $("download").href = after;
   $("download").download = `${base}_x4.${ext}`;
   const [w, h] = info.output_size;
-  $("result-text").textContent = `${w}×${h}, ${info.params.steps} steps, seed ${info.params.seed}`;
+  const ensemble = info.params.ensemble > 1 ? `, ensemble of ${info.params.ensemble}` : "";
+  $("result-text").textContent = `${w}×${h}, ${info.params.steps} steps, seed ${info.params.seed}${ensemble}`;
   $("result").hidden = false;
 }
 
