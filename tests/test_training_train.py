@@ -258,3 +258,25 @@ def test_cli_rejects_a_bad_config(tmp_path: Path) -> None:
     res = subprocess.run(_cli("rrdb", "--out", str(tmp_path / "x"), "--set", "optim.lr=-1"), cwd=ROOT,
                          env=_env(), capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "optim.lr" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_fresh_run_starts_from_init_weights(dataset: Path, tmp_path: Path) -> None:
+    """run.init: a new stage-2 run starts from a trained network's denoiser, with the encoder of
+    diffusion.rrdb_checkpoint; a network of another shape is refused."""
+    from training.train import build_model
+
+    rrdb = _run(dataset, tmp_path, "rrdb", tmp_path / "rrdb", 2)
+    other_rrdb = _run(dataset, tmp_path, "rrdb", tmp_path / "rrdb2", 3)
+    first = _run(dataset, tmp_path, "diffusion", tmp_path / "d1", 2, **{"diffusion.rrdb_checkpoint": str(rrdb)})
+    cfg = load_config(None, _config(dataset, tmp_path, 2, **{"diffusion.rrdb_checkpoint": str(other_rrdb),
+                                                             "run.init": str(first)}))
+    net = build_model(cfg, "diffusion", 0)
+    trained, _ = load_any(first)
+    encoder, _ = load_any(other_rrdb)
+    for name, ref in (("denoise_fn", trained.denoise_fn), ("rrdb", encoder.rrdb)):
+        for k, v in ref.state_dict().items():
+            assert torch.equal(getattr(net, name).state_dict()[k], v), (name, k)
+    wider = {"diffusion.rrdb_checkpoint": str(other_rrdb), "run.init": str(first), "model.overrides.hidden_size": "16"}
+    cfg = load_config(None, _config(dataset, tmp_path, 2, **wider))
+    with pytest.raises(ValueError, match="does not match"):
+        build_model(cfg, "diffusion", 0)

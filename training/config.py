@@ -85,6 +85,10 @@ class RunSection(_Strict):
     # Wall-clock budget: checkpoint and stop after this many minutes (0 = no limit).
     max_minutes: float = Field(0.0, ge=0)
     threads: int = Field(0, ge=0)  # torch.set_num_threads on CPU; 0 keeps torch's default
+    # A fresh run starts from this checkpoint's weights (the same network shape; in stage 2 the encoder still
+    # comes from diffusion.rrdb_checkpoint), with a new optimiser: to go on from a run whose state is gone, or
+    # to adapt a trained denoiser to a retrained encoder. A resumed run ignores it.
+    init: Path | None = None
 
 
 class DiffusionSection(_Strict):

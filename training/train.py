@@ -65,10 +65,17 @@ ENCODER_FIELDS = (*RRDB_SHAPE, "lr_up_divisor")  # what a resumed stage-1 run mu
 
 
 def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
-    """A fresh network; for stage 2 with the stage-1 RRDB loaded and frozen."""
+    """A fresh network (from `run.init`'s weights when set); for stage 2 with the stage-1 RRDB loaded and frozen."""
     mcfg: ModelConfig = cfg.model.build()
     torch.manual_seed(seed)
     net = SRDiffNet(mcfg)
+    if cfg.run.init is not None:
+        pre, _ = load_any(cfg.run.init)
+        try:
+            net.load_state_dict(pre.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"{cfg.run.init}: its network does not match this config's: {e}") from None
+        log.info("weights from %s", cfg.run.init)
     if stage == "diffusion":
         src = cfg.diffusion.rrdb_checkpoint
         if src is None:
