@@ -190,6 +190,7 @@ class Scheduler:
             return plan
         plan.encode = self._admit(live)
         plan.step = self._select(live, {r: idx for r, idx in plan.encode})
+        plan.encode = self._defer_unstepped(plan.encode, plan.step)
         plan.pad_to = self.batch_limit if self.config.reproducible else None
         return plan
 
@@ -234,6 +235,21 @@ class Scheduler:
                     free -= 1
                     progress = True
         return [(req, idx) for req, idx in chosen.items() if idx]
+
+    def _defer_unstepped(self, admitted: list[tuple[Request, list[int]]],
+                         step: list[Item]) -> list[tuple[Request, list[int]]]:
+        """Tiles admitted for a request that gets no tile in this call go back to a later plan: encoding them
+        now would only delay the requests that are stepped (at one tile per call, a small request arriving
+        beside a large one waited for the large one's next encoder call). Requests with steps=0 keep theirs:
+        encoding is all their work."""
+        stepped = {req for req, _ in step}
+        kept = []
+        for req, idx in admitted:
+            if req.steps > 0 and req not in stepped:
+                self._state[req].next_tile = idx[0]
+            else:
+                kept.append((req, idx))
+        return kept
 
     def _select(self, live: list[Request], admitted: dict[Request, list[int]]) -> list[Item]:
         """Up to batch_limit active tiles of one shape, round-robin over requests, most advanced first.

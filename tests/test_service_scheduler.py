@@ -72,6 +72,21 @@ def test_round_robin_batch_across_requests_most_advanced_tiles_first():
     assert small.calls == 2 and small.shared_calls == 2 and big.calls == 3
 
 
+def test_a_request_left_out_of_the_call_is_not_encoded_in_it():
+    """One tile per call: a small request arriving beside a large one is encoded and stepped in the next plan,
+    and the large one's next tile waits for the plan after (it once delayed the small one by an encoder call)."""
+    s = make(max_batch_tiles=1)
+    big = req(16, steps=1)
+    s.add(big)
+    tick(s)  # big: tile 0 done
+    small = req(1, steps=1)
+    s.add(small)
+    plan, out = tick(s)
+    assert plan.encode == [(small, [0])] and plan.step == [(small, 0)] and out.completed == [small]
+    plan, _ = tick(s)
+    assert plan.encode == [(big, [1])] and plan.step == [(big, 1)]  # the deferred tile, not skipped
+
+
 def test_steps_zero_completes_after_encoding_without_a_denoiser_call():
     s = make()
     s.add(r := req(3, steps=0))
