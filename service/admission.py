@@ -67,7 +67,7 @@ def estimate(upscaler: Upscaler, data: bytes, steps: int, ensemble: int = 1) -> 
         len(data)
         + lr_px * (12 + 4 + (4 if alpha else 0))  # float RGB, Pillow's decoded copy, alpha
         + hr_px * (ensemble * (2 if gray else 3) + (1 if gray else 4) + (2 if gray else 3))  # canvases, copy, output
-        + (hr_px * 4 * 3 if ensemble > 1 else 0)  # their float average
+        + (hr_px * 4 * 3 * 2 if ensemble > 1 else 0)  # their float sum and one member's float copy
         + (hr_px * 5 if alpha else 0)  # upscaled alpha, float then 8-bit
         + ensemble * 3 * th * s * grid.padded_width * s * 16  # float rows being blended
         + min(len(grid) * ensemble, upscaler.max_batch * 2) * tile_px * 4 * (4 * 3 + cfg.cond_channels)  # active
