@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 from torch import Tensor
 
 from model.imaging import DecodedImage, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
-from model.upscale import ENSEMBLES, Upscaler
+from model.upscale import Upscaler, ensemble_flips
 from service import pipeline
 from service.admission import MB, check_limits, estimate
 from service.batcher import Job
@@ -99,8 +99,10 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
     steps = service.steps if params.steps is None else params.steps
     if steps > cfg.timesteps:
         raise InvalidParameter(f"steps must be in 0..{cfg.timesteps}, got {steps}")
-    if params.ensemble not in ENSEMBLES:
-        raise InvalidParameter(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))}, got {params.ensemble}")
+    try:
+        ensemble_flips(params.ensemble)
+    except ValueError as e:
+        raise InvalidParameter(str(e)) from None
     sampler = params.sampler or service.sampler
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     fmt = "jpeg" if params.output_format == "jpg" else params.output_format
