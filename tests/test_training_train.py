@@ -157,6 +157,39 @@ def test_diffusion_stage_with_other_targets_and_bases(rrdb_run: Path, dataset: P
                                ((sr[0] + 1) / 2).permute(1, 2, 0).numpy(), atol=1e-5)
 
 
+def test_diffusion_stage_can_tune_the_encoder(rrdb_run: Path, dataset: Path, tmp_path: Path) -> None:
+    """diffusion.encoder_lr > 0: the encoder trains with the denoiser (EMA and exact resume cover both),
+    and a run cannot switch between a frozen and a tuned encoder on resume."""
+    extra = {"diffusion.rrdb_checkpoint": str(rrdb_run / "checkpoint"), "diffusion.encoder_lr": "0.5",
+             "optim.ema": "0.9", "model.overrides.prediction": "sample", "model.overrides.residual_base": "rrdb"}
+    _run(dataset, tmp_path, "diffusion", tmp_path / "full", 4, **extra)
+    _run(dataset, tmp_path, "diffusion", tmp_path / "split", 3, **extra)
+    ckpt = _run(dataset, tmp_path, "diffusion", tmp_path / "split", 4, **extra)
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
+    _assert_same_state(tmp_path / "split", tmp_path / "full")
+    state = json.loads((tmp_path / "full" / "state" / "state.json").read_text())
+    assert [g["lr_scale"] for g in state["param_groups"]] == [1.0, 0.5]
+    lr = lr_at(3, load_config(None, _config(dataset, tmp_path, 4, **extra)))
+    assert [g["lr"] for g in state["param_groups"]] == pytest.approx([lr, 0.5 * lr])
+
+    net, info = load_any(ckpt)
+    assert info.training["encoder_lr"] == 0.5
+    rrdb, _ = load_any(rrdb_run / "checkpoint")
+    tensors = load_file(str(tmp_path / "full" / "state" / "state.safetensors"))
+    moved = [not torch.equal(a, b) for a, b in zip(net.rrdb.state_dict().values(), rrdb.rrdb.state_dict().values(),
+                                                   strict=True)]
+    assert any(moved)
+    for k, v in net.rrdb.named_parameters():  # the served encoder carries the EMA weights too
+        assert torch.equal(v, tensors[f"ema.rrdb.{k}"])
+
+    with pytest.raises(ValueError, match="encoder tuned"):
+        _run(dataset, tmp_path, "diffusion", tmp_path / "full", 6, **{**extra, "diffusion.encoder_lr": "0"})
+    frozen = {**extra, "diffusion.encoder_lr": "0"}
+    _run(dataset, tmp_path, "diffusion", tmp_path / "frozen", 2, **frozen)
+    with pytest.raises(ValueError, match="encoder frozen"):
+        _run(dataset, tmp_path, "diffusion", tmp_path / "frozen", 3, **extra)
+
+
 def test_bad_setups_are_clear_errors(rrdb_run: Path, dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rrdb_checkpoint"):
         _run(dataset, tmp_path, "diffusion", tmp_path / "a", 2)

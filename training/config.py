@@ -96,6 +96,10 @@ class DiffusionSection(_Strict):
     rrdb_checkpoint: Path | None = None
     # False trains plain SRDiff (no structure modulation), for ablations.
     structure: bool = True
+    # The encoder's learning rate in stage 2, as a fraction of optim.lr. 0 keeps it frozen, as SRDiff does;
+    # above 0 it is tuned jointly with the denoiser (with `prediction: sample` the loss is then the L1 of
+    # the output image itself, through the encoder too).
+    encoder_lr: float = Field(default=0.0, ge=0.0)
 
 
 class TrainConfig(_Strict):

@@ -30,19 +30,20 @@ class DiffusionObjective(nn.Module):
     """Stage 2: L1(target, denoiser(x_t, t, cond)), x_t noised with e' (the structure-modulated noise).
 
     The target follows `ModelConfig.prediction`: e' itself (the paper's), v, or the clean residual x0;
-    the residual is taken over `ModelConfig.residual_base` (bicubic up(LR) or the frozen RRDB's x4 output).
+    the residual is taken over `ModelConfig.residual_base` (bicubic up(LR) or the RRDB's x4 output).
+    The RRDB is frozen unless `tune_encoder`; then the loss reaches it through the condition and the base.
     """
 
-    def __init__(self, net: SRDiffNet, sched: Schedule, structure: bool) -> None:
+    def __init__(self, net: SRDiffNet, sched: Schedule, structure: bool, tune_encoder: bool = False) -> None:
         super().__init__()
-        self.net, self.sched, self.structure = net, sched, structure
+        self.net, self.sched, self.structure, self.tune_encoder = net, sched, structure, tune_encoder
 
     def forward(self, img_lr: Tensor, img_lr_up: Tensor | None, img_hr: Tensor, spe: Tensor, t: Tensor,
                 noise: Tensor) -> Tensor:
         cfg = self.net.cfg
-        # The frozen encoder runs under the caller's autocast: its bf16 x4 output is within 58 dB PSNR of the
+        # The encoder runs under the caller's autocast: its bf16 x4 output is within 58 dB PSNR of the
         # float32 one (measured on corpus-hr/val), far below the residual's scale.
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.tune_encoder):
             sr, feats = self.net.rrdb(img_lr)
         cond = self.net.denoise_fn.project_cond(feats)
         base = sr.float() if cfg.residual_base == "rrdb" else img_lr_up
@@ -56,5 +57,17 @@ class DiffusionObjective(nn.Module):
         return F.l1_loss(self.net.denoise(x_t, t, cond).float(), target)
 
 
-def trained_module(net: SRDiffNet, stage: Stage) -> nn.Module:
-    return net.rrdb if stage == "rrdb" else net.denoise_fn
+def trained_module(net: SRDiffNet, stage: Stage, tune_encoder: bool = False) -> nn.Module:
+    """What the optimiser and the EMA own: the encoder (stage 1), the denoiser (stage 2), or both."""
+    if stage == "rrdb":
+        return net.rrdb
+    return net if tune_encoder else net.denoise_fn
+
+
+def param_groups(module: nn.Module, net: SRDiffNet, encoder_lr: float) -> list[dict]:
+    """The optimiser's groups: the encoder's (when `module` holds it beside the denoiser) runs at
+    `encoder_lr` times the schedule's lr (the group's `lr_scale`), everything else at 1x."""
+    if module is not net:
+        return [{"params": list(module.parameters()), "lr_scale": 1.0}]
+    return [{"params": list(net.denoise_fn.parameters()), "lr_scale": 1.0},
+            {"params": list(net.rrdb.parameters()), "lr_scale": encoder_lr}]

@@ -51,7 +51,7 @@ from training.distributed import (
     pick_device,
     step_generator,
 )
-from training.objectives import DiffusionObjective, RRDBObjective, Stage, trained_module
+from training.objectives import DiffusionObjective, RRDBObjective, Stage, param_groups, trained_module
 from training.optim import EMA, lr_at
 from training.runlog import RunLog, plot_curves
 from training.state import atomic_dir, commit_dir, git_commit, load_training_state, save_training_state
@@ -65,7 +65,8 @@ ENCODER_FIELDS = (*RRDB_SHAPE, "lr_up_divisor")  # what a resumed stage-1 run mu
 
 
 def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
-    """A fresh network (from `run.init`'s weights when set); for stage 2 with the stage-1 RRDB loaded and frozen."""
+    """A fresh network (from `run.init`'s weights when set); for stage 2 with the stage-1 RRDB loaded (and frozen
+    unless `diffusion.encoder_lr` tunes it)."""
     mcfg: ModelConfig = cfg.model.build()
     torch.manual_seed(seed)
     net = SRDiffNet(mcfg)
@@ -87,7 +88,7 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
             raise ValueError(f"{src}: its RRDB ({[getattr(a, k) for k in keys]}) does not match this "
                              f"config's ({[getattr(b, k) for k in keys]})")
         net.rrdb.load_state_dict(pre.rrdb.state_dict())
-        net.rrdb.requires_grad_(False)
+        net.rrdb.requires_grad_(cfg.diffusion.encoder_lr > 0)
     return net
 
 
@@ -119,11 +120,13 @@ class Trainer:
         self.net = build_model(cfg, stage, self.seed).to(device)
         if cfg.optim.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.module = trained_module(self.net, stage)
+        self.tune_encoder = stage == "diffusion" and cfg.diffusion.encoder_lr > 0
+        self.module = trained_module(self.net, stage, self.tune_encoder)
         self.sched = make_schedule(self.mcfg.timesteps, self.mcfg.beta_s).to(device)
         self.objective: nn.Module = RRDBObjective(self.net) if stage == "rrdb" else \
-            DiffusionObjective(self.net, self.sched, cfg.diffusion.structure)
-        self.opt = torch.optim.Adam(self.module.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+            DiffusionObjective(self.net, self.sched, cfg.diffusion.structure, self.tune_encoder)
+        groups = param_groups(self.module, self.net, cfg.diffusion.encoder_lr)
+        self.opt = torch.optim.Adam(groups, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                     weight_decay=cfg.optim.weight_decay)
         self.ema = EMA(self.module, cfg.optim.ema) if cfg.optim.ema > 0 else None
         self.amp = cfg.optim.amp and bf16_supported(device)
@@ -162,6 +165,10 @@ class Trainer:
             raise ValueError(f"{self.state_dir} holds a {saved.get('stage')!r} run, not {self.stage!r}")
         if "model" in saved and not same_trained_network(ModelConfig.from_dict(saved["model"]), self.mcfg, self.stage):
             raise ValueError(f"{self.state_dir} was trained with another model config; use --fresh or another --out")
+        if saved.get("tune_encoder", False) != self.tune_encoder:
+            how = "tuned" if saved.get("tune_encoder") else "frozen"
+            raise ValueError(f"{self.state_dir} was trained with the encoder {how} (diffusion.encoder_lr); to switch, "
+                             "start another --out with run.init set to its checkpoint")
         meta = load_training_state(self.state_dir, self.module, self.opt, self.ema, self.device)
         self.step, self.epoch, self.offset = meta["step"], meta["epoch"], meta["offset"]
         # Where in the epoch, in samples: the batch size or the number of processes may change on resume.
@@ -227,7 +234,7 @@ class Trainer:
 
     def set_lr(self) -> None:
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, self.cfg)
+            g["lr"] = lr_at(self.step, self.cfg) * g.get("lr_scale", 1.0)
 
     def optimize(self, batch: dict[str, Tensor]) -> float:
         """One optimiser step on `batch`; returns the (all-reduced) loss."""
@@ -310,10 +317,11 @@ class Trainer:
             cfg, dcfg = self.cfg, self.cfg.data
             meta = {"stage": self.stage, "step": self.step, "epoch": self.epoch, "offset": self.offset,
                     "batch_size": dcfg.batch_size, "seed": self.seed, "world_size": self.d.world,
-                    "model": self.mcfg.to_dict()}
+                    "model": self.mcfg.to_dict(), "tune_encoder": self.tune_encoder}
             save_training_state(self.state_dir, self.module, self.opt, self.ema, meta)
             training = {"stage": self.stage, "steps": self.step,
                         "structure": bool(self.stage == "diffusion" and cfg.diffusion.structure),
+                        "encoder_lr": cfg.diffusion.encoder_lr if self.tune_encoder else 0.0,
                         "ema": cfg.optim.ema, "data": str(dcfg.train_dir), "images": len(self.images),
                         "hr_patch": dcfg.hr_patch, "batch_size": dcfg.batch_size * self.d.world}
             info = CheckpointInfo(config=self.mcfg, name=cfg.name,
