@@ -182,6 +182,12 @@ def test_diffusion_stage_can_tune_the_encoder(rrdb_run: Path, dataset: Path, tmp
     for k, v in net.rrdb.named_parameters():  # the served encoder carries the EMA weights too
         assert torch.equal(v, tensors[f"ema.rrdb.{k}"])
 
+    # Stage 1's L1 on the encoder's own output can be added: the same draws, a larger loss.
+    _run(dataset, tmp_path, "diffusion", tmp_path / "l1", 2, **extra, **{"diffusion.encoder_l1": "1"})
+    assert all(float(a) > float(b) for (_, a), (_, b) in zip(_losses(tmp_path / "l1"), _losses(tmp_path / "full")[:2],
+                                                             strict=True))
+    assert load_any(tmp_path / "l1" / "checkpoint")[1].training["encoder_l1"] == 1.0
+
     with pytest.raises(ValueError, match="encoder tuned"):
         _run(dataset, tmp_path, "diffusion", tmp_path / "full", 6, **{**extra, "diffusion.encoder_lr": "0"})
     frozen = {**extra, "diffusion.encoder_lr": "0"}

@@ -100,6 +100,9 @@ class DiffusionSection(_Strict):
     # above 0 it is tuned jointly with the denoiser (with `prediction: sample` the loss is then the L1 of
     # the output image itself, through the encoder too).
     encoder_lr: float = Field(default=0.0, ge=0.0)
+    # With a tuned encoder: the weight of stage 1's L1 (its x4 output against HR) added to the loss, so that
+    # the encoder's own output (steps=0, the fidelity mode) stays an image and not only a base for the residual.
+    encoder_l1: float = Field(default=0.0, ge=0.0)
 
 
 class TrainConfig(_Strict):

@@ -31,12 +31,15 @@ class DiffusionObjective(nn.Module):
 
     The target follows `ModelConfig.prediction`: e' itself (the paper's), v, or the clean residual x0;
     the residual is taken over `ModelConfig.residual_base` (bicubic up(LR) or the RRDB's x4 output).
-    The RRDB is frozen unless `tune_encoder`; then the loss reaches it through the condition and the base.
+    The RRDB is frozen unless `tune_encoder`; then the loss reaches it through the condition and the base,
+    plus `encoder_l1` times stage 1's L1 of its own x4 output.
     """
 
-    def __init__(self, net: SRDiffNet, sched: Schedule, structure: bool, tune_encoder: bool = False) -> None:
+    def __init__(self, net: SRDiffNet, sched: Schedule, structure: bool, tune_encoder: bool = False,
+                 encoder_l1: float = 0.0) -> None:
         super().__init__()
         self.net, self.sched, self.structure, self.tune_encoder = net, sched, structure, tune_encoder
+        self.encoder_l1 = encoder_l1 if tune_encoder else 0.0
 
     def forward(self, img_lr: Tensor, img_lr_up: Tensor | None, img_hr: Tensor, spe: Tensor, t: Tensor,
                 noise: Tensor) -> Tensor:
@@ -54,7 +57,10 @@ class DiffusionObjective(nn.Module):
             noise = modulate_noise(self.sched, noise, t, spe)
         x_t = q_sample(self.sched, x0, t, noise)
         target = training_target(self.sched, cfg.prediction, x0, noise, t)
-        return F.l1_loss(self.net.denoise(x_t, t, cond).float(), target)
+        loss = F.l1_loss(self.net.denoise(x_t, t, cond).float(), target)
+        if self.encoder_l1:
+            loss = loss + self.encoder_l1 * F.l1_loss(sr.float(), img_hr)
+        return loss
 
 
 def trained_module(net: SRDiffNet, stage: Stage, tune_encoder: bool = False) -> nn.Module:

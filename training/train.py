@@ -124,7 +124,8 @@ class Trainer:
         self.module = trained_module(self.net, stage, self.tune_encoder)
         self.sched = make_schedule(self.mcfg.timesteps, self.mcfg.beta_s).to(device)
         self.objective: nn.Module = RRDBObjective(self.net) if stage == "rrdb" else \
-            DiffusionObjective(self.net, self.sched, cfg.diffusion.structure, self.tune_encoder)
+            DiffusionObjective(self.net, self.sched, cfg.diffusion.structure, self.tune_encoder,
+                               cfg.diffusion.encoder_l1)
         groups = param_groups(self.module, self.net, cfg.diffusion.encoder_lr)
         self.opt = torch.optim.Adam(groups, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                     weight_decay=cfg.optim.weight_decay)
@@ -322,6 +323,7 @@ class Trainer:
             training = {"stage": self.stage, "steps": self.step,
                         "structure": bool(self.stage == "diffusion" and cfg.diffusion.structure),
                         "encoder_lr": cfg.diffusion.encoder_lr if self.tune_encoder else 0.0,
+                        "encoder_l1": cfg.diffusion.encoder_l1 if self.tune_encoder else 0.0,
                         "ema": cfg.optim.ema, "data": str(dcfg.train_dir), "images": len(self.images),
                         "hr_patch": dcfg.hr_patch, "batch_size": dcfg.batch_size * self.d.world}
             info = CheckpointInfo(config=self.mcfg, name=cfg.name,
