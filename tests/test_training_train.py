@@ -187,6 +187,10 @@ def test_diffusion_stage_can_tune_the_encoder(rrdb_run: Path, dataset: Path, tmp
     assert all(float(a) > float(b) for (_, a), (_, b) in zip(_losses(tmp_path / "l1"), _losses(tmp_path / "full")[:2],
                                                              strict=True))
     assert load_any(tmp_path / "l1" / "checkpoint")[1].training["encoder_l1"] == 1.0
+    # A resumed run takes the encoder's lr fraction from the config, not from the saved optimiser groups.
+    _run(dataset, tmp_path, "diffusion", tmp_path / "l1", 3, **extra, **{"diffusion.encoder_lr": "0.25"})
+    state = json.loads((tmp_path / "l1" / "state" / "state.json").read_text())
+    assert [g["lr_scale"] for g in state["param_groups"]] == [1.0, 0.25]
 
     with pytest.raises(ValueError, match="encoder tuned"):
         _run(dataset, tmp_path, "diffusion", tmp_path / "full", 6, **{**extra, "diffusion.encoder_lr": "0"})

@@ -127,6 +127,7 @@ class Trainer:
             DiffusionObjective(self.net, self.sched, cfg.diffusion.structure, self.tune_encoder,
                                cfg.diffusion.encoder_l1)
         groups = param_groups(self.module, self.net, cfg.diffusion.encoder_lr)
+        self.lr_scales = [g["lr_scale"] for g in groups]  # the config's, also over a resumed state's
         self.opt = torch.optim.Adam(groups, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                     weight_decay=cfg.optim.weight_decay)
         self.ema = EMA(self.module, cfg.optim.ema) if cfg.optim.ema > 0 else None
@@ -171,6 +172,8 @@ class Trainer:
             raise ValueError(f"{self.state_dir} was trained with the encoder {how} (diffusion.encoder_lr); to switch, "
                              "start another --out with run.init set to its checkpoint")
         meta = load_training_state(self.state_dir, self.module, self.opt, self.ema, self.device)
+        for g, scale in zip(self.opt.param_groups, self.lr_scales, strict=True):
+            g["lr_scale"] = scale
         self.step, self.epoch, self.offset = meta["step"], meta["epoch"], meta["offset"]
         # Where in the epoch, in samples: the batch size or the number of processes may change on resume.
         per_step = meta.get("batch_size", self.cfg.data.batch_size) * meta.get("world_size", self.d.world)
