@@ -188,7 +188,8 @@ def test_diffusion_stage_can_tune_the_encoder(rrdb_run: Path, dataset: Path, tmp
                                                              strict=True))
     assert load_any(tmp_path / "l1" / "checkpoint")[1].training["encoder_l1"] == 1.0
     # A resumed run takes the encoder's lr fraction from the config, not from the saved optimiser groups.
-    _run(dataset, tmp_path, "diffusion", tmp_path / "l1", 3, **extra, **{"diffusion.encoder_lr": "0.25"})
+    _run(dataset, tmp_path, "diffusion", tmp_path / "l1", 3,
+         **{**extra, "diffusion.encoder_l1": "1", "diffusion.encoder_lr": "0.25"})
     state = json.loads((tmp_path / "l1" / "state" / "state.json").read_text())
     assert [g["lr_scale"] for g in state["param_groups"]] == [1.0, 0.25]
 
