@@ -320,6 +320,11 @@ def test_a_fresh_run_starts_from_init_weights(dataset: Path, tmp_path: Path) -> 
     for name, ref in (("denoise_fn", trained.denoise_fn), ("rrdb", encoder.rrdb)):
         for k, v in ref.state_dict().items():
             assert torch.equal(getattr(net, name).state_dict()[k], v), (name, k)
+    # The checkpoint says where its weights started.
+    assert load_any(first)[1].training["init"] is None
+    init_run = _run(dataset, tmp_path, "diffusion", tmp_path / "d2", 1, **{"diffusion.rrdb_checkpoint": str(other_rrdb),
+                                                                          "run.init": str(first)})
+    assert load_any(init_run)[1].training["init"] == str(first)
     wider = {"diffusion.rrdb_checkpoint": str(other_rrdb), "run.init": str(first), "model.overrides.hidden_size": "16"}
     cfg = load_config(None, _config(dataset, tmp_path, 2, **wider))
     with pytest.raises(ValueError, match="does not match"):

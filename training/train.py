@@ -328,7 +328,8 @@ class Trainer:
                         "encoder_lr": cfg.diffusion.encoder_lr if self.tune_encoder else 0.0,
                         "encoder_l1": cfg.diffusion.encoder_l1 if self.tune_encoder else 0.0,
                         "ema": cfg.optim.ema, "data": str(dcfg.train_dir), "images": len(self.images),
-                        "hr_patch": dcfg.hr_patch, "batch_size": dcfg.batch_size * self.d.world}
+                        "hr_patch": dcfg.hr_patch, "batch_size": dcfg.batch_size * self.d.world,
+                        "init": None if cfg.run.init is None else str(cfg.run.init)}
             info = CheckpointInfo(config=self.mcfg, name=cfg.name,
                                   provenance={"source": "samdiffsr train", "git": git_commit()}, training=training)
             with self._ema_weights():
