@@ -104,6 +104,10 @@ class DiffusionSection(_Strict):
     # the encoder's own output (steps=0, the fidelity mode) stays an image and not only a base for the residual.
     encoder_l1: float = Field(default=0.0, ge=0.0)
 
+    @property
+    def tunes_encoder(self) -> bool:
+        return self.encoder_lr > 0
+
 
 class TrainConfig(_Strict):
     name: str = "samdiffsr"

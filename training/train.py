@@ -88,7 +88,7 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
             raise ValueError(f"{src}: its RRDB ({[getattr(a, k) for k in keys]}) does not match this "
                              f"config's ({[getattr(b, k) for k in keys]})")
         net.rrdb.load_state_dict(pre.rrdb.state_dict())
-        net.rrdb.requires_grad_(cfg.diffusion.encoder_lr > 0)
+        net.rrdb.requires_grad_(cfg.diffusion.tunes_encoder)
     return net
 
 
@@ -120,7 +120,7 @@ class Trainer:
         self.net = build_model(cfg, stage, self.seed).to(device)
         if cfg.optim.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.tune_encoder = stage == "diffusion" and cfg.diffusion.encoder_lr > 0
+        self.tune_encoder = stage == "diffusion" and cfg.diffusion.tunes_encoder
         self.module = trained_module(self.net, stage, self.tune_encoder)
         self.sched = make_schedule(self.mcfg.timesteps, self.mcfg.beta_s).to(device)
         self.objective: nn.Module = RRDBObjective(self.net) if stage == "rrdb" else \
