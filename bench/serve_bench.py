@@ -85,17 +85,17 @@ class TimedRuntime:
 
 def count_flops(net: torch.nn.Module, shapes: set[tuple], cond_channels: int) -> dict[tuple, float]:
     """FLOPs of one encode / denoise call for each (kind, input shape), on eager torch."""
-    out = {}
+    out, dev = {}, next(net.parameters()).device
     with torch.no_grad():
         for kind, shape in shapes:
             counter = FlopCounterMode(display=False)
             with counter:
                 if kind == "encode":
-                    net.encode(torch.zeros(shape))
+                    net.encode(torch.zeros(shape, device=dev))
                 else:
                     b, _, h, w = shape
-                    t, cond = torch.zeros(b, dtype=torch.long), torch.zeros(b, cond_channels, h, w)
-                    net.denoise(torch.zeros(shape), t, cond)
+                    t = torch.zeros(b, dtype=torch.long, device=dev)
+                    net.denoise(torch.zeros(shape, device=dev), t, torch.zeros(b, cond_channels, h, w, device=dev))
             out[(kind, shape)] = float(counter.get_total_flops())
     return out
 
@@ -122,8 +122,13 @@ def calibration_table(rt: Runtime, rt16: Runtime | None, tiles: list[int], batch
     for tile in tiles:
         hw = tile * rt.config.scale
         for b in batches:
-            flops = count_flops(net, {("denoise", (b, 3, hw, hw))}, rt.config.hidden_size)
-            per_tile = time_per_tile(rt, (tile, tile), b)
+            try:
+                flops = count_flops(net, {("denoise", (b, 3, hw, hw))}, rt.config.hidden_size)
+                per_tile = time_per_tile(rt, (tile, tile), b)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                lines.append(f"| {tile} | {b} | {b * tile * tile} | out of memory | | |" + (" | |" if rt16 else ""))
+                continue
             gf = sum(flops.values()) / b / per_tile / 1e9
             row = f"| {tile} | {b} | {b * tile * tile} | {per_tile * 1e3:.0f} | {gf:.1f} | {gf / mm32:.0%} |"
             if rt16 is not None:
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "in.png", Path(tmp) / "out.png"
             src.write_bytes(png)
-            cmd = [str(Path(sys.executable).parent / "samdiffsr"), "upscale", str(src), str(dst), "--checkpoint",
+            cmd = [sys.executable, "-m", "samdiffsr", "upscale", str(src), str(dst), "--checkpoint",
                    args.checkpoint, "--device", dev]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, capture_output=True)
