@@ -6,6 +6,7 @@ which records the checkpoint's config and the hash of the weights it was made fr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import warnings
@@ -14,9 +15,9 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import CheckpointInfo
-from model.network import Denoiser, Encoder, SRDiffNet
+from model.network import Denoiser, Encoder, SinusoidalPosEmb, SRDiffNet
 
-EXPORT_VERSION = 2  # 2: the encoder also returns the x4 image
+EXPORT_VERSION = 3  # 2: the encoder also returns the x4 image; 3: the TorchScript denoiser runs on any device
 FILES = {
     "torchscript": ("encoder.ts.pt", "denoiser.ts.pt"),
     "onnx": ("encoder.onnx", "denoiser.onnx"),
@@ -42,8 +43,20 @@ def _examples(net: SRDiffNet, batch: int = 2, lr: int = 16) -> tuple[torch.Tenso
     return img_lr, (x, t, cond)
 
 
+def _traceable(net: SRDiffNet) -> SRDiffNet:
+    """A copy of `net` whose time embeddings are scripted: a trace records the device of the tensors a module
+    makes (the embedding's frequencies) as a constant, so a denoiser traced on the CPU would fail on a GPU."""
+    net = copy.deepcopy(net)
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, SinusoidalPosEmb):
+                setattr(module, name, torch.jit.script(child))
+    return net
+
+
 def export_torchscript(net: SRDiffNet, out_dir: Path) -> tuple[Path, Path]:
     img_lr, step = _examples(net)
+    net = _traceable(net)
     enc_path, den_path = (out_dir / f for f in FILES["torchscript"])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -39,6 +39,15 @@ def test_export_command_writes_both_formats(imported: Path, tmp_path: Path) -> N
         assert (tmp_path / "exp" / f).stat().st_size > 0
 
 
+def test_torchscript_export_fixes_no_device(imported: Path, tmp_path: Path) -> None:
+    """A trace records the device of tensors made inside forward; the export must run where it is loaded
+    (traced here on the CPU, served on a GPU). No GPU here, so the graphs are read."""
+    assert main(["export", str(imported), str(tmp_path / "exp")]) == 0
+    for f in ("encoder.ts.pt", "denoiser.ts.pt"):
+        graph = str(torch.jit.load(str(tmp_path / "exp" / f)).inlined_graph)
+        assert 'Device = prim::Constant[value="cpu"]' not in graph, f
+
+
 @pytest.mark.parametrize("batch, lr", [(1, 8), (3, 12), (5, 20)])
 def test_backends_match_eager_torch(runtimes: dict, batch: int, lr: int) -> None:
     torch.manual_seed(batch)
