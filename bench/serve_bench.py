@@ -130,10 +130,10 @@ def calibration_table(rt: Runtime, rt16: Runtime | None, tiles: list[int], batch
                 lines.append(f"| {tile} | {b} | {b * tile * tile} | out of memory | | |" + (" | |" if rt16 else ""))
                 continue
             gf = sum(flops.values()) / b / per_tile / 1e9
-            row = f"| {tile} | {b} | {b * tile * tile} | {per_tile * 1e3:.0f} | {gf:.1f} | {gf / mm32:.0%} |"
+            row = f"| {tile} | {b} | {b * tile * tile} | {per_tile * 1e3:.3g} | {gf:.1f} | {gf / mm32:.0%} |"
             if rt16 is not None:
                 per16 = time_per_tile(rt16, (tile, tile), b)
-                row += f" {per16 * 1e3:.0f} | {per_tile / per16:.2f}x |"
+                row += f" {per16 * 1e3:.3g} | {per_tile / per16:.2f}x |"
             lines.append(row)
     return lines
 

@@ -30,9 +30,10 @@ BACKENDS = ("torch", "torchscript", "onnx")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What `precision="auto"` picks per device type: reduced precision only where it was measured to cost at most
-# 0.05 dB PSNR-Y on corpus-hr/val and to be faster (README, "Serving efficiency"); CUDA is unmeasured. bf16 on
-# a CPU only where oneDNN has native bf16 (AVX512-BF16 or AMX); elsewhere it is emulated and slower.
-AUTO_PRECISION = {"cpu": "bf16", "cuda": "fp32"}
+# 0.05 dB PSNR-Y on corpus-hr/val and to be faster (README, "Serving efficiency"): 0.02 dB on a CPU and on an
+# H200, where the denoiser ran 1.31x fp32's speed. bf16 on a CPU only where oneDNN has native bf16 (AVX512-BF16
+# or AMX); elsewhere it is emulated and slower.
+AUTO_PRECISION = {"cpu": "bf16", "cuda": "bf16"}
 
 
 class Runtime(Protocol):

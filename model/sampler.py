@@ -23,10 +23,12 @@ SamplerName = Literal["ddpm", "ddim"]
 DenoiseFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def track_generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator for track `index` of a request with `seed`, independent of batching."""
+def track_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of track `index` of a request with `seed`, independent of batching, on `device`: the noise
+    of a track is drawn where the model runs (on a GPU, drawing a 256-px tile's noise on the CPU took longer than
+    the tile's denoiser step), so a seed gives another sample on a GPU than on a CPU."""
     state = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 @dataclass
@@ -66,7 +68,8 @@ class Track:
     def noise(self) -> Tensor:
         if self.noise_fn is not None:
             return self.noise_fn(self.pos).to(self.x.device, self.x.dtype)
-        return torch.randn(self.x.shape, generator=self.generator).to(self.x.device, self.x.dtype)
+        device = self.generator.device if self.generator is not None else self.x.device
+        return torch.randn(self.x.shape, generator=self.generator, device=device).to(self.x.device, self.x.dtype)
 
 
 def residual_base(cfg: ModelConfig, steps: int, up: Tensor | None, sr: Tensor) -> Tensor:
@@ -86,8 +89,8 @@ def new_track(
     """Start a track from x_T ~ N(0, I), drawn from the (seed, index) generator."""
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler {sampler!r} (ddpm or ddim)")
-    gen = track_generator(seed, index)
-    x = torch.randn((3, *cond.shape[-2:]), generator=gen).to(cond.device, cond.dtype)
+    gen = track_generator(seed, index, cond.device)
+    x = torch.randn((3, *cond.shape[-2:]), generator=gen, device=cond.device).to(cond.dtype)
     return Track(x=x, cond=cond, base=base, plan=timestep_plan(num_timesteps, steps), sampler=sampler,
                  eta=eta, generator=gen)
 
@@ -102,12 +105,21 @@ def start_tracks(
     return [new_track(cond[j], base[j], cfg.timesteps, steps, sampler, eta, seed, i) for j, i in enumerate(indices)]
 
 
+def track_images(tracks: Sequence[Track], cfg: ModelConfig) -> Tensor:
+    """Finished tracks' SR images (N, 3, H, W), nominally in [-1, 1] (not clamped), on the CPU: made where the
+    tracks are and copied in one transfer (one per tile cost a GPU sync each)."""
+    planned = {bool(tr.plan) for tr in tracks}
+    if len(planned) > 1:  # some sampled, some not (steps=0): each on its own
+        return torch.cat([track_images([tr], cfg) for tr in tracks])
+    out = torch.stack([tr.base.detach() for tr in tracks]).float()
+    if planned == {True}:
+        out = res2img(torch.stack([tr.x.detach() for tr in tracks]).float(), out, cfg.res_rescale, cfg.clip_input)
+    return out.cpu()
+
+
 def track_image(tr: Track, cfg: ModelConfig) -> Tensor:
     """A finished track's SR image (3, H, W), nominally in [-1, 1] (not clamped), on the CPU."""
-    base = tr.base.detach().to("cpu", torch.float32)
-    if not tr.plan:
-        return base
-    return res2img(tr.x.detach().to("cpu", torch.float32), base, cfg.res_rescale, cfg.clip_input)
+    return track_images([tr], cfg)[0]
 
 
 def step_tracks(denoise: DenoiseFn, sched: Schedule, tracks: Sequence[Track], prediction: str = "epsilon") -> None:

@@ -16,7 +16,7 @@ from model.config import ModelConfig
 from model.imaging import DecodedImage, with_rgb
 from model.inputs import lr_inputs, uses_up
 from model.runtime import Runtime
-from model.sampler import SamplerName, sample, start_tracks, track_image
+from model.sampler import SamplerName, sample, start_tracks, track_images
 from model.tiling import TileGrid, extract_tiles, pad_to, plan_tiles, stitch
 
 DEFAULT_STEPS = 20
@@ -125,8 +125,8 @@ class Upscaler:
             noise_idx = [member * len(grid) + i for i in idx]
             tracks = start_tracks(cfg, cond, sr, up, noise_idx, steps, sampler, eta, seed)
             sample(rt.denoise, rt.schedule, tracks, on_step, cfg.prediction)
-            out += [track_image(tr, cfg) for tr in tracks]
-        return self.assemble(grid, torch.stack(out))
+            out.append(track_images(tracks, cfg))
+        return self.assemble(grid, torch.cat(out))
 
     def upscale(self, image: DecodedImage, steps: int | None = None, sampler: SamplerName | None = None,
                 eta: float = 0.0, seed: int = 0, on_step: Callable[[int], None] | None = None,

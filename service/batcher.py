@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from model.runtime import Runtime
-from model.sampler import SamplerName, Track, start_tracks, step_tracks, track_image
+from model.sampler import SamplerName, Track, start_tracks, step_tracks, track_images
 from service.errors import Cancelled, ServiceError, ShuttingDown, WorkerError
 from service.metrics import Metrics
 from service.pipeline import TensorTiles, Tiles
@@ -251,37 +251,60 @@ class Batcher:
 
     def _execute(self, plan: StepPlan) -> StepResult:
         result = StepResult()
+        by_shape: dict[tuple[int, int], list[tuple[Job, list[int]]]] = defaultdict(list)
         for job, idx in plan.encode:
-            self._encode(job, idx, plan.encode_chunk, result)
+            by_shape[job.tile_shape].append((job, idx))  # type: ignore[arg-type]
+        for group in by_shape.values():
+            self._encode(group, plan.encode_chunk, plan.pad_encode, result)
         items = [(job, i) for job, i in plan.step if i in job.tracks]  # an encode may have failed
         if items:
             self._step(items, plan.pad_to, result)
         return result
 
-    def _encode(self, job: Job, idx: list[int], chunk: int, result: StepResult) -> None:
+    def _encode(self, group: list[tuple[Job, list[int]]], chunk: int, pad: bool, result: StepResult) -> None:
+        """Encode the admitted tiles of `group` (requests of one tile shape) together, `chunk` tiles per call:
+        with many requests in flight each admits a few tiles, and an encoder call per request left a GPU idle.
+        A failure that is not out-of-memory is retried request by request, so only the faulty ones fail."""
         rt = self.runtime
         try:
-            lr, up = job.tiles.inputs(idx)
-            parts = [rt.encode(lr[s:s + chunk]) for s in range(0, len(idx), chunk)]
+            inputs = [job.tiles.inputs(idx) for job, idx in group]
+            lr = torch.cat([lr for lr, _ in inputs])
+            parts = [self._encode_call(lr[s:s + chunk], chunk if pad else 0) for s in range(0, len(lr), chunk)]
             cond = torch.cat([c for c, _ in parts])
             sr = torch.cat([r for _, r in parts])
-            _check_count("encoder", len(idx), cond, sr)
+            _check_count("encoder", len(lr), cond, sr)
         except Exception as e:
             if is_out_of_memory(e):
                 self._out_of_memory()
-                result.encode_oom.append((job, idx))
+                result.encode_oom.extend(group)
+            elif len(group) > 1:
+                for one in group:
+                    self._encode([one], chunk, pad, result)
             else:
+                job = group[0][0]
                 log.error("encoder failed for request %s: %r", job.request_id, e)
                 result.failed.append((job, WorkerError(f"encoder failed: {type(e).__name__}: {e}")))
             return
-        for i, tr in zip(idx, start_tracks(rt.config, cond, sr, up, idx, job.steps, job.sampler, job.eta,
-                                           job.seed), strict=True):
-            if tr.done:  # steps=0: the encoder's output is the answer
-                job.tiles.put(i, track_image(tr, rt.config))
+        start = 0
+        for (job, idx), (_, up) in zip(group, inputs, strict=True):
+            own = slice(start, start + len(idx))
+            start += len(idx)
+            tracks = start_tracks(rt.config, cond[own], sr[own], up, idx, job.steps, job.sampler, job.eta, job.seed)
+            if job.steps == 0:  # the encoder's output is the answer
+                for i, img in zip(idx, track_images(tracks, rt.config), strict=True):
+                    job.tiles.put(i, img)
             else:
-                job.tracks[i] = tr
+                job.tracks.update(zip(idx, tracks, strict=True))
                 self._holding.add(job)
-        result.encoded.append((job, idx))
+            result.encoded.append((job, idx))
+
+    def _encode_call(self, lr: Tensor, pad_to: int) -> tuple[Tensor, Tensor]:
+        """The runtime's encoder, padded with zero tiles to `pad_to` samples (0: not padded)."""
+        n = lr.shape[0]
+        if n >= pad_to:
+            return self.runtime.encode(lr)
+        cond, sr = self.runtime.encode(torch.cat([lr, lr.new_zeros((pad_to - n, *lr.shape[1:]))]))
+        return cond[:n], sr[:n]
 
     def _step(self, items: list[Item], pad_to: int | None, result: StepResult) -> None:
         tracks = [job.tracks[i] for job, i in items]  # type: ignore[attr-defined]
@@ -322,11 +345,12 @@ class Batcher:
     def _advanced(self, items: list[Item], result: StepResult) -> None:
         """One successful call advanced `items`: hand finished tiles to their jobs."""
         result.calls.append(items)
-        for job, i in items:
-            tr = job.tracks[i]  # type: ignore[attr-defined]
-            if tr.done:
-                del job.tracks[i]  # type: ignore[attr-defined]
-                job.tiles.put(i, track_image(tr, self.runtime.config))  # type: ignore[attr-defined]
+        done = [(job, i) for job, i in items if job.tracks[i].done]  # type: ignore[attr-defined]
+        if not done:
+            return
+        images = track_images([job.tracks.pop(i) for job, i in done], self.runtime.config)  # type: ignore
+        for (job, i), img in zip(done, images, strict=True):
+            job.tiles.put(i, img)  # type: ignore[attr-defined]
 
     def _isolate(self, items: list[Item], pad_to: int | None, err: Exception, result: StepResult) -> None:
         """A non-OOM error in a shared call: retry each job alone so only the faulty ones fail."""

@@ -126,10 +126,12 @@ def test_zero_steps_is_the_encoder_output_without_denoiser_calls(runtime, image)
     np.testing.assert_allclose(out.rgb, up.upscale(image, steps=0).rgb, atol=1e-5)
 
 
-def test_same_seed_identical_alone_and_under_load(runtime):
+@pytest.mark.parametrize("batch, chunk", [(4, 1), (16, 2)])  # encoder calls of 1 tile; of 2, padded
+def test_same_seed_identical_alone_and_under_load(runtime, batch, chunk):
     """Reproducible mode: bit-identical residuals whatever the job was batched with."""
     lr = tiles(5, seed=1)
-    with make_batcher(runtime, reproducible=True) as b:
+    with make_batcher(runtime, reproducible=True, max_batch_tiles=batch) as b:
+        assert b.scheduler.encode_chunk() == chunk
         alone = b.submit(lr, up(lr), steps=4, seed=7).future.result(60)
         others = [b.submit(*with_up(tiles(n, seed=10 + n)), steps=s, seed=n, sampler="ddpm")
                   for n, s in ((3, 5), (1, 2), (6, 3))]

@@ -187,6 +187,19 @@ def test_out_of_memory_in_a_step_halves_the_batch_and_shrinks_the_active_set():
     assert r.calls == 0
 
 
+def test_reproducible_encoder_calls_are_an_eighth_of_the_batch():
+    s = make(max_batch_tiles=128)
+    s.add(req(40))
+    plan = s.schedule(NOW)
+    assert (plan.encode_chunk, plan.pad_encode, plan.pad_to) == (16, True, 128)
+    s.batch_limit = 64  # as after an out-of-memory error
+    assert s.encode_chunk() == 8
+    s = make(max_batch_tiles=128, reproducible=False)
+    s.add(req(40))
+    plan = s.schedule(NOW)
+    assert (plan.encode_chunk, plan.pad_encode, plan.pad_to) == (128, False, None)
+
+
 def test_out_of_memory_with_one_tile_fails_the_request():
     s = make(max_batch_tiles=1)
     a, b = req(1), req(1)
