@@ -28,3 +28,10 @@ def test_interference_bench_prints_the_ratio(tiny_checkpoint: Path) -> None:
                  "--steps", "4", "--repeats", "2", "--env", "SAMDIFFSR_TILE_SIZE=16",
                  "--env", "SAMDIFFSR_MAX_TILES_PER_BATCH=1")
     assert "| idle server | 2 |" in out and "p95 ratio (beside / idle)" in out, out
+
+
+def test_worker_bench_splits_the_time(tiny_checkpoint: Path, photo: Path) -> None:
+    out = _bench("worker_bench.py", "--checkpoint", str(tiny_checkpoint), "--photo", str(photo), "--n", "3",
+                 "--size", "40", "--tile", "16", "--batch", "64", "--repro", "0")
+    assert "in 1 encoder and 1 denoiser calls" in out, out  # 3 images x 16 tiles: one call for all three
+    assert "| Canvas.add (blend in) |" in out, out
