@@ -105,16 +105,16 @@ def start_tracks(
     return [new_track(cond[j], base[j], cfg.timesteps, steps, sampler, eta, seed, i) for j, i in enumerate(indices)]
 
 
-def track_images(tracks: Sequence[Track], cfg: ModelConfig) -> Tensor:
-    """Finished tracks' SR images (N, 3, H, W), nominally in [-1, 1] (not clamped), on the CPU: made where the
-    tracks are and copied in one transfer (one per tile cost a GPU sync each)."""
+def track_images(tracks: Sequence[Track], cfg: ModelConfig, cpu: bool = True) -> Tensor:
+    """Finished tracks' SR images (N, 3, H, W) in float32, nominally in [-1, 1] (not clamped): made where the
+    tracks are, and with `cpu` copied to the CPU in one transfer (one per tile cost a GPU sync each)."""
     planned = {bool(tr.plan) for tr in tracks}
     if len(planned) > 1:  # some sampled, some not (steps=0): each on its own
-        return torch.cat([track_images([tr], cfg) for tr in tracks])
+        return torch.cat([track_images([tr], cfg, cpu) for tr in tracks])
     out = torch.stack([tr.base.detach() for tr in tracks]).float()
     if planned == {True}:
         out = res2img(torch.stack([tr.x.detach() for tr in tracks]).float(), out, cfg.res_rescale, cfg.clip_input)
-    return out.cpu()
+    return out.cpu() if cpu else out
 
 
 def track_image(tr: Track, cfg: ModelConfig) -> Tensor:

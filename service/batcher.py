@@ -291,7 +291,7 @@ class Batcher:
             start += len(idx)
             tracks = start_tracks(rt.config, cond[own], sr[own], up, idx, job.steps, job.sampler, job.eta, job.seed)
             if job.steps == 0:  # the encoder's output is the answer
-                for i, img in zip(idx, track_images(tracks, rt.config), strict=True):
+                for i, img in zip(idx, track_images(tracks, rt.config, cpu=False), strict=True):
                     job.tiles.put(i, img)
             else:
                 job.tracks.update(zip(idx, tracks, strict=True))
@@ -348,7 +348,7 @@ class Batcher:
         done = [(job, i) for job, i in items if job.tracks[i].done]  # type: ignore[attr-defined]
         if not done:
             return
-        images = track_images([job.tracks.pop(i) for job, i in done], self.runtime.config)  # type: ignore
+        images = track_images([job.tracks.pop(i) for job, i in done], self.runtime.config, cpu=False)  # type: ignore
         for (job, i), img in zip(done, images, strict=True):
             job.tiles.put(i, img)  # type: ignore[attr-defined]
 

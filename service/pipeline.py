@@ -39,7 +39,7 @@ class Tiles(Protocol):
         ...
 
     def put(self, i: int, sr: Tensor) -> None:
-        """Tile i's final SR image (3, s*h, s*w) in [-1, 1]."""
+        """Tile i's final SR image (3, s*h, s*w) in [-1, 1], on the model's device."""
         ...
 
     def result(self) -> Any:
@@ -65,7 +65,7 @@ class TensorTiles:
         return self.lr[i:j], None if self.up is None else self.up[i:j]
 
     def put(self, i: int, sr: Tensor) -> None:
-        self.out[i] = sr
+        self.out[i] = sr.cpu()
 
     def result(self) -> Tensor:
         return torch.stack([self.out.pop(i) for i in range(self.n_tiles)])
@@ -79,7 +79,10 @@ def _quantize(a: np.ndarray, depth: int) -> np.ndarray:
 
 
 class Canvas:
-    """The output image, filled as tiles finish: float sums only for the rows some tile still touches."""
+    """The output image, filled as tiles finish: float sums only for the rows some tile still touches.
+
+    The sums live where the tiles come from (on a GPU, blending a 256-px tile on the CPU took longer than its
+    denoiser step); finished rows are quantised there and copied out as bytes."""
 
     def __init__(self, grid: TileGrid, grayscale: bool = False, depth: int = 8) -> None:
         self.grid, self.grayscale, self.depth = grid, grayscale, depth
@@ -109,6 +112,9 @@ class Canvas:
         r, c = divmod(i, self._cols)
         y, x = g.ys[r] * s - self._top, g.xs[c] * s
         h, w = sr.shape[-2:]
+        if self._acc.device != sr.device:  # the first tile: sums and weights move to its device
+            self._acc, self._norm = self._acc.to(sr.device), self._norm.to(sr.device)
+            self.wy, self.wx = [w.to(sr.device) for w in self.wy], [w.to(sr.device) for w in self.wx]
         if y + h > self._acc.shape[1]:
             grow = y + h - self._acc.shape[1]
             self._acc = torch.cat([self._acc, self._acc.new_zeros(3, grow, self._acc.shape[2])], 1)
@@ -128,12 +134,12 @@ class Canvas:
         if rows > 0:
             hr = (self._acc[:, :rows, :self.width] / self._norm[:, :rows, :self.width]).clamp_(-1, 1).add_(1).div_(2)
             if self.grayscale or self.depth != 8:
-                rgb = hr.permute(1, 2, 0).numpy()
+                rgb = hr.permute(1, 2, 0).cpu().numpy()
                 value = rgb.mean(axis=2) if self.grayscale else rgb
                 self.pixels[self._top:self._top + rows] = _quantize(value, self.depth)
             else:  # `_quantize`'s float ops in place, then bytes: the same bytes, in a third of the time
                 q = hr.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
-                self.pixels[self._top:self._top + rows] = q.permute(1, 2, 0).numpy()
+                self.pixels[self._top:self._top + rows] = q.permute(1, 2, 0).cpu().numpy()
         self._acc, self._norm = self._acc[:, n:].clone(), self._norm[:, n:].clone()
         self._top += n
 
