@@ -86,9 +86,10 @@ class Upscaler:
         return grid, extract_tiles(img_lr[0], grid), up_tiles
 
     def assemble(self, grid: TileGrid, sr_tiles: Tensor) -> np.ndarray:
-        """SR tiles (N, 3, T, T) in [-1, 1] (`model.sampler.track_image`) -> (scale*H, scale*W, 3) RGB in [0, 1]."""
+        """SR tiles (N, 3, T, T) in [-1, 1] (`model.sampler.track_images`), on any device -> (scale*H, scale*W, 3)
+        RGB in [0, 1] on the CPU."""
         hr = stitch(sr_tiles.float(), grid)
-        return ((hr.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+        return ((hr.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
 
     def to_image(self, image: DecodedImage, rgb: np.ndarray) -> DecodedImage:
         """The upscaled RGB of `image` as a decoded image of its kind (gray stays gray, alpha upscaled)."""
@@ -125,7 +126,7 @@ class Upscaler:
             noise_idx = [member * len(grid) + i for i in idx]
             tracks = start_tracks(cfg, cond, sr, up, noise_idx, steps, sampler, eta, seed)
             sample(rt.denoise, rt.schedule, tracks, on_step, cfg.prediction)
-            out.append(track_images(tracks, cfg))
+            out.append(track_images(tracks, cfg, cpu=False))  # stitched where they are, copied out once
         return self.assemble(grid, torch.cat(out))
 
     def upscale(self, image: DecodedImage, steps: int | None = None, sampler: SamplerName | None = None,
