@@ -268,7 +268,7 @@ class Batcher:
         rt = self.runtime
         try:
             inputs = [job.tiles.inputs(idx) for job, idx in group]
-            lr = torch.cat([lr for lr, _ in inputs])
+            lr = torch.cat([tiles for tiles, _ in inputs])
             parts = [self._encode_call(lr[s:s + chunk], chunk if pad else 0) for s in range(0, len(lr), chunk)]
             cond = torch.cat([c for c, _ in parts])
             sr = torch.cat([r for _, r in parts])

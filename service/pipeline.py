@@ -137,7 +137,7 @@ class Canvas:
                 rgb = hr.permute(1, 2, 0).cpu().numpy()
                 value = rgb.mean(axis=2) if self.grayscale else rgb
                 self.pixels[self._top:self._top + rows] = _quantize(value, self.depth)
-            else:  # `_quantize`'s float ops in place, then bytes: the same bytes, in a third of the time
+            else:  # `_quantize`'s float ops, in place where the sums are: the same bytes, copied out as bytes
                 q = hr.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
                 self.pixels[self._top:self._top + rows] = q.permute(1, 2, 0).cpu().numpy()
         self._acc, self._norm = self._acc[:, n:].clone(), self._norm[:, n:].clone()
