@@ -196,6 +196,8 @@ def test_diffusion_stage_can_tune_the_encoder(rrdb_run: Path, dataset: Path, tmp
     with pytest.raises(ValueError, match="encoder tuned"):
         _run(dataset, tmp_path, "diffusion", tmp_path / "full", 6, **{**extra, "diffusion.encoder_lr": "0"})
     frozen = {**extra, "diffusion.encoder_lr": "0"}
+    with pytest.raises(ValueError, match="encoder_l1 trains the encoder"):  # a frozen encoder: it would do nothing
+        _run(dataset, tmp_path, "diffusion", tmp_path / "l1-frozen", 2, **{**frozen, "diffusion.encoder_l1": "1"})
     _run(dataset, tmp_path, "diffusion", tmp_path / "frozen", 2, **frozen)
     with pytest.raises(ValueError, match="encoder frozen"):
         _run(dataset, tmp_path, "diffusion", tmp_path / "frozen", 3, **extra)

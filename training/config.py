@@ -104,6 +104,13 @@ class DiffusionSection(_Strict):
     # the encoder's own output (steps=0, the fidelity mode) stays an image and not only a base for the residual.
     encoder_l1: float = Field(default=0.0, ge=0.0)
 
+    @model_validator(mode="after")
+    def _check_encoder_l1(self) -> DiffusionSection:
+        if self.encoder_l1 > 0 and not self.tunes_encoder:
+            raise ValueError("diffusion.encoder_l1 trains the encoder: it needs diffusion.encoder_lr > 0 "
+                             "(with the encoder frozen it would change nothing)")
+        return self
+
     @property
     def tunes_encoder(self) -> bool:
         return self.encoder_lr > 0
