@@ -134,7 +134,8 @@ def with_rgb(src: DecodedImage, rgb: np.ndarray, scale: int) -> DecodedImage:
     return replace(src, rgb=np.clip(rgb, 0, 1).astype(np.float32), alpha=alpha)
 
 
-def _quantize(a: np.ndarray, depth: int) -> np.ndarray:
+def quantize(a: np.ndarray, depth: int) -> np.ndarray:
+    """[0, 1] floats -> 8- or 16-bit pixels: what every encoder of the CLI and the service writes."""
     if depth == 16:
         return np.round(np.clip(a, 0, 1) * 65535).astype(np.uint16)
     return np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
@@ -145,11 +146,11 @@ def to_pil(img: DecodedImage, fmt: str = "png") -> Image.Image:
     fmt = fmt.lower()
     sixteen = img.bit_depth == 16 and fmt == "png" and img.grayscale and img.alpha is None
     if sixteen:  # Pillow writes 16-bit PNGs for single-band images only.
-        return Image.fromarray(_quantize(img.rgb[:, :, 0], 16))  # uint16 -> I;16 (mode= fails on Pillow 13)
-    rgb8 = _quantize(img.rgb, 8)
+        return Image.fromarray(quantize(img.rgb[:, :, 0], 16))  # uint16 -> I;16 (mode= fails on Pillow 13)
+    rgb8 = quantize(img.rgb, 8)
     base = Image.fromarray(rgb8[:, :, 0] if img.grayscale else rgb8)  # mode L or RGB
     if img.alpha is not None and fmt != "jpeg":
-        a = Image.fromarray(_quantize(img.alpha, 8))
+        a = Image.fromarray(quantize(img.alpha, 8))
         base = base.convert("LA" if img.grayscale else "RGBA")
         base.putalpha(a)
     return base

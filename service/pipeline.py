@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model.imaging import DecodedImage, pil_bytes, resize_alpha
+from model.imaging import DecodedImage, pil_bytes, quantize, resize_alpha
 from model.inputs import lr_inputs, uses_up
 from model.tiling import TileGrid, blend_ramps, pad_to
 from model.upscale import Upscaler, ensemble_flips, flip
@@ -69,13 +69,6 @@ class TensorTiles:
 
     def result(self) -> Tensor:
         return torch.stack([self.out.pop(i) for i in range(self.n_tiles)])
-
-
-def _quantize(a: np.ndarray, depth: int) -> np.ndarray:
-    """As model.imaging does it, so the canvas holds exactly the bytes `encode_image` would write."""
-    if depth == 16:
-        return np.round(np.clip(a, 0, 1) * 65535).astype(np.uint16)
-    return np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
 
 
 class Canvas:
@@ -136,8 +129,8 @@ class Canvas:
             if self.grayscale or self.depth != 8:
                 rgb = hr.permute(1, 2, 0).cpu().numpy()
                 value = rgb.mean(axis=2) if self.grayscale else rgb
-                self.pixels[self._top:self._top + rows] = _quantize(value, self.depth)
-            else:  # `_quantize`'s float ops, in place where the sums are: the same bytes, copied out as bytes
+                self.pixels[self._top:self._top + rows] = quantize(value, self.depth)
+            else:  # `quantize`'s float ops, in place where the sums are: the same bytes, copied out as bytes
                 q = hr.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
                 self.pixels[self._top:self._top + rows] = q.permute(1, 2, 0).cpu().numpy()
         self._acc, self._norm = self._acc[:, n:].clone(), self._norm[:, n:].clone()
@@ -251,7 +244,7 @@ def encode_canvas(canvas: Canvas, image: DecodedImage, fmt: str = "png", quality
     """The finished canvas of `image` as PNG, JPEG or WebP bytes; alpha (upscaled) kept in PNG and WebP."""
     pil = Image.fromarray(canvas.pixels)  # L, I;16 or RGB
     if image.alpha is not None and fmt != "jpeg":
-        alpha = Image.fromarray(_quantize(resize_alpha(image.alpha, canvas.grid.scale), 8))
+        alpha = Image.fromarray(quantize(resize_alpha(image.alpha, canvas.grid.scale), 8))
         pil = pil.convert("LA" if image.grayscale else "RGBA")
         pil.putalpha(alpha)
     return pil_bytes(pil, fmt, quality)
