@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from model.diffusion import img2res, make_schedule, modulate_noise, q_sample
-from model.sampler import Track, sample, track_image
+from model.sampler import Track, sample, track_images
 from model.upstream import import_upstream_checkpoint
 
 TOL = 1e-5
@@ -74,7 +74,7 @@ def compute(ref_dir: str | Path, vectors: dict[str, Tensor]) -> dict[str, Tensor
                 for b in range(noises.shape[1])
             ]
             sample(net.denoise, sched, tracks, prediction=cfg.prediction)
-            out["sample_out"] = torch.stack([track_image(tr, cfg) for tr in tracks])
+            out["sample_out"] = track_images(tracks, cfg)
     return out
 
 

@@ -3,7 +3,7 @@
 A `Track` is one image (or tile) being sampled: its own state, step plan, sampler and noise
 source, and the base image its residual is added to. `step_tracks` advances any set of tracks by
 one step with ONE denoiser call, whatever step each track is at, which is what lets the service
-batch requests at the step level. `track_image` turns a finished track into its SR image.
+batch requests at the step level. `track_images` turns finished tracks into their SR images.
 """
 
 from __future__ import annotations
@@ -116,10 +116,6 @@ def track_images(tracks: Sequence[Track], cfg: ModelConfig, cpu: bool = True) ->
         out = res2img(torch.stack([tr.x.detach() for tr in tracks]).float(), out, cfg.res_rescale, cfg.clip_input)
     return out.cpu() if cpu else out
 
-
-def track_image(tr: Track, cfg: ModelConfig) -> Tensor:
-    """A finished track's SR image (3, H, W), nominally in [-1, 1] (not clamped), on the CPU."""
-    return track_images([tr], cfg)[0]
 
 
 def step_tracks(denoise: DenoiseFn, sched: Schedule, tracks: Sequence[Track], prediction: str = "epsilon") -> None:

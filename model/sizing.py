@@ -69,7 +69,7 @@ def gpu_batch(runtime: Runtime, tile_shape: tuple[int, int]) -> Sizing:
     per_tile = max(per_call[1] - per_call[0], per_call[0] // 2, 1)
     free, _total = torch.cuda.mem_get_info(dev)
     fit = max(1, min(GPU_MAX_BATCH, int(free * GPU_MEMORY_FRACTION // per_tile)))
-    candidates = tuple(b for b in (2**k for k in range(GPU_MAX_BATCH.bit_length())) if b <= fit)
+    candidates = tuple(2**k for k in range(fit.bit_length()))  # 1, 2, 4, ... up to what fits
     knee, _ = calibrate_batch(runtime, tile_shape, candidates, GPU_KNEE_TOLERANCE)
     return Sizing(knee.batch, f"gpu: timed, {fit} fit in memory at {per_tile / 2**20:.0f} MiB per tile")
 

@@ -20,7 +20,7 @@ from model.diffusion import (
 )
 from model.inputs import uses_up
 from model.network import SRDiffNet
-from model.sampler import new_track, sample, start_tracks, step_tracks, track_image
+from model.sampler import new_track, sample, start_tracks, step_tracks, track_images
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_zero_steps_is_the_encoder_output() -> None:
     sample(lambda *a: calls.append(a), make_schedule(100), tracks)
     assert not calls
     for tr, ref in zip(tracks, sr, strict=True):
-        assert torch.equal(track_image(tr, cfg), ref)
+        assert torch.equal(track_images([tr], cfg)[0], ref)
     # With steps >= 1 a bicubic-base model adds its residual to up(LR); an rrdb-base model to sr.
     assert torch.equal(start_tracks(cfg, cond, sr, up, [0, 1], steps=2)[1].base, up[1])
     rrdb_cfg = dataclasses.replace(cfg, residual_base="rrdb")
