@@ -108,14 +108,15 @@ RUN groupadd --system --gid 10001 samdiffsr \
     && useradd --system --uid 10001 --gid samdiffsr --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin samdiffsr
 
-# The shipped model, owned by root and read-only for the service. To serve another one, mount a directory
-# (config.json + model.safetensors) and point SAMDIFFSR_CHECKPOINT at it (docker-compose.yml mounts /models).
+# The shipped models, owned by root and read-only for the service; every one is served, by its directory's name.
+# To serve others, mount a folder of checkpoint directories and point SAMDIFFSR_MODELS_DIR at it
+# (docker-compose.yml mounts ./checkpoints at /models), or name them in SAMDIFFSR_MODELS.
 COPY checkpoints/default /opt/samdiffsr/checkpoints/default
 
 # HOME=/tmp: anything that caches under ~ writes to the (tmpfs) /tmp; the rest of the filesystem can be read-only.
 WORKDIR /tmp
 ENV HOME=/tmp \
-    SAMDIFFSR_CHECKPOINT=/opt/samdiffsr/checkpoints/default \
+    SAMDIFFSR_MODELS_DIR=/opt/samdiffsr/checkpoints \
     SAMDIFFSR_DEVICE=auto \
     SAMDIFFSR_LOG_FORMAT=json
 USER 10001:10001

@@ -33,6 +33,8 @@ class CheckpointInfo:
     name: str = "samdiffsr"
     provenance: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    # What a user reads about the model (the service's /v1/models): `summary` (one line), `validation` (figures).
+    card: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +44,7 @@ class CheckpointInfo:
             "model": self.config.to_dict(),
             "provenance": self.provenance,
             "training": self.training,
+            **({"card": self.card} if self.card else {}),
         }
 
     @classmethod
@@ -56,7 +59,7 @@ class CheckpointInfo:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"invalid model config in checkpoint: {e}") from e
         return cls(config=config, name=d.get("name", "samdiffsr"), provenance=d.get("provenance", {}),
-                   training=d.get("training", {}))
+                   training=d.get("training", {}), card=d.get("card", {}))
 
 
 def save_checkpoint(path: str | Path, net: SRDiffNet, info: CheckpointInfo) -> Path:

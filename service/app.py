@@ -12,7 +12,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -22,15 +22,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from model.imaging import MEDIA_TYPES
-from model.runtime import Runtime, load_runtime
-from model.sizing import SNUG_GROW, Sizing, choose_batch
-from model.upscale import Upscaler, default_sampler, default_steps
+from model.runtime import Runtime
+from model.sizing import SNUG_GROW, choose_batch
 from service import intake
 from service.admission import MB, MemoryBudget
 from service.batcher import Batcher, BatcherConfig, Job
@@ -54,6 +53,7 @@ from service.jobs import JobStore
 from service.metrics import Metrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, request_id_of
 from service.page import add_page
+from service.registry import Registry, RegistryError, ServedModel, load_models, serve_model, sources
 from service.routes_jobs import add_job_routes
 from service.settings import Settings
 
@@ -65,17 +65,14 @@ WARMUP_TIMEOUT_S = 600.0
 
 
 class Service:
-    """The model, its batching worker and the service's lifecycle flags."""
+    """The served models (`service.registry.Registry`), their batching worker and the service's lifecycle flags."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, runtime: Runtime | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, runtimes: Mapping[str, Runtime] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.runtime = runtime
-        self.upscaler: Upscaler | None = None
+        self.runtimes = dict(runtimes or {})  # loaded in start() when not given
+        self.registry = Registry()  # filled in start()
         self.batcher: Batcher | None = None
-        self.sizing = Sizing(settings.max_tiles_per_batch or 1, "setting")  # chosen in start()
-        self.steps = 0
-        self.sampler = "ddim"
         self.ready = threading.Event()
         self.warmup_error: str | None = None
         self.draining = False
@@ -83,41 +80,53 @@ class Service:
         self.budget = MemoryBudget(settings.memory_budget_mb * MB, settings.retry_after_s)
 
     def start(self) -> None:
-        """Load the model (unless given), start the worker, warm up in the background."""
+        """Load the models (unless given), start the worker, warm up in the background."""
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        rt = self.runtime = self.runtime or load_runtime(s.checkpoint, s.backend, s.device,
-                                                        threads=s.torch_threads, precision=s.precision)
-        cfg = rt.config
-        self.sizing = choose_batch(rt, (s.tile_size, s.tile_size), s.max_tiles_per_batch)
-        batch = self.sizing.batch
-        self.upscaler = Upscaler(rt, s.tile_size, s.tile_overlap, batch, fit=True,
-                                 grow=SNUG_GROW if s.snug_tiles else 1.0)
-        self.steps = default_steps(cfg) if s.default_steps is None else s.default_steps
-        if not 0 <= self.steps <= cfg.timesteps:
-            raise ValueError(f"SAMDIFFSR_DEFAULT_STEPS={self.steps} is outside 0..{cfg.timesteps} "
-                             "(the checkpoint's timesteps)")
-        self.sampler = default_sampler(cfg)
-        self.batcher = Batcher(rt, BatcherConfig(
+        if not self.runtimes:
+            self.runtimes = load_models(sources(s.models, s.checkpoint, s.models_dir), s.backend, s.device,
+                                        s.torch_threads, s.precision)
+        tile = (s.tile_size, s.tile_size)
+        sizings = {mid: choose_batch(rt, tile, s.max_tiles_per_batch) for mid, rt in self.runtimes.items()}
+        # One batch limit for the worker: the smallest that suits every model (calls never mix models).
+        batch = min(z.batch for z in sizings.values())
+        grow = SNUG_GROW if s.snug_tiles else 1.0
+        self.registry = Registry({
+            mid: serve_model(mid, rt, sizings[mid], s.tile_size, s.tile_overlap, grow, s.default_steps, batch)
+            for mid, rt in self.runtimes.items()}, s.default_model or "")
+        weights = sum(m.weight_bytes for m in self.registry.models.values())
+        if weights >= self.budget.limit:
+            raise RegistryError(f"the models' weights ({weights / MB:,.0f} MiB) do not fit in "
+                                f"SAMDIFFSR_MEMORY_BUDGET_MB ({s.memory_budget_mb} MiB)")
+        self.budget.limit -= weights  # what the requests in progress may take
+        self.batcher = Batcher(self.runtimes, BatcherConfig(
             max_batch_tiles=batch, max_active_tiles=max(batch, s.active_tiles(batch)),
             max_wait_s=s.max_batch_wait_ms / 1000, max_queue=s.max_queue, continuous=s.continuous_batching,
             reproducible=s.reproducible, retry_after_s=s.retry_after_s), self.metrics)
         self.batcher.start()
-        self.metrics.set_model(rt.info.name, rt.backend, str(rt.device))
-        self.metrics.track_gpu_memory(str(rt.device))
+        self.metrics.set_models([(m.id, m.runtime.info.name, m.runtime.backend, str(m.runtime.device))
+                                 for m in self.registry.models.values()])
+        self.metrics.track_gpu_memory(str(next(iter(self.runtimes.values())).device))
         threading.Thread(target=self._warmup, name="samdiffsr-warmup", daemon=True).start()
-        log.info("serving %s (%s %s on %s), tile %d, %s, default %d %s steps", rt.info.name, rt.backend,
-                 getattr(rt, "precision", "fp32"), rt.device, s.tile_size, self.sizing, self.steps, self.sampler)
+        for m in self.registry.models.values():
+            rt = m.runtime
+            log.info("serving %r: %s (%s %s on %s), tile %d, %s, default %d %s steps", m.id, rt.info.name,
+                     rt.backend, getattr(rt, "precision", "fp32"), rt.device, s.tile_size, m.sizing, m.steps,
+                     m.sampler)
+        log.info("%d tiles per denoiser call; default model %s", batch, self.registry.default)
 
     def _warmup(self) -> None:
-        """One full-size tile through the worker, so the first request does not pay for set-up."""
-        assert self.batcher is not None and self.runtime is not None
-        tile, scale = self.settings.tile_size, self.runtime.config.scale
+        """One full-size tile of every model through the worker, so the first request does not pay for set-up."""
+        assert self.batcher is not None
+        tile = self.settings.tile_size
         try:
-            job = self.batcher.submit(torch.zeros(1, 3, tile, tile), torch.zeros(1, 3, tile * scale, tile * scale),
-                                      steps=min(2, self.runtime.config.timesteps), request_id="warmup")
-            job.future.result(WARMUP_TIMEOUT_S)
+            for m in self.registry.models.values():
+                scale = m.runtime.config.scale
+                job = self.batcher.submit(torch.zeros(1, 3, tile, tile),
+                                          torch.zeros(1, 3, tile * scale, tile * scale),
+                                          steps=min(2, m.runtime.config.timesteps), request_id="warmup", model=m.id)
+                job.future.result(WARMUP_TIMEOUT_S)
         except Exception as e:
             self.warmup_error = f"warm-up failed: {e}"
             log.error(self.warmup_error)
@@ -161,8 +170,18 @@ class Service:
 
 
 class ModelCard(BaseModel):
+    """One served model: what it is, what it was trained on, and how it is served."""
+
+    id: str = Field(description="What `model` takes on POST /v1/upscale and /v1/jobs.")
+    default: bool = Field(description="Requests that name no model get this one (unless the default is auto).")
     name: str
+    summary: str = Field(description="One line: what the model is for.")
+    degradation: str = Field(description="Its training inputs: bicubic (clean downscales) or real (JPEG, noise, "
+                             "blur and resizing, as photos from the web and phones have).")
     scale: int
+    parameters: int
+    training: dict[str, Any] = Field(description="Training data and recipe, as the checkpoint records them.")
+    validation: dict[str, Any] = Field(description="Validation figures recorded with the checkpoint, if any.")
     backend: str
     device: str
     default_steps: int
@@ -179,6 +198,8 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    default: str = Field(description="The model of requests that name none: an id, or auto (a real-world model "
+                         "for JPEG and lossy WebP uploads, the default model otherwise).")
     models: list[ModelCard]
 
 
@@ -189,10 +210,12 @@ class Status(BaseModel):
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
-    """A new, independent service instance. `runtime` skips loading settings.checkpoint."""
+def create_app(settings: Settings, runtime: Runtime | None = None,
+               runtimes: Mapping[str, Runtime] | None = None) -> FastAPI:
+    """A new, independent service instance. `runtimes` (model id -> runtime) or one `runtime` (id "default")
+    skip loading the models of the settings."""
     metrics = Metrics()
-    service = Service(settings, metrics, runtime)
+    service = Service(settings, metrics, runtimes or ({"default": runtime} if runtime is not None else None))
     jobs = JobStore(service, settings, metrics)
 
     @asynccontextmanager
@@ -243,50 +266,58 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         """Prometheus metrics of this instance."""
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=auth, tags=["upscale"],
+    def card(m: ServedModel) -> ModelCard:
+        return ModelCard(**m.card(), default=m.id == service.registry.default, tile_size=settings.tile_size,
+                         tile_overlap=settings.tile_overlap, continuous_batching=settings.continuous_batching,
+                         reproducible=settings.reproducible, ready=service.ready.is_set())
+
+    def loaded() -> Registry:
+        if not service.registry.models:
+            raise NotReady("the models are still loading", retry_after_s=settings.retry_after_s)
+        return service.registry
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=auth, tags=["models"],
              responses=openapi_errors(401, 503))
     async def models() -> ModelList:
-        """The loaded model and how it is served."""
-        rt = service.runtime
-        if rt is None:
-            raise NotReady("the model is still loading", retry_after_s=settings.retry_after_s)
-        return ModelList(models=[ModelCard(
-            name=rt.info.name, scale=rt.config.scale, backend=rt.backend, device=str(rt.device),
-            default_steps=service.steps, default_sampler=service.sampler, max_steps=rt.config.timesteps,
-            tile_size=settings.tile_size, tile_overlap=settings.tile_overlap,
-            max_tiles_per_batch=service.sizing.batch, precision=getattr(rt, "precision", "fp32"),
-            continuous_batching=settings.continuous_batching,
-            reproducible=settings.reproducible, ready=service.ready.is_set(), provenance=rt.info.provenance)])
+        """The served models, with their cards, and which one a request gets by default."""
+        reg = loaded()
+        return ModelList(default=reg.default, models=[card(m) for m in reg.models.values()])
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, dependencies=auth, tags=["models"],
+             responses=openapi_errors(401, 404, 503))
+    async def model_card(model_id: str) -> ModelCard:
+        """One model's card."""
+        return card(loaded().get(model_id))
 
     @app.post(
         "/v1/upscale", dependencies=auth, tags=["upscale"], response_class=Response,
         openapi_extra=_upscale_openapi(query=True),
         responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}, "description": (
-            "The image at exactly 4x. Headers: X-Request-Id, X-Seed (the seed used), X-Steps, X-Sampler, "
-            "X-Tiles, X-Image-Size (WxH), X-Denoiser-Calls / X-Shared-Calls (denoiser calls that advanced "
-            "this request / also advanced others), Server-Timing (decode, queue, sample, encode, total, "
-            "in ms).")},
-            **openapi_errors(400, 401, 408, 413, 415, 422, 500, 503, 504)},
+            "The image at exactly 4x. Headers: X-Request-Id, X-Model (the model that answered), X-Seed (the seed "
+            "used), X-Steps, X-Sampler, X-Tiles, X-Image-Size (WxH), X-Denoiser-Calls / X-Shared-Calls "
+            "(denoiser calls that advanced this request / also advanced others), Server-Timing (decode, queue, "
+            "sample, encode, total, in ms).")},
+            **openapi_errors(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)},
     )
     async def upscale(request: Request) -> Response:
         """Upscale an image x4: multipart field `image` (`curl -F image=@photo.jpg`) or the raw image as
         the body (`Content-Type: image/...`). Any mode Pillow reads: grayscale, RGBA (alpha kept),
         palette, 16-bit, EXIF-rotated; the output keeps the mode where the format allows."""
         acc = await intake.accept(service, request, None, settings.request_timeout_s)  # form over query
-        assert service.batcher is not None and service.upscaler is not None
+        assert service.batcher is not None
         job, t_start, t_decoded = acc.job, acc.t_start, acc.t_decoded
         steps, sampler, seed, fmt = acc.steps, acc.sampler, acc.seed, acc.fmt
         sr_tiles = await _wait(service.batcher, request, job, acc.deadline)
         t_sampled = time.perf_counter()
-        out, body = await run_in_threadpool(intake.render, service.upscaler, acc, sr_tiles, metrics)
+        out, body = await run_in_threadpool(intake.render, acc.model.upscaler, acc, sr_tiles, metrics)
         t_end = time.perf_counter()
 
         queue_s = (job.started or job.submitted) - job.submitted
         timing = {"decode": t_decoded - t_start, "queue": queue_s, "sample": t_sampled - t_decoded - queue_s,
                   "encode": t_end - t_sampled, "total": t_end - t_start}
         headers = {
-            "X-Seed": str(seed), "X-Steps": str(steps), "X-Sampler": sampler, "X-Ensemble": str(acc.ensemble),
-            "X-Tiles": str(job.n_tiles),
+            "X-Model": acc.model.id, "X-Seed": str(seed), "X-Steps": str(steps), "X-Sampler": sampler,
+            "X-Ensemble": str(acc.ensemble), "X-Tiles": str(job.n_tiles),
             "X-Image-Size": f"{out.width}x{out.height}", "X-Denoiser-Calls": str(job.calls),
             "X-Shared-Calls": str(job.shared_calls),
             "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in timing.items()),

@@ -1,4 +1,5 @@
-"""The batching worker: one thread that owns the runtime and executes the scheduler's plans.
+"""The batching worker: one thread that owns the runtimes (one per served model) and executes the scheduler's
+plans.
 
 A request is submitted as a `Job`: where its tiles come from (`Tiles`: prepared on demand, so only
 the tiles in the active set are in memory) and its sampling parameters. Each tile becomes a
@@ -6,9 +7,9 @@ the tiles in the active set are in memory) and its sampling parameters. Each til
 `service.scheduler.Scheduler`'s; the worker loop only
 
 1. waits for work (and, when idle, up to `max_wait_s` for company),
-2. asks the scheduler for a `StepPlan`, encodes the tiles it names (`runtime.encode`) and advances
-   the tiles it names with ONE denoiser call (`model.sampler.step_tracks`), checking that every call
-   returns one result per input,
+2. asks the scheduler for a `StepPlan`, encodes the tiles it names (`runtime.encode` of each job's model) and
+   advances the tiles it names (all of one model) with ONE denoiser call (`model.sampler.step_tracks`),
+   checking that every call returns one result per input,
 3. reports what ran (`Scheduler.update`) and resolves the futures of finished and failed jobs; a
    finished tile goes to its job's `Tiles.put` at once.
 
@@ -25,6 +26,7 @@ import re
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,11 +75,15 @@ class Job(Request):
 
 
 class Batcher:
-    """The worker: owns `runtime`; request handlers only `submit` jobs and wait on their futures."""
+    """The worker: owns the runtimes; request handlers only `submit` jobs and wait on their futures.
 
-    def __init__(self, runtime: Runtime, config: BatcherConfig | None = None,
+    `runtimes` maps model ids to runtimes (a single runtime is served as model id ""); a job names its model."""
+
+    def __init__(self, runtimes: Runtime | Mapping[str, Runtime], config: BatcherConfig | None = None,
                  metrics: Metrics | None = None) -> None:
-        self.runtime = runtime
+        self.runtimes: dict[str, Runtime] = dict(runtimes) if isinstance(runtimes, Mapping) else {"": runtimes}
+        if not self.runtimes:
+            raise ValueError("the batcher needs at least one runtime")
         self.config = config or BatcherConfig()
         self.metrics = metrics or Metrics()
         self.scheduler = Scheduler(self.config)  # guarded by _cv
@@ -106,6 +112,11 @@ class Batcher:
         return self._accepting and self.alive
 
     @property
+    def runtime(self) -> Runtime:
+        """The first model's runtime (the only one when a single runtime was given)."""
+        return next(iter(self.runtimes.values()))
+
+    @property
     def batch_limit(self) -> int:
         return self.scheduler.batch_limit
 
@@ -114,21 +125,27 @@ class Batcher:
             return len(self.scheduler)
 
     def submit(self, lr_tiles: Tensor, up_tiles: Tensor | None, steps: int, sampler: SamplerName = "ddim",
-               eta: float = 0.0, seed: int = 0, deadline: float | None = None, request_id: str = "") -> Job:
+               eta: float = 0.0, seed: int = 0, deadline: float | None = None, request_id: str = "",
+               model: str | None = None) -> Job:
         """Queue a job of whole tile tensors; raises QueueFull or ShuttingDown if it cannot be taken."""
-        return self.submit_tiles(TensorTiles(lr_tiles, up_tiles), steps, sampler, eta, seed, deadline, request_id)
+        return self.submit_tiles(TensorTiles(lr_tiles, up_tiles), steps, sampler, eta, seed, deadline, request_id,
+                                 model)
 
     def submit_tiles(self, tiles: Tiles, steps: int, sampler: SamplerName = "ddim", eta: float = 0.0,
-                     seed: int = 0, deadline: float | None = None, request_id: str = "") -> Job:
-        """Queue a job whose tiles are made on demand (see `Tiles`)."""
+                     seed: int = 0, deadline: float | None = None, request_id: str = "",
+                     model: str | None = None) -> Job:
+        """Queue a job whose tiles are made on demand (see `Tiles`) for `model` (default: the first)."""
+        model = next(iter(self.runtimes)) if model is None else model
+        if model not in self.runtimes:
+            raise ValueError(f"unknown model {model!r}; the batcher serves {sorted(self.runtimes)}")
         job = Job(n_tiles=tiles.n_tiles, steps=steps, tile_shape=tiles.tile_shape, deadline=deadline,
-                  request_id=request_id, tiles=tiles, sampler=sampler, eta=eta, seed=seed)
+                  request_id=request_id, tiles=tiles, sampler=sampler, eta=eta, seed=seed, model=model)
         with self._cv:
             if not self.accepting:
                 raise ShuttingDown("the server is shutting down and accepts no new requests",
                                    retry_after_s=self.config.retry_after_s)
             self.scheduler.add(job)  # QueueFull
-            self.metrics.queue_depth.inc()
+            self.metrics.queue_depth.labels(model=job.model).inc()
             self._cv.notify_all()
         return job
 
@@ -212,8 +229,8 @@ class Batcher:
         for job, _ in plan.encode:
             if job.started is None:  # under _cv: exactly once, see _settle
                 job.started = now
-                self.metrics.queue_depth.dec()
-                self.metrics.queue_wait.observe(now - job.submitted)
+                self.metrics.queue_depth.labels(model=job.model).dec()
+                self.metrics.queue_wait.labels(model=job.model).observe(now - job.submitted)
 
     def _resolve(self, outcome: Outcome) -> None:
         if outcome.batch_limit_changed:
@@ -239,7 +256,7 @@ class Batcher:
         with self._cv:
             if job.started is None:
                 job.started = job.submitted
-                self.metrics.queue_depth.dec()
+                self.metrics.queue_depth.labels(model=job.model).dec()
             self._cv.notify_all()
         job.finished = time.monotonic()
         if error is not None:
@@ -251,10 +268,10 @@ class Batcher:
 
     def _execute(self, plan: StepPlan) -> StepResult:
         result = StepResult()
-        by_shape: dict[tuple[int, int], list[tuple[Job, list[int]]]] = defaultdict(list)
+        by_group: dict[tuple, list[tuple[Job, list[int]]]] = defaultdict(list)
         for job, idx in plan.encode:
-            by_shape[job.tile_shape].append((job, idx))  # type: ignore[arg-type]
-        for group in by_shape.values():
+            by_group[job.group].append((job, idx))  # type: ignore[arg-type]
+        for group in by_group.values():
             self._encode(group, plan.encode_chunk, plan.pad_encode, result)
         items = [(job, i) for job, i in plan.step if i in job.tracks]  # an encode may have failed
         if items:
@@ -262,14 +279,14 @@ class Batcher:
         return result
 
     def _encode(self, group: list[tuple[Job, list[int]]], chunk: int, pad: bool, result: StepResult) -> None:
-        """Encode the admitted tiles of `group` (requests of one tile shape) together, `chunk` tiles per call:
-        with many requests in flight each admits a few tiles, and an encoder call per request left a GPU idle.
+        """Encode the admitted tiles of `group` (requests of one model and tile shape) together, `chunk` tiles per
+        call: with many requests in flight each admits a few tiles, and an encoder call per request left a GPU idle.
         A failure that is not out-of-memory is retried request by request, so only the faulty ones fail."""
-        rt = self.runtime
+        rt = self.runtimes[group[0][0].model]
         try:
             inputs = [job.tiles.inputs(idx) for job, idx in group]
             lr = torch.cat([tiles for tiles, _ in inputs])
-            parts = [self._encode_call(lr[s:s + chunk], chunk if pad else 0) for s in range(0, len(lr), chunk)]
+            parts = [self._encode_call(rt, lr[s:s + chunk], chunk if pad else 0) for s in range(0, len(lr), chunk)]
             cond = torch.cat([c for c, _ in parts])
             sr = torch.cat([r for _, r in parts])
             _check_count("encoder", len(lr), cond, sr)
@@ -298,19 +315,20 @@ class Batcher:
                 self._holding.add(job)
             result.encoded.append((job, idx))
 
-    def _encode_call(self, lr: Tensor, pad_to: int) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _encode_call(rt: Runtime, lr: Tensor, pad_to: int) -> tuple[Tensor, Tensor]:
         """The runtime's encoder, padded with zero tiles to `pad_to` samples (0: not padded)."""
         n = lr.shape[0]
         if n >= pad_to:
-            return self.runtime.encode(lr)
-        cond, sr = self.runtime.encode(torch.cat([lr, lr.new_zeros((pad_to - n, *lr.shape[1:]))]))
+            return rt.encode(lr)
+        cond, sr = rt.encode(torch.cat([lr, lr.new_zeros((pad_to - n, *lr.shape[1:]))]))
         return cond[:n], sr[:n]
 
     def _step(self, items: list[Item], pad_to: int | None, result: StepResult) -> None:
         tracks = [job.tracks[i] for job, i in items]  # type: ignore[attr-defined]
         t0 = time.perf_counter()
         try:
-            self._call(tracks, pad_to)
+            self._call(items[0][0].model, tracks, pad_to)
         except Exception as e:
             if is_out_of_memory(e):
                 self._out_of_memory()
@@ -318,27 +336,28 @@ class Batcher:
             else:
                 self._isolate(items, pad_to, e, result)
             return
-        self.metrics.denoiser_call.observe(time.perf_counter() - t0)
-        self.metrics.batch_tiles.observe(len(items))
+        model = items[0][0].model
+        self.metrics.denoiser_call.labels(model=model).observe(time.perf_counter() - t0)
+        self.metrics.batch_tiles.labels(model=model).observe(len(items))
         self._advanced(items, result)
 
-    def _call(self, tracks: list[Track], pad_to: int | None) -> None:
-        rt = self.runtime
-        step_tracks(lambda x, t, c: self._denoise(x, t, c, pad_to), rt.schedule, tracks, rt.config.prediction)
+    def _call(self, model: str, tracks: list[Track], pad_to: int | None) -> None:
+        rt = self.runtimes[model]
+        step_tracks(lambda x, t, c: self._denoise(rt, x, t, c, pad_to), rt.schedule, tracks, rt.config.prediction)
 
-    def _denoise(self, x: Tensor, t: Tensor, cond: Tensor, pad_to: int | None) -> Tensor:
+    def _denoise(self, rt: Runtime, x: Tensor, t: Tensor, cond: Tensor, pad_to: int | None) -> Tensor:
         """The runtime's denoiser, padded to `pad_to` samples; checks one output per input."""
         n = x.shape[0]
         if pad_to is None or n >= pad_to:
-            out = self.runtime.denoise(x, t, cond)
+            out = rt.denoise(x, t, cond)
         else:
-            key = (pad_to - n, tuple(x.shape[1:]), tuple(cond.shape[1:]), x.device, x.dtype)
+            key = (pad_to - n, tuple(x.shape[1:]), tuple(cond.shape[1:]), x.device, x.dtype, id(rt))
             if key not in self._padding:
                 self._padding.clear()
                 self._padding[key] = (x.new_zeros((pad_to - n, *x.shape[1:])), t.new_zeros((pad_to - n,)),
                                       cond.new_zeros((pad_to - n, *cond.shape[1:])))
             px, pt, pc = self._padding[key]
-            out = self.runtime.denoise(torch.cat([x, px]), torch.cat([t, pt]), torch.cat([cond, pc]))[:n]
+            out = rt.denoise(torch.cat([x, px]), torch.cat([t, pt]), torch.cat([cond, pc]))[:n]
         _check_count("denoiser", n, out)
         return out
 
@@ -348,7 +367,8 @@ class Batcher:
         done = [(job, i) for job, i in items if job.tracks[i].done]  # type: ignore[attr-defined]
         if not done:
             return
-        images = track_images([job.tracks.pop(i) for job, i in done], self.runtime.config, cpu=False)  # type: ignore
+        cfg = self.runtimes[items[0][0].model].config
+        images = track_images([job.tracks.pop(i) for job, i in done], cfg, cpu=False)  # type: ignore
         for (job, i), img in zip(done, images, strict=True):
             job.tiles.put(i, img)  # type: ignore[attr-defined]
 
@@ -364,7 +384,7 @@ class Batcher:
             return
         for job, own in by_job.items():
             try:
-                self._call([job.tracks[i] for _, i in own], pad_to)
+                self._call(job.model, [job.tracks[i] for _, i in own], pad_to)
             except Exception as e:
                 log.error("denoiser failed for request %s: %r", job.request_id, e)
                 result.failed.append((job, WorkerError(f"denoiser failed: {type(e).__name__}: {e}")))

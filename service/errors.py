@@ -128,6 +128,7 @@ def openapi_errors(*statuses: int) -> dict[int | str, dict]:
     text = {
         400: "Undecodable or truncated image, or a malformed multipart body.",
         401: "Missing or wrong bearer token (only when SAMDIFFSR_AUTH_TOKEN is set).",
+        404: "Unknown model id (code unknown_model); the message lists the served ones (GET /v1/models).",
         408: "The body did not arrive within SAMDIFFSR_REQUEST_TIMEOUT_S (code request_timeout); the "
              "connection is closed.",
         413: "Body over SAMDIFFSR_MAX_UPLOAD_BYTES (code payload_too_large; rejected while streaming), "

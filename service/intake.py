@@ -23,11 +23,12 @@ from torch import Tensor
 from model.imaging import DecodedImage, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
 from model.upscale import Upscaler, ensemble_flips
 from service import pipeline
-from service.admission import MB, check_limits, estimate
+from service.admission import check_limits, estimate
 from service.batcher import Job
 from service.errors import ImageTooLarge, InvalidImage, InvalidParameter, MissingImage, UnsupportedMediaType
 from service.metrics import Metrics
 from service.middleware import request_id_of
+from service.registry import ServedModel, is_lossy
 
 if TYPE_CHECKING:
     from service.app import Service
@@ -40,6 +41,9 @@ class UpscaleParams(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
+    model: str | None = Field(None, max_length=64, description="The model to use (GET /v1/models); auto: a "
+                              "real-world model for JPEG and lossy WebP uploads, the default model otherwise; "
+                              "default: the service's default model. The response's X-Model says which answered.")
     steps: int | None = Field(None, ge=0, description="Denoiser steps (0 to the model's max_steps); default: "
                               "the model's default_steps (GET /v1/models). 0 is the fidelity mode: the "
                               "encoder's own x4 output, fastest and highest PSNR; more steps add diffusion detail.")
@@ -74,6 +78,7 @@ class Accepted:
 
     prep: pipeline.Prepared
     job: Job
+    model: ServedModel
     steps: int
     sampler: str
     seed: int
@@ -94,43 +99,44 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
     t_start = time.perf_counter()
     service.check_accepting()
     data, params = await read_upload(request, params)
-    assert service.runtime is not None and service.batcher is not None and service.upscaler is not None
-    cfg = service.runtime.config
-    steps = service.steps if params.steps is None else params.steps
+    assert service.batcher is not None
+    model = service.registry.choose(params.model, is_lossy(data))  # UnknownModel: 404 with the list
+    cfg = model.runtime.config
+    steps = model.steps if params.steps is None else params.steps
     if steps > cfg.timesteps:
         raise InvalidParameter(f"steps must be in 0..{cfg.timesteps}, got {steps}")
     try:
         ensemble_flips(params.ensemble)
     except ValueError as e:
         raise InvalidParameter(str(e)) from None
-    sampler = params.sampler or service.sampler
+    sampler = params.sampler or model.sampler
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     fmt = "jpeg" if params.output_format == "jpg" else params.output_format
     rid = request_id_of(request.scope) or ""
 
     settings = service.settings
-    cost = estimate(service.upscaler, data, steps, params.ensemble)  # from the header, before decoding
+    cost = estimate(model.upscaler, data, steps, params.ensemble)  # from the header, before decoding
     reservation = None
     if cost is not None:
-        check_limits(cost, settings.max_request_work, settings.memory_budget_mb * MB)
+        check_limits(cost, settings.max_request_work, service.budget.limit)
         reservation = service.budget.acquire(cost.memory)
     try:
-        prep = await run_in_threadpool(decode_and_prepare, service.upscaler, data, settings.max_pixels)
+        prep = await run_in_threadpool(decode_and_prepare, model.upscaler, data, settings.max_pixels)
         del data
         t_decoded = time.perf_counter()
         deadline = time.monotonic() + timeout_s - (t_decoded - t_start)
         tiles = prep.tiles(fmt, params.ensemble)
         tiles = tiles if wrap_tiles is None else wrap_tiles(tiles)
         job = service.batcher.submit_tiles(tiles, steps=steps, sampler=sampler, seed=seed,
-                                           deadline=deadline, request_id=rid)
+                                           deadline=deadline, request_id=rid, model=model.id)
     except BaseException:
         if reservation is not None:
             reservation.release()
         raise
     if reservation is not None:
         job.future.add_done_callback(reservation.release)
-    return Accepted(prep, job, steps, sampler, seed, params.ensemble, fmt, params.quality, rid, t_start, t_decoded,
-                    deadline)
+    return Accepted(prep, job, model, steps, sampler, seed, params.ensemble, fmt, params.quality, rid, t_start,
+                    t_decoded, deadline)
 
 
 def render(upscaler: Upscaler, acc: Accepted, result: Tensor | pipeline.Canvas,
@@ -143,8 +149,8 @@ def render(upscaler: Upscaler, acc: Accepted, result: Tensor | pipeline.Canvas,
     else:
         out = pipeline.finish(upscaler, acc.prep, result)
         body = encode_image(out, acc.fmt, acc.quality)
-    metrics.images.inc()
-    metrics.output_megapixels.inc(out.width * out.height / 1e6)
+    metrics.images.labels(model=acc.model.id).inc()
+    metrics.output_megapixels.labels(model=acc.model.id).inc(out.width * out.height / 1e6)
     return out, body
 
 

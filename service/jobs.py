@@ -63,6 +63,7 @@ class JobRecord:
     request_id: str
     acc: intake.Accepted | None
     batch_job: Job
+    model: str
     steps: int
     sampler: str
     seed: int
@@ -154,6 +155,7 @@ class JobStore:
         """Track an accepted request (already on the batcher) as a job."""
         img = acc.prep.image
         rec = JobRecord(id="job_" + secrets.token_urlsafe(24), request_id=acc.request_id, acc=acc, batch_job=acc.job,
+                        model=acc.model.id,
                         steps=acc.steps, sampler=acc.sampler, seed=acc.seed, ensemble=acc.ensemble, fmt=acc.fmt,
                         quality=acc.quality,
                         input_size=(img.width, img.height), n_tiles=acc.job.n_tiles, want_bicubic=bicubic)
@@ -272,9 +274,10 @@ class JobStore:
                 self._end(rec, "failed", e)
             self.metrics.error(e.kind)
             return
-        acc, upscaler = rec.acc, self.service.upscaler
+        acc = rec.acc
         try:
-            assert acc is not None and upscaler is not None
+            assert acc is not None
+            upscaler = acc.model.upscaler
             t0 = time.monotonic()
             out, body = intake.render(upscaler, acc, fut.result(), self.metrics)
             bicubic = None

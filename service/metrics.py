@@ -20,29 +20,30 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry if registry is not None else CollectorRegistry()
+        # `model` is the id of the model that answered (its X-Model header; "" when none did).
         self.requests = Counter("samdiffsr_requests", "HTTP requests handled.",
-                                ["route", "method", "status"], registry=r)
+                                ["route", "method", "status", "model"], registry=r)
         self.request_duration = Histogram("samdiffsr_request_duration_seconds",
                                           "Time from request start to the end of the response.",
-                                          ["route"], buckets=LATENCY_BUCKETS, registry=r)
+                                          ["route", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("samdiffsr_queue_wait_seconds",
                                     "Time a request waited before its first tile started sampling.",
-                                    buckets=LATENCY_BUCKETS, registry=r)
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("samdiffsr_queue_depth",
-                                 "Requests accepted by the batcher and not yet started.", registry=r)
+                                 "Requests accepted by the batcher and not yet started.", ["model"], registry=r)
         self.tiles_in_flight = Gauge("samdiffsr_tiles_in_flight",
                                      "Tiles being sampled (encoded, between first and last step).", registry=r)
         self.batch_tiles = Histogram("samdiffsr_batch_tiles", "Tiles per denoiser call (without padding).",
-                                     buckets=BATCH_BUCKETS, registry=r)
+                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.denoiser_call = Histogram("samdiffsr_denoiser_call_duration_seconds",
                                        "Duration of one batched denoiser call (one sampling step).",
-                                       buckets=CALL_BUCKETS, registry=r)
-        self.images = Counter("samdiffsr_images", "Images upscaled successfully.", registry=r)
+                                       ["model"], buckets=CALL_BUCKETS, registry=r)
+        self.images = Counter("samdiffsr_images", "Images upscaled successfully.", ["model"], registry=r)
         self.output_megapixels = Counter("samdiffsr_output_megapixels",
-                                         "Megapixels of upscaled output produced.", registry=r)
+                                         "Megapixels of upscaled output produced.", ["model"], registry=r)
         self.errors = Counter("samdiffsr_errors", "Errors by kind.", ["kind"], registry=r)
-        self.model_info = Gauge("samdiffsr_model_info", "The loaded model (value 1).",
-                                ["name", "backend", "device"], registry=r)
+        self.model_info = Gauge("samdiffsr_model_info", "The served models (value 1 each).",
+                                ["model", "name", "backend", "device"], registry=r)
         self.gpu_memory = Gauge("samdiffsr_gpu_memory_bytes",
                                 "Accelerator memory held by torch (0 on CPU).", ["kind"], registry=r)
         for kind in ("allocated", "reserved"):
@@ -55,9 +56,14 @@ class Metrics:
                                         "to its first tile sampling.", buckets=LATENCY_BUCKETS, registry=r)
         self.job_store_bytes = Gauge("samdiffsr_job_store_bytes", "Bytes of job results held.", registry=r)
 
-    def set_model(self, name: str, backend: str, device: str) -> None:
+    def set_models(self, models: list[tuple[str, str, str, str]]) -> None:
+        """The served models as (id, name, backend, device); their per-model series start at 0."""
         self.model_info.clear()
-        self.model_info.labels(name=name, backend=backend, device=device).set(1)
+        for mid, name, backend, device in models:
+            self.model_info.labels(model=mid, name=name, backend=backend, device=device).set(1)
+            self.queue_depth.labels(model=mid)
+            self.images.labels(model=mid)
+            self.output_megapixels.labels(model=mid)
 
     def track_gpu_memory(self, device: str) -> None:
         """Report torch's CUDA memory of `device` at every scrape (stays 0 on CPU)."""

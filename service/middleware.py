@@ -55,12 +55,13 @@ class RequestContextMiddleware:
         rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         start = time.perf_counter()
-        status = 500
+        status, model = 500, ""
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, model
             if message["type"] == "http.response.start":
                 status = message["status"]
+                model = dict(message.get("headers", [])).get(b"x-model", b"").decode("latin-1")
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
             await send(message)
@@ -71,8 +72,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             path = route_of(scope)
             method = scope.get("method", "")
-            self.metrics.requests.labels(route=path, method=method, status=str(status)).inc()
-            self.metrics.request_duration.labels(route=path).observe(elapsed)
+            self.metrics.requests.labels(route=path, method=method, status=str(status), model=model).inc()
+            self.metrics.request_duration.labels(route=path, model=model).observe(elapsed)
             access_log.info("%s %s %d %.1fms", method, scope.get("path", ""), status, elapsed * 1000,
                             extra={"request_id": rid, "status": status, "duration_ms": round(elapsed * 1000, 1),
                                    "method": method, "path": scope.get("path", "")})

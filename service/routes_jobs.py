@@ -55,6 +55,7 @@ class JobProgress(BaseModel):
 
 
 class JobParams(BaseModel):
+    model: str = Field(description="The model that answers (the request's, or the default's choice).")
     steps: int
     sampler: str
     seed: int
@@ -108,7 +109,7 @@ def job_info(store: JobStore, rec: JobRecord) -> JobInfo:
         id=rec.id, status=status,
         progress=JobProgress(fraction=round(fraction, 4), steps_done=steps, steps_total=total, tiles_done=tiles,
                              tiles_total=rec.n_tiles),
-        params=JobParams(steps=rec.steps, sampler=rec.sampler, seed=rec.seed, ensemble=rec.ensemble,
+        params=JobParams(model=rec.model, steps=rec.steps, sampler=rec.sampler, seed=rec.seed, ensemble=rec.ensemble,
                          output_format=rec.fmt, quality=rec.quality),
         input_size=rec.input_size, output_size=rec.output_size, media_type=rec.media_type,
         created_at=_when(rec.created_wall), finished_at=_when(rec.finished_wall),
@@ -126,8 +127,9 @@ def add_job_routes(app: FastAPI, store: JobStore, auth: list[Any]) -> None:
                                        410: {"description": "The job has expired (code job_expired)."}}
 
     @router.post("", status_code=202, response_model=JobCreated, openapi_extra=intake.upscale_openapi(),
-                 responses={202: {"description": "Accepted. Location: the job's status URL."},
-                            **openapi_errors(400, 401, 413, 415, 422, 503)})
+                 responses={202: {"description": "Accepted. Location: the job's status URL; X-Model: the model "
+                                       "that will answer."},
+                            **openapi_errors(400, 401, 404, 413, 415, 422, 503)})
     async def create_job(request: Request, response: Response, params: Annotated[UpscaleParams, Query()],
                          options: Annotated[JobOptions, Query()]) -> JobCreated:
         """Submit an upscale as a job: the same body and parameters as POST /v1/upscale. The image is
@@ -136,6 +138,7 @@ def add_job_routes(app: FastAPI, store: JobStore, auth: list[Any]) -> None:
         acc = await intake.accept(service, request, params, store.settings.job_timeout_s, wrap_tiles=CountingTiles)
         rec = store.add(acc, bicubic=options.bicubic)
         response.headers["Location"] = _urls(rec).status
+        response.headers["X-Model"] = rec.model
         return JobCreated(id=rec.id, status=store.status(rec), urls=_urls(rec))
 
     @router.get("/{job_id}", response_model=JobInfo, responses=not_found)
@@ -155,7 +158,7 @@ def add_job_routes(app: FastAPI, store: JobStore, auth: list[Any]) -> None:
         ext = "jpg" if rec.fmt == "jpeg" else rec.fmt
         name = f"{rec.id}{'-bicubic' if what == 'bicubic image' else ''}.{ext}"
         return Response(data, media_type=MEDIA_TYPES[rec.fmt], headers={
-            "X-Seed": str(rec.seed), "X-Steps": str(rec.steps), "X-Sampler": rec.sampler,
+            "X-Model": rec.model, "X-Seed": str(rec.seed), "X-Steps": str(rec.steps), "X-Sampler": rec.sampler,
             "X-Ensemble": str(rec.ensemble), "X-Tiles": str(rec.n_tiles), "X-Image-Size": f"{w}x{h}",
             "Content-Disposition": f'inline; filename="{name}"'})
 

@@ -10,7 +10,8 @@ of vLLM v1's `Scheduler` / `EngineCore.step`:
 
 Decisions made here: the queue limit; dropping cancelled requests and requests past their deadline;
 admitting new tiles into the active set, round-robin across requests, each up to a fair share of it;
-choosing at most `batch_limit` active tiles of one tile shape, round-robin across requests (most
+choosing at most `batch_limit` active tiles of one model and tile shape (a call never mixes models; the groups
+take turns, so a burst for one model never starves another), round-robin across requests (most
 advanced tiles of a request first; when the requests outnumber the batch, those with the least work left
 first, so that a small request is not stuck behind a large one, except that a request passed over for
 `STARVE_AFTER` calls goes first); halving the
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from service.errors import Cancelled, DeadlineExceeded, OutOfMemory, QueueFull, ServiceError
 
 Shape = tuple[int, int]
+Group = tuple[str, Shape]  # (model id, LR tile shape)
 STARVE_AFTER = 4  # denoiser calls a request with tiles ready may be passed over before it goes first
 
 
@@ -58,17 +60,23 @@ class BatcherConfig:
 
 @dataclass(eq=False)
 class Request:
-    """What the scheduler knows of a request: its tiles' count and shape, steps, deadline."""
+    """What the scheduler knows of a request: its model, its tiles' count and shape, steps, deadline."""
 
     n_tiles: int
     steps: int  # 0: done once encoded, no denoiser call
     tile_shape: Shape = (0, 0)  # LR tile size; only tiles of one shape share a denoiser call
+    model: str = ""  # the model's id; only tiles of one model share a call
     deadline: float | None = None  # time.monotonic() value
     submitted: float = field(default_factory=time.monotonic)
     request_id: str = ""
     cancel_reason: str | None = None
     calls: int = 0  # denoiser calls that advanced this request
     shared_calls: int = 0  # ... of which also advanced another request
+
+    @property
+    def group(self) -> Group:
+        """Tiles of one group can share an encoder or denoiser call."""
+        return (self.model, self.tile_shape)
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the worker to drop this request at its next iteration."""
@@ -86,7 +94,7 @@ class StepPlan:
     encode: list[tuple[Request, list[int]]] = field(default_factory=list)  # consecutive indices
     encode_chunk: int = 1  # tiles per encoder call
     pad_encode: bool = False  # pad every encoder call to encode_chunk tiles (reproducible mode)
-    step: list[Item] = field(default_factory=list)  # all of one tile shape
+    step: list[Item] = field(default_factory=list)  # all of one group (model and tile shape)
     pad_to: int | None = None  # pad the denoiser call to this many tiles (reproducible mode)
 
     def __bool__(self) -> bool:
@@ -130,7 +138,7 @@ class Scheduler:
         self.batch_limit = self.config.max_batch_tiles  # lowered after an out-of-memory error
         self._ok_calls = 0
         self._state: dict[Request, _State] = {}  # accepted and unfinished, in arrival order
-        self._last_shape: Shape | None = None
+        self._last_group: Group | None = None
         self._calls = 0  # denoiser calls recorded so far
 
     # ------------------------------------------------------------------ the queue
@@ -263,25 +271,26 @@ class Scheduler:
         return kept
 
     def _select(self, live: list[Request], admitted: dict[Request, list[int]]) -> list[Item]:
-        """Up to batch_limit active tiles of one shape, round-robin over requests, most advanced first.
-        Tiles admitted in this plan count as active (a request with steps=0 never is)."""
+        """Up to batch_limit active tiles of one group (model and shape), round-robin over requests, most
+        advanced first; the groups take turns call by call. Tiles admitted in this plan count as active (a
+        request with steps=0 never is)."""
         reqs = live if self.config.continuous else live[:1]
-        queues: list[tuple[Shape, list[Item]]] = []
+        queues: list[tuple[Group, list[Item]]] = []
         for req in reqs:
             left = dict(self._state[req].active)
             if req.steps > 0:
                 left.update((i, req.steps) for i in admitted.get(req, ()))
             if left:
                 order = sorted(left, key=lambda i: (left[i], i))
-                queues.append((req.tile_shape, [(req, i) for i in order]))
+                queues.append((req.group, [(req, i) for i in order]))
         if not queues:
             return []
-        shapes = list(dict.fromkeys(shape for shape, _ in queues))
-        shape = shapes[0]
-        if len(shapes) > 1 and self._last_shape in shapes:  # take turns between shapes
-            shape = shapes[(shapes.index(self._last_shape) + 1) % len(shapes)]
-        self._last_shape = shape
-        lists = [q for s, q in queues if s == shape]
+        groups = list(dict.fromkeys(group for group, _ in queues))
+        group = groups[0]
+        if len(groups) > 1 and self._last_group in groups:  # take turns between groups
+            group = groups[(groups.index(self._last_group) + 1) % len(groups)]
+        self._last_group = group
+        lists = [q for g, q in queues if g == group]
         if len(lists) > self.batch_limit:  # not every request fits: least work left first, unless starved
             lists.sort(key=self._priority)
         batch: list[Item] = []

@@ -9,11 +9,10 @@ from types import FrameType
 
 import uvicorn
 
-from model.checkpoint import CheckpointError
-from model.runtime import load_runtime
 from service.app import Service, create_app
 from service.logs import setup_logging
 from service.middleware import JsonH11Protocol
+from service.registry import RegistryError, check_default, load_models, sources
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,16 +47,17 @@ def _ignore(signum: int, frame: FrameType | None) -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Load the checkpoint and serve until SIGTERM/SIGINT. Returns a process exit code."""
+    """Load the models and serve until SIGTERM/SIGINT. Returns a process exit code (2: a model cannot be
+    served, with a message naming it)."""
     log_config = setup_logging(settings.log_format, settings.log_level)
     try:
-        runtime = load_runtime(settings.checkpoint, settings.backend, settings.device,
-                               threads=settings.torch_threads, precision=settings.precision)
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: cannot load {settings.checkpoint} (backend {settings.backend}, device {settings.device}): "
-              f"{e}", file=sys.stderr)
+        runtimes = load_models(sources(settings.models, settings.checkpoint, settings.models_dir),
+                               settings.backend, settings.device, settings.torch_threads, settings.precision)
+        check_default(settings.default_model, list(runtimes))
+    except RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    app = create_app(settings, runtime=runtime)
+    app = create_app(settings, runtimes=runtimes)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=log_config,
                             **uvicorn_options(settings))
     server = DrainingServer(config, app.state.service)

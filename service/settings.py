@@ -21,9 +21,17 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    # --- model
-    checkpoint: Path = Field(Path("checkpoints/default"),
-                             description="Checkpoint directory (our format) or an original .ckpt file.")
+    # --- models (service/registry.py)
+    models: str | None = Field(None, description="The models to serve, as ID=DIR pairs separated by commas "
+                               "(e.g. default=checkpoints/default,real=checkpoints/real); wins over the two below.")
+    checkpoint: Path | None = Field(None, description="Serve this one checkpoint directory (or original .ckpt "
+                                    "file), its id the directory's name; wins over models_dir.")
+    models_dir: Path = Field(Path("checkpoints"), description="Serve every checkpoint directory in this folder, "
+                             "each by its directory's name (when neither SAMDIFFSR_MODELS nor SAMDIFFSR_CHECKPOINT "
+                             "is set).")
+    default_model: str | None = Field(None, description="The model of requests that name none: an id, or auto "
+                                      "(a real-world model for JPEG / lossy WebP uploads, the default model "
+                                      "otherwise); default: the model with id 'default', else the first.")
     backend: Literal["torch", "torchscript", "onnx"] = Field("torch", description="Inference backend.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="The network's compute "
                                                                "precision (torch backend); auto: the measured "

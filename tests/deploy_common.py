@@ -19,7 +19,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "samdiffsr.json"
 RULES = DEPLOY / "prometheus" / "rules" / "samdiffsr.rules.yml"
 K8S = DEPLOY / "kubernetes"
 IMAGE_UID = 10001
-CHECKPOINT_IN_IMAGE = "/opt/samdiffsr/checkpoints/default"
+MODELS_IN_IMAGE = "/opt/samdiffsr/checkpoints"
 # Settings fixed by the image's command line instead of the environment.
 FIXED_BY_CMD = {"host", "port"}
 
@@ -31,10 +31,13 @@ def setting_env_names() -> set[str]:
 def service_metric_names() -> set[str]:
     """Every sample name the service exports (counters' _total, histograms' _bucket/_sum/_count ...)."""
     m = Metrics()
-    m.set_model("x", "torch", "cpu")
+    m.set_models([("x", "x", "torch", "cpu")])
     m.errors.labels(kind="x").inc()
-    m.requests.labels(route="/", method="GET", status="200").inc()
-    m.request_duration.labels(route="/").observe(1)
+    m.requests.labels(route="/", method="GET", status="200", model="x").inc()
+    m.request_duration.labels(route="/", model="x").observe(1)
+    m.queue_wait.labels(model="x").observe(1)
+    m.batch_tiles.labels(model="x").observe(1)
+    m.denoiser_call.labels(model="x").observe(1)
     m.jobs.labels(status="queued").set(0)
     m.jobs_finished.labels(status="done").inc()
     return {s.name for fam in m.registry.collect() for s in fam.samples}

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import yaml
 from deploy_common import (
-    CHECKPOINT_IN_IMAGE,
     DASHBOARD,
     DEPLOY,
     FIXED_BY_CMD,
+    MODELS_IN_IMAGE,
     ROOT,
     RULES,
     compose_config,
@@ -110,8 +110,8 @@ def test_compose_file_is_valid_and_complete() -> None:
     # Every service setting is passed through (unset stays unset), plus the checkpoint inside the image.
     env = app["environment"]
     assert set(env) == setting_env_names(), "compose passes exactly the service's settings"
-    assert env["SAMDIFFSR_CHECKPOINT"] == CHECKPOINT_IN_IMAGE
-    assert all(v is None for k, v in env.items() if k != "SAMDIFFSR_CHECKPOINT")
+    assert env["SAMDIFFSR_MODELS_DIR"] == "/models"  # the mounted host folder's checkpoints
+    assert all(v is None for k, v in env.items() if k != "SAMDIFFSR_MODELS_DIR")
 
 
 def test_compose_settings_come_from_the_environment() -> None:
@@ -164,7 +164,7 @@ def test_env_example_lists_every_variable_with_its_default() -> None:
     assert used <= set(documented), f"undocumented in .env.example: {used - set(documented)}"
     assert setting_env_names() <= set(documented), setting_env_names() - set(documented)
 
-    image_env = {"SAMDIFFSR_CHECKPOINT": CHECKPOINT_IN_IMAGE, "SAMDIFFSR_LOG_FORMAT": "json"}
+    image_env = {"SAMDIFFSR_MODELS_DIR": MODELS_IN_IMAGE, "SAMDIFFSR_LOG_FORMAT": "json"}
     for name, field in Settings.model_fields.items():
         env = ENV_PREFIX + name.upper()
         if name in FIXED_BY_CMD:
@@ -231,7 +231,7 @@ def test_readme_documents_settings_and_metrics() -> None:
     text = (ROOT / "README.md").read_text()
     start, end = text.index("<!-- section:deploy -->"), text.index("<!-- /section:deploy -->")
     section = text[start:end]
-    for env in setting_env_names() | {"SAMDIFFSR_CHECKPOINT"}:
+    for env in setting_env_names():
         assert f"`{env}`" in section, f"README's configuration table misses {env}"
     families = {f.name for f in Metrics().registry.collect()}
     for fam in families:

@@ -14,9 +14,9 @@ import tomllib
 import yaml
 from conftest import require_tool
 from deploy_common import (
-    CHECKPOINT_IN_IMAGE,
     IMAGE_UID,
     K8S,
+    MODELS_IN_IMAGE,
     ROOT,
     metrics_in,
     setting_env_names,
@@ -82,7 +82,7 @@ def test_dockerfile_production_rules() -> None:
     assert ("EXPOSE", "8000") in final
     assert "ADD" not in kinds
     env = " ".join(a for k, a in final if k == "ENV")
-    assert f"SAMDIFFSR_CHECKPOINT={CHECKPOINT_IN_IMAGE}" in env
+    assert f"SAMDIFFSR_MODELS_DIR={MODELS_IN_IMAGE}" in env
     # No compilers or package caches in the runtime image.
     for k, a in final:
         if k == "RUN" and "apt-get install" in a:

@@ -88,7 +88,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
     out = []
     for p in dash["panels"]:
         for t in p["targets"]:
-            expr = t["expr"].replace("$__rate_interval", "1m").replace("$instance", ".*")
+            expr = t["expr"].replace("$__rate_interval", "1m").replace("$instance", ".*").replace("$model", ".*")
             assert "$" not in expr, f"unhandled Grafana variable in {p['title']}: {expr}"
             out.append((p["title"], expr))
     return out

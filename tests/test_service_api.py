@@ -68,7 +68,9 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 
 def sample(metrics: dict, metric: str, **labels: str) -> float:
-    return metrics.get((metric, tuple(sorted(labels.items()))), 0.0)
+    """The sum of `metric`'s samples whose labels include `labels` (e.g. over every model)."""
+    want = set(labels.items())
+    return sum(v for (name, got), v in metrics.items() if name == metric and want <= set(got))
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -85,7 +87,7 @@ def test_health_ready_models_and_docs(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     op = spec["paths"]["/v1/upscale"]["post"]
-    assert {p["name"] for p in op["parameters"]} == {"steps", "sampler", "seed", "ensemble", "output_format",
+    assert {p["name"] for p in op["parameters"]} == {"model", "steps", "sampler", "seed", "ensemble", "output_format",
                                                            "quality"}
     assert all(p.get("description") for p in op["parameters"])
     form = op["requestBody"]["content"]["multipart/form-data"]["schema"]
@@ -376,6 +378,8 @@ def test_metrics_exposition(server, client, photo_img):
     assert sample(m, "samdiffsr_denoiser_call_duration_seconds_count") >= 1
     assert sample(m, "samdiffsr_images_total") >= 1
     assert sample(m, "samdiffsr_output_megapixels_total") >= 48 * 40 / 1e6
-    assert sample(m, "samdiffsr_model_info", name="tiny-random", backend="torch", device="cpu") == 1
+    assert sample(m, "samdiffsr_model_info", model="tiny", name="tiny-random", backend="torch", device="cpu") == 1
+    assert sample(m, "samdiffsr_requests_total", route="/v1/upscale", status="200", model="tiny") >= 1
+    assert sample(m, "samdiffsr_images_total", model="tiny") >= 1
     assert sample(m, "samdiffsr_gpu_memory_bytes", kind="allocated") == 0
-    assert ("samdiffsr_queue_depth", ()) in m
+    assert ("samdiffsr_queue_depth", (("model", "tiny"),)) in m

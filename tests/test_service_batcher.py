@@ -80,7 +80,10 @@ class make_batcher:
 
 
 def metric(m: Metrics, name: str, labels: dict | None = None) -> float:
-    return m.registry.get_sample_value(name, labels or {}) or 0.0
+    """The sum of `name`'s samples whose labels include `labels` (e.g. over every model)."""
+    want = set((labels or {}).items())
+    return sum(s.value for fam in m.registry.collect() for s in fam.samples
+               if s.name == name and want <= set(s.labels.items()))
 
 
 def test_matches_upscaler(runtime, image):

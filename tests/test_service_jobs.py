@@ -65,8 +65,8 @@ def test_submit_poll_and_fetch_the_same_bytes_as_the_synchronous_endpoint(server
     p = info["progress"]
     assert p["fraction"] == 1 and p["tiles_done"] == p["tiles_total"] == 4
     assert p["steps_done"] == p["steps_total"] == 4 * 2  # 4 tiles x the default 2 steps
-    assert info["params"] == {"steps": 2, "sampler": "ddim", "seed": 5, "ensemble": 1, "output_format": "png",
-                              "quality": 95}
+    assert info["params"] == {"model": "tiny", "steps": 2, "sampler": "ddim", "seed": 5, "ensemble": 1,
+                              "output_format": "png", "quality": 95}
     assert info["input_size"] == [28, 20] and info["output_size"] == [112, 80]
     assert info["error"] is None and info["finished_at"] and info["expires_at"]
     t = info["timings"]

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.admission import MB, Cost, MemoryBudget, check_limits
 from service.errors import ImageTooLarge, QueueFull
@@ -59,13 +60,10 @@ def errors_total(url: str, kind: str) -> float:
 
 
 def requests_total(url: str, route: str, status: int) -> float:
-    key = f'samdiffsr_requests_total{{method="POST",route="{route}",status="{status}"}}'
-    key_get = key.replace('"POST"', '"GET"')
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith((key, key_get)):
-            total += float(line.split()[-1])
-    return total
+    """Requests of `route` answered `status` (GET and POST, any model)."""
+    return sum(s.value for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+               for s in fam.samples if s.name == "samdiffsr_requests_total"
+               and s.labels["route"] == route and s.labels["status"] == str(status))
 
 
 def raw(url: str, data: bytes, close_after: bool = False, timeout: float = 30) -> bytes:

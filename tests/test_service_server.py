@@ -51,7 +51,11 @@ def test_invalid_settings_fail_at_start_with_a_clear_message(clean_env, capsys, 
 
 def test_unloadable_checkpoint_fails_at_start(clean_env, capsys, tmp_path):
     assert main(["serve", "--checkpoint", str(tmp_path / "missing"), "--port", "1"]) == 2
-    assert "cannot load" in capsys.readouterr().err
+    assert f"{tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    (tmp_path / "notackpt").mkdir()
+    (tmp_path / "notackpt" / "config.json").write_text("{}")
+    assert main(["serve", "--checkpoint", str(tmp_path / "notackpt"), "--port", "1"]) == 2
+    assert f"{tmp_path / 'notackpt'} is not a checkpoint" in capsys.readouterr().err
     clean_env.setenv("SAMDIFFSR_DEFAULT_STEPS", "-1")
     assert main(["serve", "--checkpoint", str(tmp_path)]) == 2
     assert "SAMDIFFSR_DEFAULT_STEPS" in capsys.readouterr().err

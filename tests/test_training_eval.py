@@ -193,3 +193,19 @@ def test_eval_tiled_sampling_and_errors(tiny_checkpoint: Path, hr_dir: Path, tmp
         main(["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "1,x"])
     assert main(["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "101"]) == 2
     assert main(["eval", str(tiny_checkpoint), str(hr_dir), "--ensemble", "3"]) == 2
+
+
+def test_eval_with_a_named_degradation(tiny_checkpoint: Path, hr_dir: Path, tmp_path: Path, capsys) -> None:
+    """`--degradation jpeg50`: the LR is that JPEG, and bicubic (the baseline) upscales the same JPEG."""
+    runs = {}
+    for name in ("bicubic", "jpeg50"):
+        out = tmp_path / name
+        assert main(["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "0", "--degradation", name,
+                     "--out", str(out)]) == 0
+        runs[name] = json.loads((out / "eval.json").read_text())
+    md = capsys.readouterr().out
+    assert "--degradation jpeg50`" in md and "degradation `jpeg50`" in md
+    assert runs["jpeg50"]["degradation"] == "jpeg50" and runs["bicubic"]["degradation"] == "bicubic"
+    assert runs["jpeg50"]["mean"]["bicubic"]["psnr_y"] < runs["bicubic"]["mean"]["bicubic"]["psnr_y"] - 0.2
+    with pytest.raises(SystemExit):
+        main(["eval", str(tiny_checkpoint), str(hr_dir), "--degradation", "jpeg42"])

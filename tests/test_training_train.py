@@ -134,6 +134,22 @@ def test_diffusion_stage_with_structure_ema_and_exact_resume(rrdb_run: Path, dat
     assert load_any(tmp_path / "plain" / "checkpoint")[1].training["structure"] is False
 
 
+def test_diffusion_stage_with_real_degradations_resumes_exactly(rrdb_run: Path, dataset: Path,
+                                                                tmp_path: Path) -> None:
+    """LR patches drawn afresh by the `real` pipeline in a loader worker: a split run is the uninterrupted one."""
+    extra = {"diffusion.rrdb_checkpoint": str(rrdb_run / "checkpoint"), "data.degradation.kind": "real",
+             "data.workers": "1", "val.degradation": "jpeg75"}
+    _run(dataset, tmp_path, "diffusion", tmp_path / "full", 4, **extra)
+    _run(dataset, tmp_path, "diffusion", tmp_path / "split", 3, **extra)
+    ckpt = _run(dataset, tmp_path, "diffusion", tmp_path / "split", 4, **extra)
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
+    _assert_same_state(tmp_path / "split", tmp_path / "full")
+    info = load_any(ckpt)[1].training
+    assert info["degradation"] == "real" and info["val_degradation"] == "jpeg75"
+    _run(dataset, tmp_path, "diffusion", tmp_path / "clean", 4, **{**extra, "data.degradation.kind": "bicubic"})
+    assert _losses(tmp_path / "clean") != _losses(tmp_path / "full")
+
+
 @pytest.mark.parametrize("prediction, base", [("sample", "bicubic"), ("v", "rrdb")])
 def test_diffusion_stage_with_other_targets_and_bases(rrdb_run: Path, dataset: Path, tmp_path: Path,
                                                       prediction: str, base: str) -> None:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from training.degrade import EVAL_DEGRADATIONS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -33,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto (default: cpu)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
                    help="the network's compute precision (default: fp32)")
+    p.add_argument("--degradation", choices=EVAL_DEGRADATIONS, default="bicubic",
+                   help="how LR inputs are made from HR: bicubic (the paper's), jpeg90/jpeg75/jpeg50 (that LR saved "
+                   "as JPEG), noise10 (Gaussian sigma 10/255), blur (Gaussian sigma 1.2, then bicubic) or real "
+                   "(the Real-ESRGAN-style pipeline at a fixed seed); default: bicubic")
     p.add_argument("--out", type=Path, help="write eval.md and eval.json here")
     p.add_argument("--crops", action="store_true", help="also write side-by-side crops to OUT/crops/")
     p.add_argument("--crop-size", type=int, default=128, help="HR size of those crops (default: 128)")
@@ -63,7 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = EvalOptions(
         checkpoint=args.checkpoint, hr_dir=args.hr_dir, device=args.device, hr_crop=args.hr_crop,
         max_images=args.max_images, crops_dir=args.out / "crops" if args.crops else None,
-        crop_size=args.crop_size, precision=args.precision,
+        crop_size=args.crop_size, precision=args.precision, degradation=args.degradation,
         sampler=SamplerSettings(sampler=args.sampler, steps=args.steps or (), eta=args.eta, seed=args.seed,
                                 tile=args.tile, overlap=args.overlap, max_batch=args.max_batch,
                                 ensemble=args.ensemble))

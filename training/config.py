@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.config import PRESETS, ModelConfig
+from training.degrade import EVAL_DEGRADATIONS
+from training.realworld import RealDegradation
 
 
 class _Strict(BaseModel):
@@ -35,6 +37,15 @@ class ModelSection(_Strict):
         return ModelConfig.from_dict(base)
 
 
+class DegradationSection(_Strict):
+    """How training LR patches are made from HR ones: `bicubic` (MATLAB bicubic x1/scale, cached once per image;
+    the paper's setting) or `real` (`training.realworld`: blur, resize, noise and JPEG, twice, drawn afresh for
+    every patch in the data loader's workers)."""
+
+    kind: Literal["bicubic", "real"] = "bicubic"
+    real: RealDegradation = Field(default_factory=RealDegradation)
+
+
 class DataSection(_Strict):
     train_dir: Path = Path("../shared/data/corpus-hr/train")
     val_dir: Path | None = Path("../shared/data/corpus-hr/val")
@@ -49,6 +60,7 @@ class DataSection(_Strict):
     repeat: int = Field(100, ge=1)
     workers: int = Field(2, ge=0)
     augment: bool = True
+    degradation: DegradationSection = Field(default_factory=DegradationSection)
 
 
 class OptimSection(_Strict):
@@ -74,6 +86,14 @@ class ValSection(_Strict):
     crop: int = Field(192, ge=16)  # centre crop of each validation image (HR pixels); keeps it cheap
     max_images: int = Field(8, ge=1)
     steps: int = Field(4, ge=1)  # DDIM steps (eta=0) for stage-2 validation
+    # The named evaluation degradation (training.degrade.EVAL_DEGRADATIONS) of the validation crops' LR.
+    degradation: str = "bicubic"
+
+    @model_validator(mode="after")
+    def _check_degradation(self) -> ValSection:
+        if self.degradation not in EVAL_DEGRADATIONS:
+            raise ValueError(f"val.degradation {self.degradation!r} is not one of {', '.join(EVAL_DEGRADATIONS)}")
+        return self
 
 
 class RunSection(_Strict):

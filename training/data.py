@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 
 from model.imaging import decode_image, list_images
 from model.inputs import lr_inputs
-from training.degrade import crop_to_multiple, make_lr
+from training.degrade import crop_to_multiple, degrade_named, make_lr
+from training.realworld import RealDegradation, degrade_real
 
 log = logging.getLogger(__name__)
 
@@ -139,18 +140,20 @@ def augment(arrays: list[np.ndarray], flip: bool, rot: int) -> list[np.ndarray]:
 class PatchDataset(Dataset):
     """Random aligned patches. Item i of epoch e is image i % len(images), drawn with seed (seed, e, i).
 
+    The LR patch is the cached bicubic one, or with `real` set, the HR patch degraded by
+    `training.realworld.degrade_real` with the same seeded generator (after the crop and augmentation draws).
     Returns a dict: `hr` (3, P, P) and `lr` (3, P/s, P/s) float32 in [0, 1], `spe` (1, P, P) float32
     (zeros when the image has no map), `index`.
     """
 
     def __init__(self, images: list[CachedImage], hr_patch: int, scale: int, repeat: int = 1,
-                 augment: bool = True, seed: int = 0) -> None:
+                 augment: bool = True, seed: int = 0, real: RealDegradation | None = None) -> None:
         if not images:
             raise ValueError("no usable training images")
         if hr_patch % scale:
             raise ValueError(f"hr_patch {hr_patch} must be a multiple of the scale {scale}")
         self.images, self.hr_patch, self.scale = images, hr_patch, scale
-        self.repeat, self.augment, self.seed = repeat, augment, seed
+        self.repeat, self.augment, self.seed, self.real = repeat, augment, seed, real
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -177,6 +180,8 @@ class PatchDataset(Dataset):
             spe_p = np.zeros(hr_p.shape[:2], np.float32)
         flip, rot = (bool(rng.integers(2)), int(rng.integers(4))) if self.augment else (False, 0)
         hr_p, lr_p, spe_p = augment([hr_p, lr_p, spe_p], flip, rot)
+        if self.real is not None:
+            lr_p = degrade_real(hr_p, s, self.real, rng)
         return {
             "hr": torch.from_numpy(hr_p).permute(2, 0, 1).float() / 255,
             "lr": torch.from_numpy(lr_p).permute(2, 0, 1).float() / 255,
@@ -196,8 +201,9 @@ def model_inputs(batch: dict[str, Tensor], cfg, device: torch.device | str,
 
 
 def val_pairs(image_dir: str | Path, cache_dir: str | Path, scale: int, crop: int,
-              max_images: int) -> list[tuple[str, Tensor, Tensor]]:
-    """Centre crops (at most `crop` HR pixels a side) of validation images: (stem, hr01, lr01)."""
+              max_images: int, degradation: str = "bicubic") -> list[tuple[str, Tensor, Tensor]]:
+    """Centre crops (at most `crop` HR pixels a side) of validation images: (stem, hr01, lr01), the LR made by the
+    named evaluation degradation (`training.degrade.degrade_named`, seeded by the image's position)."""
     out = []
     for item in prepare_images(image_dir, cache_dir, scale)[:max_images]:
         hr, lr = item.load()
@@ -207,6 +213,8 @@ def val_pairs(image_dir: str | Path, cache_dir: str | Path, scale: int, crop: in
         y, x = (h - ch) // 2, (w - cw) // 2
         lr_c = np.array(lr[y:y + ch, x:x + cw])
         hr_c = np.array(hr[y * scale:(y + ch) * scale, x * scale:(x + cw) * scale])
+        if degradation != "bicubic":
+            lr_c = np.round(degrade_named(hr_c / 255, degradation, scale, seed=len(out)) * 255).astype(np.uint8)
         out.append((item.stem, torch.from_numpy(hr_c).permute(2, 0, 1).float() / 255,
                     torch.from_numpy(lr_c).permute(2, 0, 1).float() / 255))
     return out

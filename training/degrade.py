@@ -46,3 +46,50 @@ def make_lr_numpy(hr: np.ndarray, scale: int = 4, quantize: bool = True) -> np.n
     """`make_lr` for one HxWx3 float array in [0, 1] (returns h x w x 3 float32)."""
     t = torch.from_numpy(np.ascontiguousarray(hr, dtype=np.float32)).permute(2, 0, 1)
     return make_lr(t, scale, quantize).permute(1, 2, 0).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Named, fixed degradations for evaluation (`samdiffsr eval --degradation NAME`): each is a pure function of the
+# HR image and a seed, so every number of the model card can be reproduced with one command.
+
+EVAL_DEGRADATIONS = ("bicubic", "jpeg90", "jpeg75", "jpeg50", "noise10", "blur", "real")
+
+
+def _jpeg_u8(lr01: np.ndarray, quality: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(lr01, 0, 1) * 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32) / 255
+
+
+def degrade_named(hr: np.ndarray, name: str, scale: int = 4, seed: int = 0) -> np.ndarray:
+    """LR (h, w, 3) float32 in [0, 1], 8-bit levels, from HR (H, W, 3) in [0, 1] by the named degradation:
+
+    - `bicubic`: `make_lr` (MATLAB antialiased bicubic), the paper's setting;
+    - `jpeg90` / `jpeg75` / `jpeg50`: that LR saved as JPEG at the quality (Pillow, 4:2:0) and decoded;
+    - `noise10`: that LR plus Gaussian noise of sigma 10/255, independent per channel (seeded);
+    - `blur`: HR blurred by a Gaussian of sigma 1.2 (HR pixels, 9x9 kernel), then `make_lr`;
+    - `real`: `training.realworld.degrade_real` with its default (Real-ESRGAN) settings, seeded.
+    """
+    if name not in EVAL_DEGRADATIONS:
+        raise ValueError(f"unknown degradation {name!r}; choose from {', '.join(EVAL_DEGRADATIONS)}")
+    if name == "real":
+        from training.realworld import RealDegradation, degrade_real
+
+        u8 = np.round(np.clip(hr, 0, 1) * 255).astype(np.uint8)
+        return degrade_real(u8, scale, RealDegradation(), np.random.default_rng(seed)).astype(np.float32) / 255
+    if name == "blur":
+        from training.realworld import anisotropic_kernel, filter2d
+
+        t = torch.from_numpy(np.ascontiguousarray(hr, dtype=np.float32)).permute(2, 0, 1)[None]
+        hr = filter2d(t, anisotropic_kernel(9, 1.2, 1.2, 0.0))[0].permute(1, 2, 0).numpy()
+    lr = make_lr_numpy(hr, scale)
+    if name.startswith("jpeg"):
+        return _jpeg_u8(lr, int(name.removeprefix("jpeg")))
+    if name == "noise10":
+        noise = np.random.default_rng(seed).standard_normal(lr.shape).astype(np.float32) * (10 / 255)
+        return (np.round(np.clip(lr + noise, 0, 1) * 255) / 255).astype(np.float32)
+    return lr

@@ -2,8 +2,9 @@
 
 Protocol (SRDiff / SAM-DiffSR conventions):
 
-- HR images are cropped at the bottom/right to a multiple of the scale; LR = `training.degrade.make_lr`
-  (MATLAB antialiased bicubic, 8-bit).
+- HR images are cropped at the bottom/right to a multiple of the scale; LR = `training.degrade.degrade_named`:
+  by default `bicubic` (`make_lr`, MATLAB antialiased bicubic, 8-bit), or a fixed real-world degradation (JPEG,
+  noise, blur, `real`). The bicubic baseline is bicubic upscaling of that same degraded LR.
 - Outputs are quantised to 8 bits (as a served PNG is) before scoring.
 - PSNR on Y (ITU-R BT.601 as MATLAB's ``rgb2ycbcr``: Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255
   on [0, 255]) with `scale` pixels cropped at each border; SSIM on the same Y (scikit-image with
@@ -35,7 +36,7 @@ from model.imaging import decode_image, list_images
 from model.loading import load_any
 from model.runtime import TorchRuntime, resolve_device, resolve_precision
 from model.upscale import Upscaler, default_steps, ensemble_flips
-from training.degrade import crop_to_multiple, make_lr_numpy
+from training.degrade import crop_to_multiple, degrade_named
 from training.metrics import psnr_y, quantize8, ssim_y
 
 BICUBIC = "bicubic"
@@ -135,6 +136,7 @@ class EvalOptions:
     crops_dir: Path | None = None  # write side-by-side crops here, and all of them stacked: contact-sheet.png
     crop_size: int = 128  # HR size of those crops
     precision: str = "fp32"  # the denoiser's (model.runtime.PRECISIONS)
+    degradation: str = "bicubic"  # training.degrade.EVAL_DEGRADATIONS
 
     def command(self) -> str:
         """The `samdiffsr eval` command line that reproduces this evaluation."""
@@ -152,6 +154,8 @@ class EvalOptions:
             args += ["--max-images", str(self.max_images)]
         if self.precision != "fp32":
             args += ["--precision", self.precision]
+        if self.degradation != "bicubic":
+            args += ["--degradation", self.degradation]
         return shlex.join(args)
 
 
@@ -172,6 +176,7 @@ class EvalReport:
     sampler: dict[str, Any]
     lpips: str  # "AlexNet" or why it was skipped
     images: list[ImageResult]
+    degradation: str = "bicubic"
 
     @property
     def methods(self) -> list[str]:
@@ -201,7 +206,8 @@ class EvalReport:
             f"Command: `{self.command}`",
             "",
             f"LR: MATLAB antialiased bicubic x{self.scale} of the HR image (cropped to a multiple of "
-            f"{self.scale}), 8-bit. Outputs quantised to 8 bits. PSNR-Y: BT.601 Y, {self.scale} px border "
+            f"{self.scale}), 8-bit, degradation `{self.degradation}` (bicubic: the baseline, upscaling that same "
+            "LR). Outputs quantised to 8 bits. PSNR-Y: BT.601 Y, {self.scale} px border "
             f"cropped. SSIM: on Y, Gaussian 11x11, sigma 1.5. Sampler: {s['sampler']}, eta {s['eta']}, "
             f"seed {s['seed']}, " + (f"tiles of {s['tile']} LR px (overlap {s['overlap']})." if s["tile"] else
                                      "whole image.") + f" LPIPS: {self.lpips}.",
@@ -295,9 +301,9 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -
         opts.crops_dir.mkdir(parents=True, exist_ok=True)
     sheet: list[Image.Image] = []
     results = []
-    for path in images:
+    for index, path in enumerate(images):
         hr = load_hr(path, scale, opts.hr_crop)
-        lr = make_lr_numpy(hr, scale)
+        lr = degrade_named(hr, opts.degradation, scale, seed=index)
         outputs, seconds = {}, {}
         t0 = time.perf_counter()
         outputs[BICUBIC] = quantize8(bicubic_upscale(lr, scale))
@@ -325,7 +331,7 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -
     return EvalReport(
         command=opts.command(), checkpoint=str(opts.checkpoint), checkpoint_name=models.info.name,
         scale=scale, sampler=asdict(opts.sampler), lpips="AlexNet" if lp.available else f"skipped: {lp.reason}",
-        images=results,
+        images=results, degradation=opts.degradation,
     )
 
 

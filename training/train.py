@@ -196,8 +196,9 @@ class Trainer:
                                              dcfg.missing_spe, min_hr=dcfg.hr_patch)
             if d.enabled:
                 dist.barrier()
+        real = dcfg.degradation.real if dcfg.degradation.kind == "real" else None
         self.dataset = PatchDataset(self.images, dcfg.hr_patch, self.mcfg.scale, dcfg.repeat, dcfg.augment,
-                                    self.seed)
+                                    self.seed, real)
         self.sampler = ResumableSampler(self.dataset, num_replicas=d.world, rank=d.rank, shuffle=True,
                                         seed=self.seed, drop_last=True)
         self.batches_per_epoch = len(self.dataset) // d.world // dcfg.batch_size
@@ -214,7 +215,8 @@ class Trainer:
         self.offset = offset
         self.pairs = []
         if d.main and dcfg.val_dir is not None and cfg.val.every:
-            self.pairs = val_pairs(dcfg.val_dir, dcfg.cache_dir, self.mcfg.scale, cfg.val.crop, cfg.val.max_images)
+            self.pairs = val_pairs(dcfg.val_dir, dcfg.cache_dir, self.mcfg.scale, cfg.val.crop, cfg.val.max_images,
+                                   cfg.val.degradation)
             if self.pairs:
                 log.info("validation: %d crops, bicubic PSNR-Y %.3f dB (the baseline to beat)", len(self.pairs),
                          bicubic_psnr(self.pairs, self.mcfg.scale))
@@ -329,6 +331,7 @@ class Trainer:
                         "encoder_l1": cfg.diffusion.encoder_l1 if self.tune_encoder else 0.0,
                         "ema": cfg.optim.ema, "data": str(dcfg.train_dir), "images": len(self.images),
                         "hr_patch": dcfg.hr_patch, "batch_size": dcfg.batch_size * self.d.world,
+                        "degradation": dcfg.degradation.kind, "val_degradation": cfg.val.degradation,
                         "init": None if cfg.run.init is None else str(cfg.run.init)}
             info = CheckpointInfo(config=self.mcfg, name=cfg.name,
                                   provenance={"source": "samdiffsr train", "git": git_commit()}, training=training)

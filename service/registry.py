@@ -1,0 +1,240 @@
+"""The models a service serves, by id: where they come from, their cards, and which one a request gets.
+
+Sources, in order of precedence (`sources`):
+
+1. `SAMDIFFSR_MODELS` / `--model ID=DIR` (repeatable): exactly those, in that order;
+2. `SAMDIFFSR_CHECKPOINT` / `--checkpoint DIR`: a registry of one, its id the directory's name;
+3. `SAMDIFFSR_MODELS_DIR` (default `checkpoints/`): every checkpoint directory in it, by name.
+
+The default model (`SAMDIFFSR_DEFAULT_MODEL`) is `default` when there is one, else the first; `auto` picks, per
+request, the first model trained on real-world degradations for a lossy upload (JPEG, lossy WebP) and the
+default model otherwise. Loading is all or nothing: a bad source stops the start-up with a message that names it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import CONFIG, CheckpointInfo, read_info
+from model.config import ModelConfig
+from model.network import SRDiffNet
+from model.runtime import Runtime
+from model.sizing import Sizing
+from model.upscale import Upscaler, default_sampler, default_steps
+from service.errors import ServiceError
+
+AUTO = "auto"
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class RegistryError(ValueError):
+    """A model source that cannot be served (the service refuses to start)."""
+
+
+class UnknownModel(ServiceError):
+    status, code, kind = 404, "unknown_model", "unknown_model"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    id: str
+    path: Path
+
+
+def parse_models(text: str) -> list[ModelSource]:
+    """`id=dir[,id=dir...]` (SAMDIFFSR_MODELS; also one `--model` value)."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        mid, sep, path = part.partition("=")
+        if not sep or not mid.strip() or not path.strip():
+            raise RegistryError(f"model {part!r} is not of the form ID=DIR")
+        out.append(ModelSource(mid.strip(), Path(path.strip())))
+    return out
+
+
+def discover(models_dir: Path) -> list[ModelSource]:
+    """Every checkpoint directory (one with a config.json) in `models_dir`, sorted by name."""
+    if not models_dir.is_dir():
+        raise RegistryError(f"models directory {models_dir} does not exist")
+    return [ModelSource(d.name, d) for d in sorted(models_dir.iterdir()) if (d / CONFIG).is_file()]
+
+
+def sources(models: str | None, checkpoint: Path | None, models_dir: Path) -> list[ModelSource]:
+    """The sources by precedence (see the module doc), checked: at least one, ids valid and unique."""
+    if models:
+        found = parse_models(models)
+    elif checkpoint is not None:
+        found = [ModelSource(checkpoint.stem if checkpoint.is_file() else checkpoint.resolve().name, checkpoint)]
+    else:
+        found = discover(models_dir)
+        if not found:
+            raise RegistryError(f"no checkpoint directories (with a {CONFIG}) in {models_dir}")
+    if not found:
+        raise RegistryError("no models given (SAMDIFFSR_MODELS is empty)")
+    seen: dict[str, Path] = {}
+    for src in found:
+        if not ID_PATTERN.fullmatch(src.id) or src.id == AUTO:
+            raise RegistryError(f"model id {src.id!r} ({src.path}) must be 1-64 letters, digits, '.', '_' or '-', "
+                                f"starting with a letter or digit, and not {AUTO!r}")
+        if src.id in seen:
+            raise RegistryError(f"two models with the id {src.id!r}: {seen[src.id]} and {src.path}")
+        seen[src.id] = src.path
+    return found
+
+
+def check_source(src: ModelSource) -> CheckpointInfo | None:
+    """Read a source's config (None for an original .ckpt file); RegistryError naming it if it is not one."""
+    if src.path.is_file():
+        return None
+    if not src.path.is_dir():
+        raise RegistryError(f"model {src.id!r}: {src.path} does not exist")
+    try:
+        return read_info(src.path)
+    except (OSError, ValueError) as e:
+        raise RegistryError(f"model {src.id!r}: {src.path} is not a checkpoint: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------
+# Served models
+
+
+@dataclass
+class ServedModel:
+    """One loaded model and how it is served."""
+
+    id: str
+    runtime: Runtime
+    upscaler: Upscaler
+    sizing: Sizing
+    steps: int
+    sampler: str
+    parameters: int
+
+    @property
+    def weight_bytes(self) -> int:
+        """The weights' memory in float32 (what the memory budget sets aside for the model)."""
+        return self.parameters * 4
+
+    @property
+    def degradation(self) -> str:
+        """What its training inputs were: `bicubic` (clean) or `real` (JPEG, noise, blur)."""
+        return str(self.runtime.info.training.get("degradation", "bicubic"))
+
+    def card(self) -> dict[str, Any]:
+        """The public card: what it is, what it was trained on, how it is served."""
+        info, cfg = self.runtime.info, self.runtime.config
+        tr = info.training
+        summary = info.card.get("summary") or (
+            f"{info.name}: x{cfg.scale}, trained on {tr.get('images', '?')} photos with "
+            f"{self.degradation} degradations" if tr else f"{info.name}: x{cfg.scale}")
+        return {
+            "id": self.id, "name": info.name, "summary": summary, "degradation": self.degradation,
+            "scale": cfg.scale, "parameters": self.parameters, "training": tr,
+            "validation": info.card.get("validation", {}),
+            "default_steps": self.steps, "default_sampler": self.sampler, "max_steps": cfg.timesteps,
+            "backend": self.runtime.backend, "device": str(self.runtime.device),
+            "precision": getattr(self.runtime, "precision", "fp32"), "max_tiles_per_batch": self.sizing.batch,
+            "provenance": info.provenance,
+        }
+
+
+def serve_model(model_id: str, runtime: Runtime, sizing: Sizing, tile: int, overlap: int, grow: float,
+                steps: int | None, batch: int) -> ServedModel:
+    """A loaded runtime with its upscaler (`batch` tiles per call) and defaults (`steps` overrides the
+    checkpoint's default)."""
+    cfg = runtime.config
+    chosen = default_steps(cfg) if steps is None else steps
+    if not 0 <= chosen <= cfg.timesteps:
+        raise RegistryError(f"model {model_id!r}: SAMDIFFSR_DEFAULT_STEPS={chosen} is outside 0..{cfg.timesteps} "
+                            "(the checkpoint's timesteps)")
+    upscaler = Upscaler(runtime, tile, overlap, batch, fit=True, grow=grow)
+    return ServedModel(model_id, runtime, upscaler, sizing, chosen, default_sampler(cfg), parameter_count(cfg))
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """The network's parameters, counted on the meta device (no memory, no weights read)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in SRDiffNet(cfg).parameters())
+
+
+def check_default(default: str | None, ids: list[str]) -> str:
+    """The default model's id (or auto): the one asked for, else `default` if served, else the first."""
+    if default is None:
+        return "default" if "default" in ids else ids[0]
+    if default != AUTO and default not in ids:
+        raise RegistryError(f"SAMDIFFSR_DEFAULT_MODEL={default!r} is not a served model; the models are "
+                            f"{', '.join(ids)} (or {AUTO})")
+    return default
+
+
+@dataclass
+class Registry:
+    """The served models by id, in order, and the default (`auto` or an id)."""
+
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    default: str = ""
+
+    def __post_init__(self) -> None:
+        if self.models:
+            self.default = check_default(self.default or None, list(self.models))
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.models)
+
+    @property
+    def fallback(self) -> ServedModel:
+        """The model of requests that name none when the default is `auto` and the upload is clean."""
+        return self.models["default"] if "default" in self.models else next(iter(self.models.values()))
+
+    def get(self, model_id: str) -> ServedModel:
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise UnknownModel(f"unknown model {model_id!r}; the models are: "
+                               f"{', '.join([*self.models, AUTO])}") from None
+
+    def choose(self, requested: str | None, lossy: bool) -> ServedModel:
+        """The model for a request: the one it names, else the default; `auto` by the upload's kind."""
+        name = requested or self.default
+        if name != AUTO:
+            return self.get(name)
+        if lossy:
+            real = [m for m in self.models.values() if m.degradation == "real"]
+            if real:
+                return real[0]
+        return self.fallback
+
+
+def is_lossy(data: bytes) -> bool:
+    """A JPEG, or a WebP whose image is VP8 (lossy) rather than VP8L, from the first bytes."""
+    if data[:3] == b"\xff\xd8\xff":
+        return True
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        head = data[12:4096]
+        lossy, lossless = head.find(b"VP8 "), head.find(b"VP8L")
+        return lossy >= 0 and (lossless < 0 or lossy < lossless)
+    return False
+
+
+def load_models(srcs: list[ModelSource], backend: str, device: str, threads: int | None,
+                precision: str) -> dict[str, Runtime]:
+    """Load every source, or none: RegistryError naming the first one that fails."""
+    from model.runtime import load_runtime
+
+    out: dict[str, Runtime] = {}
+    for src in srcs:
+        check_source(src)
+        try:
+            out[src.id] = load_runtime(src.path, backend, device, threads=threads, precision=precision)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise RegistryError(f"model {src.id!r}: cannot load {src.path} (backend {backend}, device {device}): "
+                                f"{e}") from e
+    return out
