@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # This machine's CPU build of torch; on a GPU host: make TORCH_SPEC='torch' (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
-CHECKPOINT ?= checkpoints/default
+MODELS_DIR ?= checkpoints
 HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Serves every checkpoint in MODELS_DIR (checkpoints/: default, real) by its directory's name.
 run: $(STAMP)
-	$(BIN)/samdiffsr serve --checkpoint $(CHECKPOINT) --host $(HOST) --port $(PORT)
+	$(BIN)/samdiffsr serve --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

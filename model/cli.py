@@ -33,7 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("upscale", help="upscale an image file or a folder of images x4")
     p.add_argument("input", help="image file or folder")
     p.add_argument("output", help="output file (extension picks the format) or folder (PNG files)")
-    p.add_argument("--checkpoint", default="checkpoints/default", help="checkpoint directory or original .ckpt")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="the model's id in --models-dir, as the service names it (default: "
+                       "default); see `samdiffsr serve` and GET /v1/models")
+    which.add_argument("--checkpoint", help="a checkpoint directory or original .ckpt instead of --model")
+    p.add_argument("--models-dir", type=Path, default=Path("checkpoints"),
+                   help="where --model looks (default: checkpoints, as SAMDIFFSR_MODELS_DIR)")
     p.add_argument("--steps", type=int, help="denoiser steps (default: the checkpoint's default)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the checkpoint's default (ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
@@ -137,6 +142,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from model.checkpoint import CheckpointError
     from model.diffusion import timestep_plan
     from model.imaging import ImageDecodeError, decode_image, format_for, save_image
+    from model.repository import find
     from model.runtime import load_runtime
     from model.sizing import SNUG_GROW, choose_batch
     from model.upscale import Upscaler, default_steps, ensemble_flips
@@ -148,7 +154,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     try:  # bad options fail before any image is decoded
         if not src.is_dir() and not dst.is_dir():
             format_for(dst)
-        runtime = load_runtime(args.checkpoint, args.backend, args.device, precision=args.precision)
+        checkpoint = args.checkpoint or find(args.model or "default", args.models_dir)
+        runtime = load_runtime(checkpoint, args.backend, args.device, precision=args.precision)
         batch = choose_batch(runtime, (args.tile, args.tile), args.batch).batch
         upscaler = Upscaler(runtime, tile=args.tile, overlap=args.overlap, max_batch=batch,
                             grow=SNUG_GROW if args.snug_tiles else 1.0)

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from model.imaging import MEDIA_TYPES
+from model.repository import RegistryError, sources
 from model.runtime import Runtime
 from model.sizing import SNUG_GROW, choose_batch
 from service import intake
@@ -53,7 +54,7 @@ from service.jobs import JobStore
 from service.metrics import Metrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, request_id_of
 from service.page import add_page
-from service.registry import Registry, RegistryError, ServedModel, load_models, serve_model, sources
+from service.registry import Registry, ServedModel, load_models, serve_model
 from service.routes_jobs import add_job_routes
 from service.settings import Settings
 

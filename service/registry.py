@@ -1,10 +1,7 @@
-"""The models a service serves, by id: where they come from, their cards, and which one a request gets.
+"""The models a service serves, by id: their cards, and which one a request gets.
 
-Sources, in order of precedence (`sources`):
-
-1. `SAMDIFFSR_MODELS` / `--model ID=DIR` (repeatable): exactly those, in that order;
-2. `SAMDIFFSR_CHECKPOINT` / `--checkpoint DIR`: a registry of one, its id the directory's name;
-3. `SAMDIFFSR_MODELS_DIR` (default `checkpoints/`): every checkpoint directory in it, by name.
+Where they come from is `model.repository.sources` (`SAMDIFFSR_MODELS`, else `SAMDIFFSR_CHECKPOINT`, else every
+checkpoint in `SAMDIFFSR_MODELS_DIR`).
 
 The default model (`SAMDIFFSR_DEFAULT_MODEL`) is `default` when there is one, else the first; `auto` picks, per
 request, the first model trained on real-world degradations for a lossy upload (JPEG, lossy WebP) and the
@@ -13,92 +10,24 @@ default model otherwise. Loading is all or nothing: a bad source stops the start
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from model.checkpoint import CONFIG, CheckpointInfo, read_info
 from model.config import ModelConfig
 from model.network import SRDiffNet
+from model.repository import ModelSource, RegistryError, check_source
 from model.runtime import Runtime
 from model.sizing import Sizing
 from model.upscale import Upscaler, default_sampler, default_steps
 from service.errors import ServiceError
 
 AUTO = "auto"
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-class RegistryError(ValueError):
-    """A model source that cannot be served (the service refuses to start)."""
 
 
 class UnknownModel(ServiceError):
     status, code, kind = 404, "unknown_model", "unknown_model"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    id: str
-    path: Path
-
-
-def parse_models(text: str) -> list[ModelSource]:
-    """`id=dir[,id=dir...]` (SAMDIFFSR_MODELS; also one `--model` value)."""
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        mid, sep, path = part.partition("=")
-        if not sep or not mid.strip() or not path.strip():
-            raise RegistryError(f"model {part!r} is not of the form ID=DIR")
-        out.append(ModelSource(mid.strip(), Path(path.strip())))
-    return out
-
-
-def discover(models_dir: Path) -> list[ModelSource]:
-    """Every checkpoint directory (one with a config.json) in `models_dir`, sorted by name."""
-    if not models_dir.is_dir():
-        raise RegistryError(f"models directory {models_dir} does not exist")
-    return [ModelSource(d.name, d) for d in sorted(models_dir.iterdir()) if (d / CONFIG).is_file()]
-
-
-def sources(models: str | None, checkpoint: Path | None, models_dir: Path) -> list[ModelSource]:
-    """The sources by precedence (see the module doc), checked: at least one, ids valid and unique."""
-    if models:
-        found = parse_models(models)
-    elif checkpoint is not None:
-        found = [ModelSource(checkpoint.stem if checkpoint.is_file() else checkpoint.resolve().name, checkpoint)]
-    else:
-        found = discover(models_dir)
-        if not found:
-            raise RegistryError(f"no checkpoint directories (with a {CONFIG}) in {models_dir}")
-    if not found:
-        raise RegistryError("no models given (SAMDIFFSR_MODELS is empty)")
-    seen: dict[str, Path] = {}
-    for src in found:
-        if not ID_PATTERN.fullmatch(src.id) or src.id == AUTO:
-            raise RegistryError(f"model id {src.id!r} ({src.path}) must be 1-64 letters, digits, '.', '_' or '-', "
-                                f"starting with a letter or digit, and not {AUTO!r}")
-        if src.id in seen:
-            raise RegistryError(f"two models with the id {src.id!r}: {seen[src.id]} and {src.path}")
-        seen[src.id] = src.path
-    return found
-
-
-def check_source(src: ModelSource) -> CheckpointInfo | None:
-    """Read a source's config (None for an original .ckpt file); RegistryError naming it if it is not one."""
-    if src.path.is_file():
-        return None
-    if not src.path.is_dir():
-        raise RegistryError(f"model {src.id!r}: {src.path} does not exist")
-    try:
-        return read_info(src.path)
-    except (OSError, ValueError) as e:
-        raise RegistryError(f"model {src.id!r}: {src.path} is not a checkpoint: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -232,10 +232,16 @@ class Scheduler:
         return max(1, cfg.active_tiles * self.batch_limit // cfg.max_batch_tiles)
 
     def _admit(self, live: list[Request]) -> list[tuple[Request, list[int]]]:
-        """New tiles to encode: round-robin over requests, each up to its fair share of the active set."""
+        """New tiles to encode: round-robin over requests (those of the models with the fewest active tiles first),
+        each up to its fair share of the active set."""
         if self.config.continuous:
             active = self.active_limit()
-            candidates = live
+            # Models with fewer tiles in the active set first (arrival order within a model): a burst of requests
+            # for one model fills the active set, and a request for another would wait for all of it.
+            held: dict[str, int] = defaultdict(int)
+            for r in live:
+                held[r.model] += len(self._state[r].active)
+            candidates = sorted(live, key=lambda r: held[r.model])
             cap = min(self.batch_limit, max(1, active // len(live)))
             free = active - self.active_tiles()
         else:  # one request at a time, in arrival order

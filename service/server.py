@@ -9,10 +9,11 @@ from types import FrameType
 
 import uvicorn
 
+from model.repository import RegistryError, sources
 from service.app import Service, create_app
 from service.logs import setup_logging
 from service.middleware import JsonH11Protocol
-from service.registry import RegistryError, check_default, load_models, sources
+from service.registry import check_default, load_models
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

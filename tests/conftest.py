@@ -35,6 +35,25 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def models_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of two different tiny models: `default` (tiny_checkpoint's weights) and `real` (other weights,
+    recorded as trained on real-world degradations)."""
+    from model.checkpoint import CheckpointInfo, read_info, save_checkpoint
+    from model.config import PRESETS
+    from model.network import SRDiffNet
+
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(tiny_checkpoint, root / "default")
+    torch.manual_seed(1)
+    info = CheckpointInfo(config=PRESETS["tiny"], name="tiny-real", provenance={"source": "tests"},
+                          training={"degradation": "real", "images": 3},
+                          card={"summary": "a tiny model for JPEGs", "validation": {"jpeg75": {"steps=1": 20.0}}})
+    save_checkpoint(root / "real", SRDiffNet(PRESETS["tiny"]), info)
+    assert read_info(root / "real").card["summary"] == "a tiny model for JPEGs"
+    return root
+
+
+@pytest.fixture(scope="session")
 def photo() -> Path:
     """A real photo (PNG) from the shared corpus."""
     return CORPUS / "val" / "skimage-chelsea.png"

@@ -244,3 +244,22 @@ def test_upscale_command_rejects_unknown_output_format(tiny_checkpoint: Path, ph
 def test_decoded_image_type() -> None:
     img = DecodedImage(rgb=np.zeros((3, 4, 3), np.float32))
     assert (img.height, img.width) == (3, 4)
+
+
+def test_cli_picks_a_model_by_id_from_the_models_dir(models_dir: Path, tmp_path: Path, photo: Path, capsys) -> None:
+    src = tmp_path / "in.png"
+    Image.open(photo).convert("RGB").crop((0, 0, 24, 20)).save(src)
+    common = ["--steps", "1", "--tile", "16", "--seed", "3"]
+    assert main(["upscale", str(src), str(tmp_path / "by-id.png"), "--model", "real", "--models-dir",
+                 str(models_dir), *common]) == 0
+    assert main(["upscale", str(src), str(tmp_path / "by-dir.png"), "--checkpoint", str(models_dir / "real"),
+                 *common]) == 0
+    assert main(["upscale", str(src), str(tmp_path / "default.png"), "--models-dir", str(models_dir), *common]) == 0
+    by_id, by_dir = (tmp_path / "by-id.png").read_bytes(), (tmp_path / "by-dir.png").read_bytes()
+    assert by_id == by_dir != (tmp_path / "default.png").read_bytes()
+    capsys.readouterr()
+    assert main(["upscale", str(src), str(tmp_path / "x.png"), "--model", "nope", "--models-dir",
+                 str(models_dir)]) == 2
+    assert "no model 'nope'" in (err := capsys.readouterr().err) and "default, real" in err
+    with pytest.raises(SystemExit):
+        main(["upscale", str(src), str(tmp_path / "x.png"), "--model", "real", "--checkpoint", str(models_dir)])

@@ -104,7 +104,7 @@ def set_value(driver: WebDriver, element_id: str, value: str) -> None:
 def test_upscale_a_photo_on_the_finished_page(server, browser, image_file):
     driver, downloads = browser
     driver.get(server.url + "/")
-    until(driver, "document.getElementById('model').textContent.startsWith('Model ')", "the model's details")
+    until(driver, "document.getElementById('model-select').options.length > 0", "the models")
     assert driver.find_element(By.ID, "submit").get_attribute("disabled")  # nothing chosen yet
     set_value(driver, "steps", STEPS)
     assert driver.find_element(By.ID, "steps-value").text == STEPS
@@ -143,7 +143,7 @@ def test_upscale_a_photo_on_the_finished_page(server, browser, image_file):
 def test_a_bad_file_shows_an_error_in_words(server, browser, tmp_path):
     driver, _ = browser
     driver.get(server.url + "/")
-    until(driver, "document.getElementById('model').textContent.startsWith('Model ')", "the model's details")
+    until(driver, "document.getElementById('model-select').options.length > 0", "the models")
     bad = tmp_path / "holiday.png"
     bad.write_text("this is a shopping list, not a picture")
     driver.find_element(By.ID, "file").send_keys(str(bad))
@@ -163,7 +163,7 @@ def test_the_token_field(tiny_checkpoint, browser, image_file):
         until(driver, "!document.getElementById('error').hidden", "the missing-token error")
         assert "needs an access token" in driver.find_element(By.ID, "error").text
         set_value(driver, "token", "s3cret")
-        until(driver, "document.getElementById('model').textContent.startsWith('Model ')", "the model's details")
+        until(driver, "document.getElementById('model-select').options.length > 0", "the models")
         assert driver.find_element(By.ID, "error").is_displayed() is False
         set_value(driver, "steps", "0")  # the fidelity mode
         assert driver.find_element(By.ID, "steps-value").text.startswith("0 (fidelity")
@@ -171,3 +171,35 @@ def test_the_token_field(tiny_checkpoint, browser, image_file):
         driver.find_element(By.ID, "submit").click()
         until(driver, "!document.getElementById('result').hidden", "the result")
         assert "0 steps" in driver.find_element(By.ID, "result-text").text
+
+
+def test_pick_a_model_that_is_not_the_default(models_dir, browser, image_file):
+    """Two models served: the selector lists both with their cards; the non-default one answers."""
+    driver, _ = browser
+    with LiveServer(Settings(models_dir=models_dir, **SETTINGS)) as srv:
+        driver.get(srv.url + "/")
+        until(driver, "document.getElementById('model-select').options.length === 2", "both models")
+        options = driver.execute_script("return [...document.getElementById('model-select').options]"
+                                        ".map(o => [o.value, o.text])")
+        assert [v for v, _ in options] == ["default", "real"]
+        assert "a tiny model for JPEGs" in options[1][1]
+        assert driver.execute_script("return document.getElementById('model-select').value") == "default"
+        set_value(driver, "model-select", "real")
+        assert "real-world" in driver.find_element(By.ID, "model-card").text
+        set_value(driver, "seed", "3")
+        driver.find_element(By.ID, "file").send_keys(str(image_file))
+        driver.find_element(By.ID, "submit").click()
+        until(driver, "!document.getElementById('result').hidden", "the result")
+        assert "model real" in driver.find_element(By.ID, "result-text").text
+        shown = driver.execute_script("return document.getElementById('download').href")
+        page_bytes = bytes(driver.execute_async_script(
+            "const done = arguments[1]; fetch(arguments[0]).then(r => r.arrayBuffer())"
+            ".then(b => done(Array.from(new Uint8Array(b))));", shown))
+        steps = driver.execute_script("return document.getElementById('steps').value")
+        files = {"image": ("a.png", image_file.read_bytes(), "image/png")}
+        real = httpx.post(f"{srv.url}/v1/upscale", files=files, params={"model": "real", "seed": 3, "steps": steps},
+                          timeout=WAIT_S)
+        default = httpx.post(f"{srv.url}/v1/upscale", files=files, params={"seed": 3, "steps": steps},
+                             timeout=WAIT_S)
+        assert real.headers["x-model"] == "real" and default.headers["x-model"] == "default"
+        assert page_bytes == real.content != default.content

@@ -268,3 +268,54 @@ def test_a_batch_of_one_serves_the_least_work_first_but_never_starves_a_request(
         s.add(r)
     order = [tick(s)[0].step[0][0] for _ in range(2 * STARVE_AFTER + 2)]
     assert big in order  # passed over for the smaller ones at most STARVE_AFTER calls in a row
+
+
+# ----------------------------------------------------------------------------- several models
+
+
+def test_a_call_never_mixes_models_and_the_models_take_turns():
+    s = make(max_active_tiles=16)
+    a1, a2 = req(8, steps=3, model="a"), req(8, steps=3, model="a")
+    b = req(2, steps=3, model="b")
+    for r in (a1, a2, b):
+        s.add(r)
+    models = []
+    for _ in range(8):
+        plan, _ = tick(s)
+        if plan.step:
+            assert len({r.model for r, _ in plan.step}) == 1  # one model per denoiser call
+            assert {r.model for r, _ in plan.encode} <= {plan.step[0][0].model} | {
+                r.model for r, _ in plan.encode if r.steps == 0}
+            models.append(plan.step[0][0].model)
+    assert models[:4] == ["a", "b", "a", "b"]  # a burst for model a does not hold b back
+    assert b not in s  # b (3 steps) finished within its three turns
+
+
+def test_a_burst_for_one_model_does_not_starve_another():
+    """Many requests of model a arrive first; a single request of model b is stepped in the first STARVE_AFTER
+    calls and finishes long before a's burst does."""
+    s = make(max_active_tiles=8, max_batch_tiles=2)
+    burst = [req(4, steps=4, model="a") for _ in range(10)]
+    for r in burst:
+        s.add(r)
+    tick(s)
+    lone = req(1, steps=2, model="b")
+    s.add(lone)
+    calls_until_stepped = None
+    for n in range(1, 40):
+        plan, out = tick(s)
+        if calls_until_stepped is None and any(r is lone for r, _ in plan.step):
+            calls_until_stepped = n
+        if lone in out.completed:
+            break
+    assert calls_until_stepped is not None and calls_until_stepped <= STARVE_AFTER
+    assert n <= 2 * STARVE_AFTER and any(r in s for r in burst)
+
+
+def test_requests_of_one_model_and_shape_share_calls():
+    s = make(max_active_tiles=8)
+    a, b = req(2, steps=1, model="m"), req(2, steps=1, model="m")
+    s.add(a)
+    s.add(b)
+    plan = s.schedule(NOW)
+    assert {r for r, _ in plan.step} == {a, b} and a.group == b.group == ("m", (16, 16))

@@ -57,18 +57,39 @@ async function api(path, options = {}) {
   return response;
 }
 
+let models = [];
+
 async function loadModel() {
   try {
-    const { models: [m] } = await (await api("/v1/models")).json();
-    $("steps").max = m.max_steps;
-    $("steps").value = m.default_steps;
-    $("model").textContent = `Model ${m.name} on ${m.device} (${m.backend}); default ${m.default_steps} ` +
-      `${m.default_sampler} steps.`;
+    const list = await (await api("/v1/models")).json();
+    models = list.models;
+    const select = $("model-select");
+    const keep = select.value;
+    select.replaceChildren(...models.map((m) => new Option(`${m.id}: ${m.summary}`, m.id)));
+    if (list.default === "auto") {
+      select.prepend(new Option("auto: the real-world model for JPEG and lossy WebP, else the default", "auto"));
+    }
+    select.value = models.some((m) => m.id === keep) || keep === "auto" ? keep : list.default;
+    $("model").textContent = `${models.length} model${models.length === 1 ? "" : "s"} on ` +
+      `${models[0].device} (${models[0].backend}).`;
+    showModel(true);
     showError("");
   } catch (e) {
     $("model").textContent = "";
     showError(e.message);
   }
+  updateSteps();
+}
+
+function showModel(resetSteps) {
+  const id = $("model-select").value;
+  const m = models.find((x) => x.id === id) || models.find((x) => x.default) || models[0];
+  if (!m) return;
+  $("steps").max = m.max_steps;
+  if (resetSteps) $("steps").value = m.default_steps;
+  const inputs = m.degradation === "real" ? "real-world (JPEG, noise, blur)" : "clean";
+  $("model-card").textContent = `${m.name}: trained on ${inputs} inputs, ${(m.parameters / 1e6).toFixed(2)} M ` +
+    `parameters; default ${m.default_steps} ${m.default_sampler} steps.`;
   updateSteps();
 }
 
@@ -113,6 +134,7 @@ async function submit(event) {
   $("result").hidden = true;
   const form = new FormData();
   form.append("image", file, file.name);
+  if ($("model-select").value) form.append("model", $("model-select").value);
   form.append("steps", $("steps").value);
   if ($("seed").value !== "") form.append("seed", $("seed").value);
   if ($("ensemble").value !== "1") form.append("ensemble", $("ensemble").value);
@@ -182,7 +204,8 @@ async function showResult(info) {
   $("download").download = `${base}_x4.${ext}`;
   const [w, h] = info.output_size;
   const ensemble = info.params.ensemble > 1 ? `, ensemble of ${info.params.ensemble}` : "";
-  $("result-text").textContent = `${w}×${h}, ${info.params.steps} steps, seed ${info.params.seed}${ensemble}`;
+  $("result-text").textContent = `${w}×${h}, model ${info.params.model}, ${info.params.steps} steps, ` +
+    `seed ${info.params.seed}${ensemble}`;
   $("result").hidden = false;
 }
 
@@ -213,6 +236,7 @@ function init() {
   }
   drop.addEventListener("drop", (e) => choose(e.dataTransfer.files[0]));
   $("steps").addEventListener("input", updateSteps);
+  $("model-select").addEventListener("change", () => showModel(true));
   $("slider").addEventListener("input", slide);
   $("form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
