@@ -7,6 +7,7 @@ Handles EXIF orientation, grayscale, palette, RGBA/LA (alpha kept apart and upsc
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,8 +72,44 @@ def _to_float(img: Image.Image) -> tuple[np.ndarray, int]:
     return np.asarray(img, dtype=np.float32) / 255.0, 8
 
 
+def icon_frame_sizes(data: bytes) -> list[tuple[int, int]] | None:
+    """The real (width, height) of every image in an ICO / CUR file, read from each embedded PNG's IHDR or BMP's
+    DIB header (not from the directory, which may lie); None for other files. Pillow decodes an icon's largest
+    frame while opening it, so this is what bounds that work before it starts."""
+    if len(data) < 6 or data[:4] not in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00"):
+        return None
+    (count,) = struct.unpack_from("<H", data, 4)
+    sizes = []
+    for i in range(count):
+        entry = 6 + 16 * i
+        if entry + 16 > len(data):
+            raise ImageDecodeError("truncated icon directory")
+        dir_w, dir_h = data[entry] or 256, data[entry + 1] or 256
+        (offset,) = struct.unpack_from("<I", data, entry + 12)
+        frame = data[offset:offset + 26]
+        if frame[:8] == b"\x89PNG\r\n\x1a\n" and len(frame) >= 24:
+            sizes.append(struct.unpack(">II", frame[16:24]))
+        elif len(frame) >= 12 and struct.unpack_from("<I", frame)[0] >= 12:  # a DIB header: its height is doubled
+            w, h = struct.unpack_from("<ii", frame, 4)
+            sizes.append((abs(w), abs(h) // 2))
+        else:
+            sizes.append((dir_w, dir_h))  # Pillow reports what it cannot read
+    return sizes
+
+
+def check_frames(data: bytes, max_pixels: int | None) -> None:
+    """ImageTooLargeError for a container (ICO, CUR) holding an image over `max_pixels`, before Pillow opens it."""
+    sizes = icon_frame_sizes(data) if max_pixels is not None else None
+    for w, h in sizes or ():
+        if w * h > max_pixels:  # type: ignore[operator]
+            raise ImageTooLargeError(f"the icon holds a {w}x{h} = {w * h:,}-pixel image; the limit is "
+                                     f"{max_pixels:,}")
+
+
 def decode_image(data: bytes | str | Path | BinaryIO, max_pixels: int | None = None) -> DecodedImage:
     """Decode an image file or bytes. Raises ImageDecodeError / ImageTooLargeError."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        check_frames(bytes(data), max_pixels)
     src = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
     try:
         with warnings.catch_warnings():

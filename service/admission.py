@@ -9,12 +9,15 @@ next to them gets 503 queue_full with Retry-After.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
+import time
 from dataclasses import dataclass
 
 from PIL import Image
 
+from model.imaging import check_frames
 from model.upscale import Upscaler
 from service.errors import ImageTooLarge, QueueFull
 
@@ -37,8 +40,11 @@ class Cost:
         return self.tiles * max(1, self.steps)
 
 
-def probe(data: bytes) -> tuple[int, int, str, bool] | None:
-    """(width, height, mode, has_alpha) from the header alone; None if Pillow cannot tell."""
+def probe(data: bytes, max_pixels: int | None = None) -> tuple[int, int, str, bool] | None:
+    """(width, height, mode, has_alpha) from the header alone; None if Pillow cannot tell. An icon holding an
+    image over `max_pixels` raises ImageTooLargeError first (Pillow decodes an icon's largest frame to open it).
+    Blocking: call it off the event loop."""
+    check_frames(data, max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as img:
             alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
@@ -47,10 +53,11 @@ def probe(data: bytes) -> tuple[int, int, str, bool] | None:
         return None  # decoding reports it properly
 
 
-def estimate(upscaler: Upscaler, data: bytes, steps: int, ensemble: int = 1) -> Cost | None:
+def estimate(upscaler: Upscaler, data: bytes, steps: int, ensemble: int = 1,
+             max_pixels: int | None = None) -> Cost | None:
     """The request's tiles and peak bytes (upload, decoded image, canvas, encoding, active tiles); a self-ensemble
     of `ensemble` members has that many times the tiles, canvases and float rows."""
-    head = probe(data)
+    head = probe(data, max_pixels)
     if head is None:
         return None
     w, h, mode, alpha = head
@@ -96,23 +103,89 @@ def check_limits(cost: Cost, max_work: int, budget_bytes: int) -> None:
 
 
 class MemoryBudget:
-    """The server-wide memory budget: estimated bytes of admitted, unfinished requests."""
+    """The server-wide memory budget: estimated bytes of admitted, unfinished requests, and a line of requests
+    waiting for room.
 
-    def __init__(self, limit_bytes: int, retry_after_s: int = 2) -> None:
+    The rule (`grant`): requests are admitted in arrival order. One that fits next to the requests in progress
+    (or finds none in progress) is admitted when every request that came before it was; nobody overtakes the
+    head of the line, so a large request that fits alone waits only for the requests already admitted to finish,
+    instead of losing every race to a stream of small ones. At most `max_waiting` requests wait."""
+
+    def __init__(self, limit_bytes: int, retry_after_s: int = 2, max_waiting: int = 32) -> None:
         self.limit = limit_bytes
         self.retry_after_s = retry_after_s
+        self.max_waiting = max_waiting
         self.used = 0
+        self._line: list[Ticket] = []
         self._lock = threading.Lock()
 
+    def _full(self, nbytes: int) -> QueueFull:
+        return QueueFull(f"the server's memory budget is taken by the requests in progress ({self.used / MB:,.0f} "
+                         f"of {self.limit / MB:,.0f} MiB, {len(self._line)} waiting); retry later",
+                         retry_after_s=self.retry_after_s)
+
     def acquire(self, nbytes: int) -> Reservation:
-        """Reserve `nbytes`; QueueFull (503) when they do not fit next to the requests in progress."""
+        """Reserve `nbytes` now, or QueueFull (503) when they do not fit or others are waiting."""
+        ticket = self.enqueue(nbytes)
+        try:
+            granted = self.grant(ticket)
+            if granted is None:
+                with self._lock:
+                    raise self._full(nbytes)
+            return granted
+        finally:
+            self.leave(ticket)
+
+    async def acquire_waiting(self, nbytes: int, wait_s: float, poll_s: float = 0.02) -> Reservation:
+        """Reserve `nbytes`, waiting in line up to `wait_s` seconds for room; then QueueFull (503)."""
+        ticket = self.enqueue(nbytes)
+        deadline = time.monotonic() + wait_s
+        try:
+            while (granted := self.grant(ticket)) is None:
+                if time.monotonic() >= deadline:
+                    with self._lock:
+                        raise self._full(nbytes)
+                await asyncio.sleep(poll_s)
+            return granted
+        finally:
+            self.leave(ticket)
+
+    def enqueue(self, nbytes: int) -> Ticket:
+        """Join the line; QueueFull when `max_waiting` requests already wait."""
         with self._lock:
-            if self.used and self.used + nbytes > self.limit:
-                raise QueueFull(f"the server's memory budget is taken by the requests in progress "
-                                f"({self.used / MB:,.0f} of {self.limit / MB:,.0f} MiB); retry later",
-                                retry_after_s=self.retry_after_s)
-            self.used += nbytes
-        return Reservation(self, nbytes)
+            if len(self._line) >= self.max_waiting:
+                raise self._full(nbytes)
+            ticket = Ticket(nbytes)
+            self._line.append(ticket)
+            return ticket
+
+    def grant(self, ticket: Ticket) -> Reservation | None:
+        """The reservation if `ticket` heads the line and fits (see the class doc); else None."""
+        with self._lock:
+            if not self._line or self._line[0] is not ticket:
+                return None
+            if self.used and self.used + ticket.nbytes > self.limit:
+                return None
+            self._line.pop(0)
+            self.used += ticket.nbytes
+        return Reservation(self, ticket.nbytes)
+
+    def leave(self, ticket: Ticket) -> None:
+        """Leave the line (a no-op once granted)."""
+        with self._lock:
+            if ticket in self._line:
+                self._line.remove(ticket)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A place in the budget's line."""
+
+    nbytes: int
 
 
 class Reservation:

@@ -12,7 +12,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -78,7 +78,8 @@ class Service:
         self.warmup_error: str | None = None
         self.draining = False
         self.drain_deadline: float | None = None  # time.monotonic() value, once draining
-        self.budget = MemoryBudget(settings.memory_budget_mb * MB, settings.retry_after_s)
+        self.on_drain: list[Callable[[], object]] = []
+        self.budget = MemoryBudget(settings.memory_budget_mb * MB, settings.retry_after_s, settings.max_queue)
 
     def start(self) -> None:
         """Load the models (unless given), start the worker, warm up in the background."""
@@ -137,8 +138,11 @@ class Service:
 
     def begin_drain(self) -> None:
         """Stop taking new requests (SIGTERM); requests in flight go on until the drain deadline, when
-        they are answered 503 shutting_down."""
+        they are answered 503 shutting_down. `on_drain` hooks run once (the job store cancels its jobs: their
+        results would die with the process)."""
         if self.drain_deadline is None:
+            for hook in self.on_drain:
+                hook()
             self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
             timer = threading.Timer(self.settings.drain_timeout_s, self._drain_expired)
             timer.daemon = True
@@ -218,6 +222,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
     metrics = Metrics()
     service = Service(settings, metrics, runtimes or ({"default": runtime} if runtime is not None else None))
     jobs = JobStore(service, settings, metrics)
+    service.on_drain.append(jobs.cancel_unfinished)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -23,7 +23,7 @@ from torch import Tensor
 from model.imaging import DecodedImage, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
 from model.upscale import Upscaler, ensemble_flips
 from service import pipeline
-from service.admission import check_limits, estimate
+from service.admission import Cost, check_limits, estimate
 from service.batcher import Job
 from service.errors import ImageTooLarge, InvalidImage, InvalidParameter, MissingImage, UnsupportedMediaType
 from service.metrics import Metrics
@@ -92,10 +92,12 @@ class Accepted:
 
 
 async def accept(service: Service, request: Request, params: UpscaleParams | None, timeout_s: float,
-                 wrap_tiles: Callable[[pipeline.Tiles], pipeline.Tiles] | None = None) -> Accepted:
+                 wrap_tiles: Callable[[pipeline.Tiles], pipeline.Tiles] | None = None,
+                 max_result_bytes: int | None = None) -> Accepted:
     """Read, validate, check the cost of, decode and queue an upload; `timeout_s` counts from now (the
     request's start). `params=None` reads the query parameters here (form fields win over them).
-    `wrap_tiles` may wrap the image's tiles before they are queued (the jobs API counts finished ones)."""
+    `wrap_tiles` may wrap the image's tiles before they are queued (the jobs API counts finished ones).
+    `max_result_bytes`: 413 before decoding when the output's uncompressed size (its bound) is larger."""
     t_start = time.perf_counter()
     service.check_accepting()
     data, params = await read_upload(request, params)
@@ -115,11 +117,17 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
     rid = request_id_of(request.scope) or ""
 
     settings = service.settings
-    cost = estimate(model.upscaler, data, steps, params.ensemble)  # from the header, before decoding
+    try:  # from the header, before decoding; off the event loop (an icon's header check reads its frames)
+        cost = await run_in_threadpool(estimate, model.upscaler, data, steps, params.ensemble, settings.max_pixels)
+    except ImageTooLargeError as e:
+        raise ImageTooLarge(str(e)) from e
     reservation = None
     if cost is not None:
         check_limits(cost, settings.max_request_work, service.budget.limit)
-        reservation = service.budget.acquire(cost.memory)
+        if max_result_bytes is not None:
+            check_result_size(cost, cfg.scale, max_result_bytes)
+        left = timeout_s - (time.perf_counter() - t_start)
+        reservation = await service.budget.acquire_waiting(cost.memory, min(settings.admission_wait_s, left))
     try:
         prep = await run_in_threadpool(decode_and_prepare, model.upscaler, data, settings.max_pixels)
         del data
@@ -137,6 +145,16 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
         job.future.add_done_callback(reservation.release)
     return Accepted(prep, job, model, steps, sampler, seed, params.ensemble, fmt, params.quality, rid, t_start,
                     t_decoded, deadline)
+
+
+def check_result_size(cost: Cost, scale: int, max_bytes: int) -> None:
+    """413 when the output, uncompressed (RGBA, 8 bits), may be larger than `max_bytes` (a job's result must fit
+    in the job store, SAMDIFFSR_JOB_STORE_MAX_BYTES): refused before any work instead of failing after it."""
+    bound = int(cost.width * cost.height * scale * scale * 4 * 1.01) + 4096  # PNG: a filter byte a row, zlib framing
+    if bound > max_bytes:
+        raise ImageTooLarge(f"this {cost.width}x{cost.height} image's result may take up to {bound:,} bytes; the job "
+                            f"store keeps results up to {max_bytes:,} bytes (SAMDIFFSR_JOB_STORE_MAX_BYTES): use "
+                            "POST /v1/upscale, or a smaller image")
 
 
 def render(upscaler: Upscaler, acc: Accepted, result: Tensor | pipeline.Canvas,

@@ -218,6 +218,17 @@ class JobStore:
             self.service.batcher.cancel(rec.batch_job, "cancelled by the client")
         return "cancelled"
 
+    def cancel_unfinished(self) -> int:
+        """Cancel every queued or running job (the server is shutting down: nobody could fetch their results);
+        returns how many."""
+        with self._lock:
+            recs = [r for r in self._jobs.values() if r.status not in FINAL]
+        for rec in recs:
+            self.cancel(rec)
+        if recs:
+            log.info("shutting down: %d unfinished jobs cancelled", len(recs))
+        return len(recs)
+
     def sweep(self) -> None:
         """Forget finished jobs past their time, and expired ids past theirs."""
         now = time.monotonic()

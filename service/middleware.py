@@ -171,16 +171,81 @@ class BodySizeLimitMiddleware:
 
 
 class JsonH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol; a request head over `h11_max_incomplete_event_size` bytes (or any
-    malformed request) is answered in the JSON error shape (431 or 400) and the connection closed."""
+    """uvicorn's h11 protocol with the request head bounded in size and time, and protocol errors answered in the
+    JSON error shape with a request id:
+
+    - a head (request line and headers) over `max_head_bytes` gets 431, whether it arrives in pieces or at once
+      (h11's own limit only counts what is still incomplete, so 120 KB in one packet passed a 16 KB limit);
+    - a head not complete `head_timeout_s` after the connection opened (or after the previous response) closes the
+      connection, with 408 if part of it came (slowloris clients held connections for as long as they liked);
+    - a malformed request gets 400. The connection is closed in every case.
+
+    `configured` makes the subclass that uvicorn instantiates."""
+
+    max_head_bytes: int = 64 * 1024
+    head_timeout_s: float = 30.0
+
+    @classmethod
+    def configured(cls, max_head_bytes: int, head_timeout_s: float) -> type[JsonH11Protocol]:
+        return type(cls.__name__, (cls,), {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s})
+
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def, override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def _await_head(self) -> None:
+        self._head = b""
+        self._in_head = True
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _head_done(self) -> None:
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_done()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self._in_head:
+            self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head += data.lstrip(b"\r\n") if not self._head else data
+            end = self._head.find(b"\r\n\r\n")
+            size = len(self._head) if end < 0 else end + 4
+            if size > self.max_head_bytes:
+                self._head_done()
+                self._error(431, "request_header_too_large", f"the request head exceeds {self.max_head_bytes:,} bytes")
+                return
+            if end >= 0:
+                self._head_done()
+        super().data_received(data)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        busy = self.cycle is not None and not self.cycle.response_complete  # a pipelined request's head came
+        if self.transport.is_closing() or not self._in_head or busy:
+            return
+        self._in_head = False
+        if self._head:
+            self._error(408, "request_timeout", f"the request head did not arrive within {self.head_timeout_s:g} s")
+        else:
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
-        limit = self.config.h11_max_incomplete_event_size
-        too_long = limit is not None and len(self.conn.trailing_data[0]) > limit
-        status, code, message = ((431, "request_header_too_large", f"the request head exceeds {limit:,} bytes")
-                                 if too_long else (400, "bad_request", "invalid HTTP request"))
-        body = json.dumps(error_body(code, message, None)).encode()
-        head = (f"HTTP/1.1 {status} {'Request Header Fields Too Large' if too_long else 'Bad Request'}\r\n"
-                f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n")
+        self._error(400, "bad_request", "invalid HTTP request")
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        rid = uuid.uuid4().hex
+        body = json.dumps(error_body(code, message, rid)).encode()
+        reason = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}[status]
+        head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                f"x-request-id: {rid}\r\nconnection: close\r\n\r\n")
+        access_log.info("- - %d (%s)", status, code, extra={"request_id": rid, "status": status})
         self.transport.write(head.encode() + body)
         self.transport.close()

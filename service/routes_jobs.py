@@ -135,7 +135,9 @@ def add_job_routes(app: FastAPI, store: JobStore, auth: list[Any]) -> None:
         """Submit an upscale as a job: the same body and parameters as POST /v1/upscale. The image is
         decoded and checked at once (the same 4xx as /v1/upscale); then poll the status URL, or follow
         its events, and fetch the result when the status is `succeeded`."""
-        acc = await intake.accept(service, request, params, store.settings.job_timeout_s, wrap_tiles=CountingTiles)
+        keep = store.settings.job_store_max_bytes // (2 if options.bicubic else 1)  # the result, and its bicubic
+        acc = await intake.accept(service, request, params, store.settings.job_timeout_s, wrap_tiles=CountingTiles,
+                                  max_result_bytes=keep)
         rec = store.add(acc, bicubic=options.bicubic)
         response.headers["Location"] = _urls(rec).status
         response.headers["X-Model"] = rec.model

@@ -68,8 +68,14 @@ class Settings(BaseSettings):
     memory_budget_mb: int = Field(1536, ge=16, description="Memory (MiB) the requests in progress may take "
                                   "together, estimated from their image headers: a request that can never fit "
                                   "gets 413, one that does not fit now 503 queue_full.")
+    admission_wait_s: float = Field(30.0, ge=0, description="How long a request that does not fit in the memory "
+                                    "budget next to the requests in progress waits for room, in arrival order "
+                                    "(at most max_queue wait), before 503 queue_full.")
     max_header_bytes: int = Field(64 * 1024, ge=1024, description="Largest request head (request line and "
-                                  "headers); beyond it the connection is refused and closed.")
+                                  "headers); beyond it: 431 and the connection is closed.")
+    header_timeout_s: float = Field(10.0, gt=0, description="How long a client may take to send a request's head "
+                                    "(request line and headers), from the connection's start or the previous "
+                                    "response; after it the connection is closed (408 if part of it came).")
     # --- asynchronous jobs (POST /v1/jobs); held in memory: a restarted replica loses them
     job_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one job, from its submission.")
     job_ttl_s: float = Field(3600.0, gt=0, description="How long a finished job and its result are kept.")
