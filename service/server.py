@@ -22,7 +22,8 @@ DRAIN_GRACE_S = 3.0  # after the drain deadline: time to write the 503s before c
 
 def uvicorn_options(settings: Settings) -> dict:
     """uvicorn.Config options every server of this app uses (`serve` and service.testing.LiveServer)."""
-    return {"http": JsonH11Protocol.configured(settings.max_header_bytes, settings.header_timeout_s),
+    head_timeout = min(settings.header_timeout_s, settings.request_timeout_s)  # the head is part of the request
+    return {"http": JsonH11Protocol.configured(settings.max_header_bytes, head_timeout),
             "h11_max_incomplete_event_size": settings.max_header_bytes,
             "timeout_graceful_shutdown": settings.drain_timeout_s + DRAIN_GRACE_S, "lifespan": "on",
             "access_log": False, "server_header": False}

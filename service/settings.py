@@ -75,7 +75,8 @@ class Settings(BaseSettings):
                                   "headers); beyond it: 431 and the connection is closed.")
     header_timeout_s: float = Field(10.0, gt=0, description="How long a client may take to send a request's head "
                                     "(request line and headers), from the connection's start or the previous "
-                                    "response; after it the connection is closed (408 if part of it came).")
+                                    "response (at most request_timeout_s); after it the connection is closed "
+                                    "(408 if part of it came).")
     # --- asynchronous jobs (POST /v1/jobs); held in memory: a restarted replica loses them
     job_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one job, from its submission.")
     job_ttl_s: float = Field(3600.0, gt=0, description="How long a finished job and its result are kept.")
