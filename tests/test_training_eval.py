@@ -209,3 +209,24 @@ def test_eval_with_a_named_degradation(tiny_checkpoint: Path, hr_dir: Path, tmp_
     assert runs["jpeg50"]["mean"]["bicubic"]["psnr_y"] < runs["bicubic"]["mean"]["bicubic"]["psnr_y"] - 0.2
     with pytest.raises(SystemExit):
         main(["eval", str(tiny_checkpoint), str(hr_dir), "--degradation", "jpeg42"])
+
+
+def test_eval_under_several_degradations_and_the_compare_sheet(tiny_checkpoint: Path, hr_dir: Path, tmp_path: Path,
+                                                              capsys) -> None:
+    out = tmp_path / "eval"
+    assert main(["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "0", "--degradation", "bicubic,jpeg50",
+                 "--out", str(out)]) == 0
+    table = (out / "degradations.md").read_text()
+    assert "| degradation | bicubic | steps=0 (encoder) |" in table
+    assert "| bicubic | " in table and "| jpeg50 | " in table
+    for name in ("bicubic", "jpeg50"):
+        assert json.loads((out / name / "eval.json").read_text())["degradation"] == name
+    assert "By degradation" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", str(tiny_checkpoint), str(hr_dir), "--degradation", "bicubic,jpeg42"])
+    sheet = tmp_path / "sheet.png"
+    assert main(["compare", str(hr_dir), f"a={tiny_checkpoint}", f"b={tiny_checkpoint}", "--crop-size", "32",
+                 "--tile", "16", "--out", str(sheet)]) == 0
+    with Image.open(sheet) as img:  # HR | bicubic | a | b, one row per image
+        assert img.width > 4 * 32 and img.height > 2 * 32
+    assert main(["compare", str(hr_dir), str(tiny_checkpoint), "--out", str(sheet)]) == 2

@@ -335,6 +335,35 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -
     )
 
 
+def degradation_table(reports: list[EvalReport]) -> str:
+    """One markdown table for the same checkpoint under several degradations: rows = degradation, columns =
+    bicubic of the same degraded LR and each step count, cells = mean PSNR-Y / SSIM."""
+    methods = reports[0].methods
+    lines = ["| degradation | " + " | ".join(method_title(m) for m in methods) + " |",
+             "|---|" + "---:|" * len(methods)]
+    for r in reports:
+        mean = r.mean()
+        lines.append(f"| {r.degradation} | " + " | ".join(
+            f"{mean[m]['psnr_y']:.2f} / {mean[m]['ssim']:.4f}" for m in methods) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_sheet(models: dict[str, Models], hr_paths: list[Path], degradation: str, sampler: SamplerSettings,
+                  crop_size: int = 96) -> Image.Image:
+    """HR | bicubic | each model (at its default steps), the same centre crop of every image, on LR made by
+    `degradation`: a contact sheet that shows what each model does with, say, JPEG block edges."""
+    rows = []
+    for index, path in enumerate(hr_paths):
+        first = next(iter(models.values()))
+        hr = load_hr(path, first.config.scale)
+        lr = degrade_named(hr, degradation, first.config.scale, seed=index)
+        outputs = {"bicubic": quantize8(bicubic_upscale(lr, first.config.scale))}
+        for label, m in models.items():
+            outputs[label] = quantize8(m.upscale(lr, sampler, default_steps(m.config)))
+        rows.append(side_by_side(hr, outputs, crop_size))
+    return contact_sheet(rows)
+
+
 def write_report(report: EvalReport, out_dir: str | Path) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
