@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench bench-load masks default-model ablations clean system-deps image image-test
+.PHONY: venv run test lint docs bench bench-load masks default-model ablations clean system-deps image image-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,15 @@ system-deps:
 	    prometheus docker-compose chromium chromium-driver >/dev/null; \
 	else echo "system-deps: missing tools; install Debian's prometheus, docker-compose, chromium and chromium-driver" >&2; fi
 
+# The documentation site (MkDocs, docs/ -> build/site/): the generated reference pages must match the code, and
+# any warning (a broken link, a page missing from the navigation) fails the build.
+docs: $(STAMP)
+	$(BIN)/python -m samdiffsr.docgen --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
+	$(MAKE) --no-print-directory docs
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -50,7 +57,7 @@ bench: $(STAMP)
 bench-load: $(STAMP)
 	$(BIN)/python bench/load_bench.py $(ARGS)
 
-# The shipped model, end to end (MODEL_CARD.md): stand-in masks -> SPE maps -> stage 1 (RRDB) -> stage 2 with
+# The shipped model, end to end (docs/model-card.md): stand-in masks -> SPE maps -> stage 1 (RRDB) -> stage 2 with
 # structure modulation. Stage 2 is a campaign over sessions: stop it with SIGTERM (it checkpoints) and run
 # `make default-model` again to resume exactly (finished steps are skipped). Then
 # `cp $(RUNS)/default-diffusion/checkpoint/* checkpoints/default/` ships it.
@@ -70,7 +77,7 @@ default-model: masks
 	$(BIN)/samdiffsr train rrdb --config $(TRAIN_CONFIG) --out $(RUNS)/default-rrdb $(RRDB_SETTINGS) --steps $(RRDB_STEPS)
 	$(STAGE2) --out $(RUNS)/default-diffusion --steps $(DIFFUSION_STEPS)
 
-# Ablations at equal budget (MODEL_CARD.md): stage 2 from the same stage-1 encoder for ABLATION_STEPS steps,
+# Ablations at equal budget (docs/model-card.md): stage 2 from the same stage-1 encoder for ABLATION_STEPS steps,
 # one run per prediction target x residual base, and the shipped setting without structure modulation; then
 # each is evaluated on centre crops of the validation photos.
 ABLATION_STEPS ?= 800

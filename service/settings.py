@@ -85,10 +85,11 @@ class Settings(BaseSettings):
     # --- access and logs
     auth_token: SecretStr | None = Field(None, description="If set, /v1/* requires "
                                          "'Authorization: Bearer <token>'.")
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text (control characters "
+                                                "escaped) or one JSON object per line.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+    host: str = Field("127.0.0.1", description="Address to listen on (the image listens on 0.0.0.0).")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of torch and ONNX Runtime "
                                       "(default: theirs, one per core).")
 
