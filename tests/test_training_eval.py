@@ -222,6 +222,13 @@ def test_eval_under_several_degradations_and_the_compare_sheet(tiny_checkpoint: 
     for name in ("bicubic", "jpeg50"):
         assert json.loads((out / name / "eval.json").read_text())["degradation"] == name
     assert "By degradation" in capsys.readouterr().out
+    rows = (out / "degradations.csv").read_text().splitlines()
+    assert rows[0] == "degradation,method,steps,psnr_y,ssim" and len(rows) == 1 + 2 * 2
+    from training.evalplot import main as plot_main
+
+    assert plot_main([str(out / "degradations.csv"), "--out", str(tmp_path / "curves.png")]) == 0
+    with Image.open(tmp_path / "curves.png") as img:
+        assert img.format == "PNG" and img.width > 400
     with pytest.raises(SystemExit):
         main(["eval", str(tiny_checkpoint), str(hr_dir), "--degradation", "bicubic,jpeg42"])
     sheet = tmp_path / "sheet.png"

@@ -69,7 +69,14 @@ def _steps_list(text: str) -> tuple[int, ...]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from model.checkpoint import CheckpointError
     from model.imaging import ImageDecodeError
-    from training.evaluate import EvalOptions, SamplerSettings, degradation_table, evaluate, write_report
+    from training.evaluate import (
+        EvalOptions,
+        SamplerSettings,
+        degradation_csv,
+        degradation_table,
+        evaluate,
+        write_report,
+    )
 
     if args.crops and not args.out:
         print("error: --crops needs --out", file=sys.stderr)
@@ -104,6 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.out:
             (args.out / "degradations.md").write_text(f"`{reports[0].command}` and the other degradations\n\n"
                                                        + table)
+            (args.out / "degradations.csv").write_text(degradation_csv(reports))
     return 0
 
 

@@ -348,6 +348,16 @@ def degradation_table(reports: list[EvalReport]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def degradation_csv(reports: list[EvalReport]) -> str:
+    """The same as `degradation_table`, one row per (degradation, method): what `training.evalplot` draws."""
+    rows = ["degradation,method,steps,psnr_y,ssim"]
+    for r in reports:
+        for method, m in r.mean().items():
+            steps = "" if method == BICUBIC else method.removeprefix("steps=")
+            rows.append(f"{r.degradation},{method},{steps},{m['psnr_y']:.4f},{m['ssim']:.5f}")
+    return "\n".join(rows) + "\n"
+
+
 def compare_sheet(models: dict[str, Models], hr_paths: list[Path], degradation: str, sampler: SamplerSettings,
                   crop_size: int = 96) -> Image.Image:
     """HR | bicubic | each model (at its default steps), the same centre crop of every image, on LR made by
