@@ -33,6 +33,7 @@ class Cost:
     steps: int
     memory: int  # bytes
     ensemble: int = 1
+    channels: int = 3  # of the output: 1 (grey) or 3 (colour), plus 1 with alpha
 
     @property
     def work(self) -> int:
@@ -79,7 +80,7 @@ def estimate(upscaler: Upscaler, data: bytes, steps: int, ensemble: int = 1,
         + ensemble * 3 * th * s * grid.padded_width * s * 16  # float rows being blended
         + min(len(grid) * ensemble, upscaler.max_batch * 2) * tile_px * 4 * (4 * 3 + cfg.cond_channels)  # active
     )
-    return Cost(w, h, len(grid) * ensemble, steps, memory, ensemble)
+    return Cost(w, h, len(grid) * ensemble, steps, memory, ensemble, (1 if gray else 3) + (1 if alpha else 0))
 
 
 def check_limits(cost: Cost, max_work: int, budget_bytes: int) -> None:

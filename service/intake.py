@@ -149,11 +149,12 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
 
 
 def check_result_size(cost: Cost, scale: int, max_bytes: int) -> None:
-    """413 when the output, uncompressed (RGBA, 8 bits), may be larger than `max_bytes` (a job's result must fit
-    in the job store, SAMDIFFSR_JOB_STORE_MAX_BYTES): refused before any work instead of failing after it."""
-    bound = int(cost.width * cost.height * scale * scale * 4 * 1.01) + 4096  # PNG: a filter byte a row, zlib framing
-    if bound > max_bytes:
-        raise ImageTooLarge(f"this {cost.width}x{cost.height} image's result may take up to {bound:,} bytes; the job "
+    """413 when the output's uncompressed pixels (8 bits a channel) are more than `max_bytes`, the job store's size
+    (SAMDIFFSR_JOB_STORE_MAX_BYTES): such a result would most likely not fit, so the job is refused before any work
+    instead of failing after it."""
+    raw = cost.width * cost.height * scale * scale * cost.channels
+    if raw > max_bytes:
+        raise ImageTooLarge(f"this {cost.width}x{cost.height} image's result is {raw:,} bytes uncompressed; the job "
                             f"store keeps results up to {max_bytes:,} bytes (SAMDIFFSR_JOB_STORE_MAX_BYTES): use "
                             "POST /v1/upscale, or a smaller image")
 

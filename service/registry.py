@@ -69,7 +69,7 @@ class ServedModel:
             "validation": info.card.get("validation", {}),
             "default_steps": self.steps, "default_sampler": self.sampler, "max_steps": cfg.timesteps,
             "backend": self.runtime.backend, "device": str(self.runtime.device),
-            "precision": getattr(self.runtime, "precision", "fp32"), "max_tiles_per_batch": self.sizing.batch,
+            "precision": getattr(self.runtime, "precision", "fp32"), "max_tiles_per_batch": self.upscaler.max_batch,
             "provenance": info.provenance,
         }
 

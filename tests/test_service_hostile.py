@@ -266,7 +266,7 @@ def test_the_served_access_log_escapes_control_characters(tiny_checkpoint, tmp_p
 
 
 def test_a_job_whose_result_cannot_be_kept_is_refused_at_submit(tiny_checkpoint, photo) -> None:
-    data = png(Image.open(photo).convert("RGB").crop((0, 0, 40, 40)))  # 160x160 out: 102,400 bytes as RGBA
+    data = png(Image.open(photo).convert("RGB").crop((0, 0, 40, 40)))  # 160x160 out: 76,800 bytes of RGB
     settings = Settings(checkpoint=tiny_checkpoint, **{**BASE, "job_store_max_bytes": 50_000})
     with LiveServer(settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         r = c.post("/v1/jobs", files={"image": ("a.png", data)})

@@ -2,9 +2,9 @@
 Selenium): upload, progress, before/after, download, errors in words, the bearer-token field.
 
 `make system-deps` installs the browser; without it these tests are skipped with the reason. To refresh the
-README's screenshot with the shipped model (its tile size and 10 steps):
+documentation's screenshot with the shipped models (their tile size and default step):
 
-    SAMDIFFSR_PAGE_CHECKPOINT=checkpoints/default SAMDIFFSR_PAGE_STEPS=10 SAMDIFFSR_PAGE_SCREENSHOT=docs/page.png \\
+    SAMDIFFSR_PAGE_CHECKPOINT=checkpoints SAMDIFFSR_PAGE_STEPS=1 SAMDIFFSR_PAGE_SCREENSHOT=docs/page.png \\
         .venv/bin/python -m pytest tests/test_service_page.py -k finished
 """
 
@@ -72,9 +72,11 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WebDrive
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path) -> Iterator[LiveServer]:
-    checkpoint = os.environ.get("SAMDIFFSR_PAGE_CHECKPOINT")
+    checkpoint = os.environ.get("SAMDIFFSR_PAGE_CHECKPOINT")  # a checkpoint, or a folder of them (checkpoints/)
     own = {"tile_size": 64, "tile_overlap": 8, "default_steps": None} if checkpoint else {}  # a real model's
-    with LiveServer(Settings(checkpoint=Path(checkpoint or tiny_checkpoint), **{**SETTINGS, **own})) as srv:
+    where = Path(checkpoint or tiny_checkpoint)
+    source = {"checkpoint": where} if (where / "config.json").is_file() else {"models_dir": where}
+    with LiveServer(Settings(**source, **{**SETTINGS, **own})) as srv:
         yield srv
 
 
