@@ -25,7 +25,7 @@ import logging
 import re
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ from service.scheduler import BatcherConfig, Item, Outcome, Request, Scheduler, 
 __all__ = ["Batcher", "BatcherConfig", "Job", "TensorTiles", "Tiles", "is_out_of_memory"]
 
 log = logging.getLogger(__name__)
+PACE_CALLS = 64  # denoiser calls whose pace `Batcher.tile_step_s` remembers
 
 _ORT_OOM = re.compile(r"Failed to allocate memory|out of memory|BFCArena|smaller than requested bytes",
                       re.IGNORECASE)
@@ -93,6 +94,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._holding: set[Job] = set()  # jobs with tracks (worker thread only)
         self._padding: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+        self._pace: dict[str, deque[float]] = {}  # model -> seconds per tile-step of recent calls (tile_step_s)
 
     # ------------------------------------------------------------------ public API (any thread)
 
@@ -115,6 +117,15 @@ class Batcher:
     def runtime(self) -> Runtime:
         """The first model's runtime (the only one when a single runtime was given)."""
         return next(iter(self.runtimes.values()))
+
+    def tile_step_s(self, model: str) -> float:
+        """The fastest a tile-step of `model` went in its last `PACE_CALLS` denoiser calls (a call's time over the
+        tiles it could hold): a lower bound of a request's time, whatever else is queued (0 before any call)."""
+        recent = self._pace.get(model)
+        return min(recent) if recent else 0.0
+
+    def _record_pace(self, model: str, seconds: float) -> None:
+        self._pace.setdefault(model, deque(maxlen=PACE_CALLS)).append(seconds)
 
     @property
     def batch_limit(self) -> int:
@@ -337,7 +348,9 @@ class Batcher:
                 self._isolate(items, pad_to, e, result)
             return
         model = items[0][0].model
-        self.metrics.denoiser_call.labels(model=model).observe(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        self._record_pace(model, dt / max(len(items), self.scheduler.batch_limit))  # a full call costs no less
+        self.metrics.denoiser_call.labels(model=model).observe(dt)
         self.metrics.batch_tiles.labels(model=model).observe(len(items))
         self._advanced(items, result)
 

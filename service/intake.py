@@ -127,6 +127,7 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
         check_limits(cost, settings.max_request_work, service.budget.limit)
         if max_result_bytes is not None:
             check_result_size(cost, cfg.scale, max_result_bytes)
+        check_time(cost, service.batcher.tile_step_s(model.id), timeout_s - (time.perf_counter() - t_start))
         left = timeout_s - (time.perf_counter() - t_start)
         reservation = await service.budget.acquire_waiting(cost.memory, min(settings.admission_wait_s, left))
     try:
@@ -146,6 +147,16 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
         job.future.add_done_callback(reservation.release)
     return Accepted(prep, job, model, steps, sampler, seed, params.ensemble, fmt, params.quality, rid, t_start,
                     t_decoded, deadline)
+
+
+def check_time(cost: Cost, tile_step_s: float, left_s: float) -> None:
+    """413 for a request that could not finish before its deadline even with the worker to itself: its
+    tile-steps at the fastest pace of the model's recent denoiser calls (a lower bound of its time)."""
+    least = cost.work * tile_step_s
+    if least > left_s:
+        raise ImageTooLarge(f"this request needs {cost.work:,} tile-steps, at least {least:,.1f} s at this server's "
+                            f"pace, and its deadline (SAMDIFFSR_REQUEST_TIMEOUT_S) leaves {left_s:,.1f} s: use fewer "
+                            "steps or a smaller image, or the jobs API (POST /v1/jobs)")
 
 
 def check_result_size(cost: Cost, scale: int, max_bytes: int) -> None:

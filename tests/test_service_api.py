@@ -8,6 +8,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import deque
 
 import httpx
 import numpy as np
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from model.imaging import decode_image
 from model.runtime import load_runtime
 from model.upscale import Upscaler
+from service.batcher import PACE_CALLS
 from service.settings import Settings
 from service.testing import LiveServer
 
@@ -292,6 +294,9 @@ def test_queue_full_is_503_and_deadline_is_504(tiny_checkpoint, photo_img):
                                                        "retry_after_s": 4})
     with LiveServer(settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         data = png(crop(photo_img, 40, 40))
+        # 900 tile-steps: on a fast machine the pace check would refuse it at once (tests/test_service_hostile.py);
+        # a pace of 0.1 ms lets it in, to run into its deadline.
+        srv.service.batcher._pace["tiny"] = deque([1e-4], maxlen=PACE_CALLS)
         slow: list[httpx.Response] = []
         t = threading.Thread(target=lambda: slow.append(upload(c, data, {"steps": 100})))
         t.start()

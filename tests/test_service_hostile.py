@@ -297,3 +297,19 @@ def test_sigterm_does_not_wait_for_jobs_nobody_can_fetch(tiny_checkpoint, photo,
     finally:
         srv.stop()
 
+
+
+def test_a_request_that_cannot_finish_in_time_is_refused_at_once(tiny_checkpoint, photo) -> None:
+    """Its tile-steps at the server's own pace take longer than its deadline: 413 at once, not a 504 after the
+    deadline (before: admitted, then 504)."""
+    settings = Settings(checkpoint=tiny_checkpoint, **{**BASE, "request_timeout_s": 2.0, "max_pixels": 256 * 256,
+                                                       "max_request_work": 10**6, "max_tiles_per_batch": 1})
+    big = png(Image.open(photo).convert("RGB").crop((0, 0, 160, 160)))
+    small = png(Image.open(photo).convert("RGB").crop((0, 0, 12, 12)))
+    with LiveServer(settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert c.post("/v1/upscale", files={"image": ("s.png", small)}).status_code == 200
+        t0 = time.monotonic()
+        r = c.post("/v1/upscale", files={"image": ("b.png", big)}, params={"steps": 100})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large", r.text
+        assert "tile-steps" in r.json()["error"]["message"] and time.monotonic() - t0 < 1.5
+        assert c.post("/v1/upscale", files={"image": ("s.png", small)}).status_code == 200
