@@ -223,3 +223,15 @@ def test_shipped_real_config_loads() -> None:
     cfg = load_config(root / "configs" / "real.yaml")
     assert cfg.data.degradation.kind == "real" and cfg.val.degradation == "jpeg75"
     assert cfg.data.degradation.real.final.jpeg.quality == (40, 95)
+
+
+def test_clean_prob_gives_some_patches_the_bicubic_lr(tmp_path: Path) -> None:
+    d = tmp_path / "hr"
+    d.mkdir()
+    Image.fromarray(_photo(7, 64, 64)).save(d / "a.png")
+    items = prepare_images(d, tmp_path / "cache", SCALE)
+    plain = PatchDataset(items, 32, SCALE, repeat=40, seed=2)
+    mixed = PatchDataset(items, 32, SCALE, repeat=40, seed=2, real=RealDegradation(clean_prob=0.5))
+    same = [torch.equal(mixed[i]["lr"], plain[i]["lr"]) for i in range(40)]
+    assert 8 < sum(same) < 32  # about half are the cached bicubic LR, the rest degraded
+    assert all(torch.equal(mixed[i]["hr"], plain[i]["hr"]) for i in range(40))

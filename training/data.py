@@ -180,7 +180,7 @@ class PatchDataset(Dataset):
             spe_p = np.zeros(hr_p.shape[:2], np.float32)
         flip, rot = (bool(rng.integers(2)), int(rng.integers(4))) if self.augment else (False, 0)
         hr_p, lr_p, spe_p = augment([hr_p, lr_p, spe_p], flip, rot)
-        if self.real is not None:
+        if self.real is not None and rng.random() >= self.real.clean_prob:  # else the cached bicubic LR
             lr_p = degrade_real(hr_p, s, self.real, rng)
         return {
             "hr": torch.from_numpy(hr_p).permute(2, 0, 1).float() / 255,

@@ -172,8 +172,10 @@ class FinalSettings(_Strict):
 
 class RealDegradation(_Strict):
     """The whole second-order pipeline. `second_prob` skips the second order sometimes (BSRGAN/Real-ESRGAN
-    variants do; Real-ESRGAN itself always runs it: 1.0)."""
+    variants do; Real-ESRGAN itself always runs it: 1.0). `clean_prob` gives a patch the plain `bicubic` LR instead
+    (0 in Real-ESRGAN): a faithful model then keeps clean inputs sharp, since it sees what they look like."""
 
+    clean_prob: float = Field(0.0, ge=0, le=1)
     first: OrderSettings = Field(default_factory=OrderSettings)
     second: OrderSettings = Field(default_factory=_second_order)
     second_prob: float = Field(1.0, ge=0, le=1)
