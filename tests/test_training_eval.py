@@ -223,7 +223,7 @@ def test_eval_under_several_degradations_and_the_compare_sheet(tiny_checkpoint: 
         assert json.loads((out / name / "eval.json").read_text())["degradation"] == name
     assert "By degradation" in capsys.readouterr().out
     rows = (out / "degradations.csv").read_text().splitlines()
-    assert rows[0] == "degradation,method,steps,psnr_y,ssim" and len(rows) == 1 + 2 * 2
+    assert rows[0] == "degradation,method,steps,psnr_y,ssim,flat" and len(rows) == 1 + 2 * 2
     from training.evalplot import main as plot_main
 
     assert plot_main([str(out / "degradations.csv"), "--out", str(tmp_path / "curves.png")]) == 0
@@ -237,3 +237,18 @@ def test_eval_under_several_degradations_and_the_compare_sheet(tiny_checkpoint: 
     with Image.open(sheet) as img:  # HR | bicubic | a | b, one row per image
         assert img.width > 4 * 32 and img.height > 2 * 32
     assert main(["compare", str(hr_dir), str(tiny_checkpoint), "--out", str(sheet)]) == 2
+
+
+def test_flat_error_counts_only_flat_areas() -> None:
+    from training.metrics import flat_error
+
+    rng = np.random.default_rng(3)
+    hr = np.full((48, 48, 3), 0.5)
+    hr[:, 24:] = rng.random((48, 24, 3))  # the right half is texture, the left half flat
+    noisy_left, noisy_right = hr.copy(), hr.copy()
+    noisy_left[:, :20] += rng.normal(0, 4 / 255, (48, 20, 3))
+    noisy_right[:, 28:] += rng.normal(0, 4 / 255, (48, 20, 3))
+    assert flat_error(hr, hr, 4) == 0
+    assert 2 < flat_error(noisy_left, hr, 4) < 4  # |N(0, 4 levels)| averages 3.2 levels
+    assert flat_error(noisy_right, hr, 4) < 0.2  # noise in texture is not counted
+    assert math.isnan(flat_error(hr, hr, 4, max_std=0.0))

@@ -37,7 +37,7 @@ from model.loading import load_any
 from model.runtime import TorchRuntime, resolve_device, resolve_precision
 from model.upscale import Upscaler, default_steps, ensemble_flips
 from training.degrade import crop_to_multiple, degrade_named
-from training.metrics import psnr_y, quantize8, ssim_y
+from training.metrics import flat_error, psnr_y, quantize8, ssim_y
 
 BICUBIC = "bicubic"
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # what lpips.LPIPS(net="alex") loads through torchvision
@@ -183,10 +183,12 @@ class EvalReport:
         return list(self.images[0].metrics) if self.images else []
 
     def mean(self) -> dict[str, dict[str, float]]:
+        """Each method's metrics averaged over the images (NaN, e.g. no flat area, left out)."""
         out: dict[str, dict[str, float]] = {}
         for method in self.methods:
             keys = self.images[0].metrics[method].keys() if self.images else ()
-            out[method] = {k: float(np.mean([r.metrics[method][k] for r in self.images])) for k in keys}
+            out[method] = {k: float(np.nanmean([r.metrics[method].get(k, math.nan) for r in self.images]))
+                           for k in keys}
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -219,13 +221,14 @@ class EvalReport:
 
         mean = self.mean()
         if self.images:
-            lines += ["| method | " + " | ".join(col_names[c] for c in cols) + " | PSNR-Y gain | s/image |",
-                      "|---|" + "---:|" * (len(cols) + 2)]
+            lines += ["| method | " + " | ".join(col_names[c] for c in cols) + " | PSNR-Y gain | flat error / "
+                      "bicubic's | s/image |", "|---|" + "---:|" * (len(cols) + 3)]
             for m in methods:
                 secs = float(np.mean([r.seconds[m] for r in self.images]))
                 gain = mean[m]["psnr_y"] - mean[BICUBIC]["psnr_y"]
+                flat = mean[m].get("flat", math.nan) / mean[BICUBIC].get("flat", math.nan)
                 lines.append(f"| {method_title(m)} | " + " | ".join(fmt(c, mean[m][c]) for c in cols)
-                             + f" | {gain:+.2f} dB | {secs:.2f} |")
+                             + f" | {gain:+.2f} dB | {flat:.2f} | {secs:.2f} |")
             lines.append("")
         lines += [
             "| image | HR size | " + " | ".join(f"{method_title(m)} {col_names[c]}" for m in methods
@@ -315,7 +318,7 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -
             outputs[method_key(steps)] = quantize8(out)
         metrics = {}
         for method, out in outputs.items():
-            m = {"psnr_y": psnr_y(out, hr, scale), "ssim": ssim_y(out, hr, scale)}
+            m = {"psnr_y": psnr_y(out, hr, scale), "ssim": ssim_y(out, hr, scale), "flat": flat_error(out, hr, scale)}
             if lp.available:
                 m["lpips"] = lp(out, hr)
             metrics[method] = m
@@ -337,24 +340,28 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -
 
 def degradation_table(reports: list[EvalReport]) -> str:
     """One markdown table for the same checkpoint under several degradations: rows = degradation, columns =
-    bicubic of the same degraded LR and each step count, cells = mean PSNR-Y / SSIM."""
+    bicubic of the same degraded LR and each step count, cells = mean PSNR-Y / SSIM; last, each step count's error
+    in flat areas over bicubic's (`training.metrics.flat_error`; above 1: noise or artefacts added)."""
     methods = reports[0].methods
-    lines = ["| degradation | " + " | ".join(method_title(m) for m in methods) + " |",
-             "|---|" + "---:|" * len(methods)]
+    lines = ["| degradation | " + " | ".join(method_title(m) for m in methods) + " | flat error / bicubic's |",
+             "|---|" + "---:|" * (len(methods) + 1)]
     for r in reports:
         mean = r.mean()
+        flats = [f"{mean[m].get('flat', math.nan) / mean[BICUBIC].get('flat', math.nan):.2f}"
+                 for m in methods if m != BICUBIC]
         lines.append(f"| {r.degradation} | " + " | ".join(
-            f"{mean[m]['psnr_y']:.2f} / {mean[m]['ssim']:.4f}" for m in methods) + " |")
+            f"{mean[m]['psnr_y']:.2f} / {mean[m]['ssim']:.4f}" for m in methods) + f" | {' / '.join(flats)} |")
     return "\n".join(lines) + "\n"
 
 
 def degradation_csv(reports: list[EvalReport]) -> str:
     """The same as `degradation_table`, one row per (degradation, method): what `training.evalplot` draws."""
-    rows = ["degradation,method,steps,psnr_y,ssim"]
+    rows = ["degradation,method,steps,psnr_y,ssim,flat"]
     for r in reports:
         for method, m in r.mean().items():
             steps = "" if method == BICUBIC else method.removeprefix("steps=")
-            rows.append(f"{r.degradation},{method},{steps},{m['psnr_y']:.4f},{m['ssim']:.5f}")
+            flat = m.get("flat", math.nan)
+            rows.append(f"{r.degradation},{method},{steps},{m['psnr_y']:.4f},{m['ssim']:.5f},{flat:.4f}")
     return "\n".join(rows) + "\n"
 
 

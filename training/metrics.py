@@ -49,3 +49,18 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
     y_sr, y_hr = _crop_border(rgb_to_y(sr), border), _crop_border(rgb_to_y(hr), border)
     return float(structural_similarity(y_hr, y_sr, data_range=255.0, gaussian_weights=True, sigma=1.5,
                                        use_sample_covariance=False))
+
+
+def flat_error(sr: np.ndarray, hr: np.ndarray, border: int, window: int = 7, max_std: float = 2.0) -> float:
+    """Mean |Y error| (8-bit levels) over the flat areas of HR: pixels whose `window` x `window` neighbourhood has a
+    Y standard deviation under `max_std` levels (sky, walls, skin). A model that adds noise or sharpens JPEG blocks
+    into texture has more error there than bicubic has; NaN when the image has no flat area."""
+    from scipy.ndimage import uniform_filter
+
+    _check_pair(sr, hr)
+    y_hr, y_sr = rgb_to_y(hr) * 255 / 219, rgb_to_y(sr) * 255 / 219  # on the 0-255 scale of an 8-bit image
+    mean = uniform_filter(y_hr, window)
+    std = np.sqrt(np.maximum(uniform_filter(y_hr * y_hr, window) - mean * mean, 0))
+    flat = _crop_border(std < max_std, border)
+    err = _crop_border(np.abs(y_sr - y_hr), border)
+    return float(err[flat].mean()) if flat.any() else math.nan
