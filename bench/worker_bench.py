@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> float:
         t0 = time.perf_counter()
         preps = [service.pipeline.prepare(upscaler, decode_image(io.BytesIO(png))) for png in pngs]
-        jobs = [batcher.submit_tiles(prep.tiles(), steps=args.steps, seed=i) for i, prep in enumerate(preps)]
+        tiles = [prep.tiles() for prep in preps]  # made first, so that the submissions follow each other closely
+        jobs = [batcher.submit_tiles(t, steps=args.steps, seed=i) for i, t in enumerate(tiles)]
         wait([job.future for job in jobs])
         for job, prep in zip(jobs, preps, strict=True):
             service.pipeline.encode_canvas(job.future.result(), prep.image)
