@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint docs bench bench-load masks default-model ablations clean system-deps image image-test
+.PHONY: venv run test lint docs bench bench-load masks default-model real-model ablations clean system-deps image image-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,13 @@ masks: $(STAMP)
 default-model: masks
 	$(BIN)/samdiffsr train rrdb --config $(TRAIN_CONFIG) --out $(RUNS)/default-rrdb $(RRDB_SETTINGS) --steps $(RRDB_STEPS)
 	$(STAGE2) --out $(RUNS)/default-diffusion --steps $(DIFFUSION_STEPS)
+
+# The real-world model (checkpoints/real, docs/model-card.md): the default's network fine-tuned on patches degraded
+# by the `real` pipeline (configs/real.yaml). Resumes exactly when run again; then
+# `cp $(RUNS)/real/checkpoint/* checkpoints/real/` ships it.
+real-model: masks
+	$(BIN)/samdiffsr train diffusion --config configs/real.yaml --out $(RUNS)/real --rrdb checkpoints/default \
+	  --spe-dir $(RUNS)/masks/train-spe --set run.init=checkpoints/default
 
 # Ablations at equal budget (docs/model-card.md): stage 2 from the same stage-1 encoder for ABLATION_STEPS steps,
 # one run per prediction target x residual base, and the shipped setting without structure modulation; then
