@@ -112,6 +112,7 @@ RUN groupadd --system --gid 10001 samdiffsr \
 # To serve others, mount a folder of checkpoint directories and point SAMDIFFSR_MODELS_DIR at it
 # (docker-compose.yml mounts ./checkpoints at /models), or name them in SAMDIFFSR_MODELS.
 COPY checkpoints/default /opt/samdiffsr/checkpoints/default
+COPY checkpoints/real /opt/samdiffsr/checkpoints/real
 
 # HOME=/tmp: anything that caches under ~ writes to the (tmpfs) /tmp; the rest of the filesystem can be read-only.
 WORKDIR /tmp

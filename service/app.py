@@ -178,7 +178,8 @@ class ModelCard(BaseModel):
     """One served model: what it is, what it was trained on, and how it is served."""
 
     id: str = Field(description="What `model` takes on POST /v1/upscale and /v1/jobs.")
-    default: bool = Field(description="Requests that name no model get this one (unless the default is auto).")
+    default: bool = Field(description="Requests that name no model get this one (with the default auto: those "
+                          "whose image is not lossy).")
     name: str
     summary: str = Field(description="One line: what the model is for.")
     degradation: str = Field(description="Its training inputs: bicubic (clean downscales) or real (JPEG, noise, "
@@ -273,7 +274,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
         return Response(metrics.render(), media_type=metrics.content_type)
 
     def card(m: ServedModel) -> ModelCard:
-        return ModelCard(**m.card(), default=m.id == service.registry.default, tile_size=settings.tile_size,
+        default = service.registry.choose(None, lossy=False).id == m.id
+        return ModelCard(**m.card(), default=default, tile_size=settings.tile_size,
                          tile_overlap=settings.tile_overlap, continuous_batching=settings.continuous_batching,
                          reproducible=settings.reproducible, ready=service.ready.is_set())
 

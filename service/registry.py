@@ -3,9 +3,9 @@
 Where they come from is `model.repository.sources` (`SAMDIFFSR_MODELS`, else `SAMDIFFSR_CHECKPOINT`, else every
 checkpoint in `SAMDIFFSR_MODELS_DIR`).
 
-The default model (`SAMDIFFSR_DEFAULT_MODEL`) is `default` when there is one, else the first; `auto` picks, per
-request, the first model trained on real-world degradations for a lossy upload (JPEG, lossy WebP) and the
-default model otherwise. Loading is all or nothing: a bad source stops the start-up with a message that names it.
+The default (`SAMDIFFSR_DEFAULT_MODEL`) is `auto`: per request, the first model trained on real-world degradations
+for a lossy upload (JPEG, lossy WebP), else the model with id `default`, else the first (measured on the
+validation photos: docs/model-card.md). It can also be one id. Loading is all or nothing: a bad source stops the start-up with a message that names it.
 """
 
 from __future__ import annotations

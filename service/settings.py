@@ -29,9 +29,9 @@ class Settings(BaseSettings):
     models_dir: Path = Field(Path("checkpoints"), description="Serve every checkpoint directory in this folder, "
                              "each by its directory's name (when neither SAMDIFFSR_MODELS nor SAMDIFFSR_CHECKPOINT "
                              "is set).")
-    default_model: str | None = Field(None, description="The model of requests that name none: an id, or auto "
-                                      "(a real-world model for JPEG / lossy WebP uploads, the default model "
-                                      "otherwise); default: the model with id 'default', else the first.")
+    default_model: str | None = Field("auto", description="The model of requests that name none: an id, or auto "
+                                      "(a model trained on real-world degradations for JPEG and lossy WebP uploads, "
+                                      "else the model with id 'default', else the first); unset: that model.")
     backend: Literal["torch", "torchscript", "onnx"] = Field("torch", description="Inference backend.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="The network's compute "
                                                                "precision (torch backend); auto: the measured "
@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
+
+    @field_validator("default_model")
+    @classmethod
+    def _default_model(cls, v: str | None) -> str | None:
+        return v if v and v.strip() else None  # SAMDIFFSR_DEFAULT_MODEL="" means unset
 
     @field_validator("auth_token")
     @classmethod

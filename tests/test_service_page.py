@@ -180,12 +180,12 @@ def test_pick_a_model_that_is_not_the_default(models_dir, browser, image_file):
     driver, _ = browser
     with LiveServer(Settings(models_dir=models_dir, **SETTINGS)) as srv:
         driver.get(srv.url + "/")
-        until(driver, "document.getElementById('model-select').options.length === 2", "both models")
+        until(driver, "document.getElementById('model-select').options.length === 3", "both models and auto")
         options = driver.execute_script("return [...document.getElementById('model-select').options]"
                                         ".map(o => [o.value, o.text])")
-        assert [v for v, _ in options] == ["default", "real"]
-        assert "a tiny model for JPEGs" in options[1][1]
-        assert driver.execute_script("return document.getElementById('model-select').value") == "default"
+        assert [v for v, _ in options] == ["auto", "default", "real"]
+        assert "a tiny model for JPEGs" in options[2][1]
+        assert driver.execute_script("return document.getElementById('model-select').value") == "auto"
         set_value(driver, "model-select", "real")
         assert "real-world" in driver.find_element(By.ID, "model-card").text
         set_value(driver, "seed", "3")

@@ -119,7 +119,7 @@ def test_two_models_interleaved_under_load_match_each_served_alone(models_dir, i
     with LiveServer(Settings(models_dir=models_dir, **BASE)) as srv, \
             httpx.Client(base_url=srv.url, timeout=120) as c:
         listing = c.get("/v1/models").json()
-        assert listing["default"] == "default"
+        assert listing["default"] == "auto"
         assert [(m["id"], m["default"], m["degradation"]) for m in listing["models"]] == [
             ("default", True, "bicubic"), ("real", False, "real")]
         card = c.get("/v1/models/real").json()
@@ -135,7 +135,7 @@ def test_two_models_interleaved_under_load_match_each_served_alone(models_dir, i
             assert r.content == alone[mid, i], f"{mid} on input {i} differs from the model served alone"
         assert any(int(r.headers["x-shared-calls"]) > 0 for r in results)  # requests did share calls
 
-        # The default model answers requests that name none; a job says which model answered.
+        # The default (auto) gives a PNG to the model `default`; a job says which model answered.
         r = upload(c, inputs[0], seed=0)
         assert r.headers["x-model"] == "default" and r.content == alone["default", 0]
         made = c.post("/v1/jobs", files={"image": ("x.png", inputs[1], "image/png")},
@@ -170,7 +170,7 @@ def test_auto_picks_the_real_world_model_for_lossy_uploads(models_dir, photo) ->
     img.save(jpeg, "JPEG", quality=75)
     img.save(webp, "WEBP", quality=75)
     img.save(lossless, "WEBP", lossless=True)
-    with LiveServer(Settings(models_dir=models_dir, default_model="auto", **BASE)) as srv, \
+    with LiveServer(Settings(models_dir=models_dir, **BASE)) as srv, \
             httpx.Client(base_url=srv.url, timeout=60) as c:
         assert c.get("/v1/models").json()["default"] == "auto"
         assert upload(c, jpeg.getvalue()).headers["x-model"] == "real"
