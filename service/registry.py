@@ -5,7 +5,8 @@ checkpoint in `SAMDIFFSR_MODELS_DIR`).
 
 The default (`SAMDIFFSR_DEFAULT_MODEL`) is `auto`: per request, the first model trained on real-world degradations
 for a lossy upload (JPEG, lossy WebP), else the model with id `default`, else the first (measured on the
-validation photos: docs/model-card.md). It can also be one id. Loading is all or nothing: a bad source stops the start-up with a message that names it.
+validation photos: docs/models.md). It can also be one id. Loading is all or nothing: a bad source stops the
+start-up with a message that names it.
 """
 
 from __future__ import annotations
