@@ -55,16 +55,6 @@ def make_lr_numpy(hr: np.ndarray, scale: int = 4, quantize: bool = True) -> np.n
 EVAL_DEGRADATIONS = ("bicubic", "jpeg90", "jpeg75", "jpeg50", "noise10", "blur", "real")
 
 
-def _jpeg_u8(lr01: np.ndarray, quality: int) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.round(np.clip(lr01, 0, 1) * 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32) / 255
-
-
 def degrade_named(hr: np.ndarray, name: str, scale: int = 4, seed: int = 0) -> np.ndarray:
     """LR (h, w, 3) float32 in [0, 1], 8-bit levels, from HR (H, W, 3) in [0, 1] by the named degradation:
 
@@ -88,7 +78,10 @@ def degrade_named(hr: np.ndarray, name: str, scale: int = 4, seed: int = 0) -> n
         hr = filter2d(t, anisotropic_kernel(9, 1.2, 1.2, 0.0))[0].permute(1, 2, 0).numpy()
     lr = make_lr_numpy(hr, scale)
     if name.startswith("jpeg"):
-        return _jpeg_u8(lr, int(name.removeprefix("jpeg")))
+        from training.realworld import jpeg_u8
+
+        u8 = np.round(np.clip(lr, 0, 1) * 255).astype(np.uint8)
+        return jpeg_u8(u8, int(name.removeprefix("jpeg"))).astype(np.float32) / 255
     if name == "noise10":
         noise = np.random.default_rng(seed).standard_normal(lr.shape).astype(np.float32) * (10 / 255)
         return (np.round(np.clip(lr + noise, 0, 1) * 255) / 255).astype(np.float32)

@@ -44,6 +44,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _weights(v: dict[str, float], what: str) -> dict[str, float]:
+    if not v or any(p < 0 for p in v.values()) or sum(v.values()) <= 0:
+        raise ValueError(f"{what}: give at least one a positive probability, none a negative one")
+    return v
+
+
 def _ordered(v: Range, lo: float, hi: float, name: str) -> Range:
     if not (lo <= v[0] <= v[1] <= hi):
         raise ValueError(f"{name} must be an ordered pair within [{lo}, {hi}], got {list(v)}")
@@ -73,9 +79,7 @@ class BlurSettings(_Strict):
     @field_validator("kinds")
     @classmethod
     def _kinds(cls, v: dict[str, float]) -> dict[str, float]:
-        if not v or any(p < 0 for p in v.values()) or sum(v.values()) <= 0:
-            raise ValueError("kinds must name at least one kernel kind with a positive probability")
-        return v
+        return _weights(v, "kinds (the kernel kinds)")
 
     @field_validator("sigma")
     @classmethod
@@ -99,9 +103,7 @@ class ResizeSettings(_Strict):
     @field_validator("probs")
     @classmethod
     def _probs(cls, v: dict[str, float]) -> dict[str, float]:
-        if not v or any(p < 0 for p in v.values()) or sum(v.values()) <= 0:
-            raise ValueError("probs must give up / down / keep non-negative probabilities, not all zero")
-        return v
+        return _weights(v, "probs (up / down / keep)")
 
     @field_validator("scale")
     @classmethod
@@ -222,15 +224,19 @@ def sinc_kernel(size: int, cutoff: float) -> np.ndarray:
     return (k / k.sum()).astype(np.float32)
 
 
+def _choice(options: dict[str, float], rng: np.random.Generator) -> str:
+    keys = list(options)
+    p = np.array([options[k] for k in keys], dtype=np.float64)
+    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
+
+
 def random_kernel(s: BlurSettings, rng: np.random.Generator) -> np.ndarray:
     """One random kernel as Real-ESRGAN draws it."""
     size = int(rng.choice(s.kernel_sizes))
     if rng.random() < s.sinc_prob:
         lo = math.pi / 3 if size < 13 else math.pi / 5
         return sinc_kernel(size, float(rng.uniform(lo, math.pi)))
-    kinds = list(s.kinds)
-    p = np.array([s.kinds[k] for k in kinds], dtype=np.float64)
-    kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
+    kind = _choice(s.kinds, rng)
     sx = float(rng.uniform(*s.sigma))
     sy, theta = (sx, 0.0) if "aniso" not in kind else (
         float(rng.uniform(*s.sigma)), float(rng.uniform(-math.pi, math.pi)))
@@ -287,23 +293,25 @@ def poisson_noise(img: torch.Tensor, scale: float, gray: bool, rng: np.random.Ge
     return (img + torch.from_numpy(noise)).clamp(0, 1)
 
 
-def jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
-    """Round-trip through libjpeg (Pillow) at `quality`, with Pillow's default 4:2:0 chroma subsampling."""
-    u8 = (img[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+def to_u8(img: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [0, 1] -> (H, W, 3) uint8."""
+    return (img[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def jpeg_u8(u8: np.ndarray, quality: int) -> np.ndarray:
+    """(H, W, 3) uint8 round-tripped through libjpeg (Pillow) at `quality`, with Pillow's default 4:2:0 chroma."""
     buf = io.BytesIO()
     Image.fromarray(u8).save(buf, "JPEG", quality=int(quality))
-    out = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-    return torch.from_numpy(out.copy()).permute(2, 0, 1)[None].float() / 255
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).copy()
+
+
+def jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """`jpeg_u8` of a (1, 3, H, W) tensor in [0, 1]."""
+    return torch.from_numpy(jpeg_u8(to_u8(img), quality)).permute(2, 0, 1)[None].float() / 255
 
 
 # ---------------------------------------------------------------------------------------------------
 # The pipeline
-
-
-def _choice(options: dict[str, float], rng: np.random.Generator) -> str:
-    keys = list(options)
-    p = np.array([options[k] for k in keys], dtype=np.float64)
-    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
 
 
 def apply_order(img: torch.Tensor, s: OrderSettings, base: tuple[int, int], rng: np.random.Generator
@@ -356,4 +364,4 @@ def degrade_real(hr: np.ndarray, scale: int, s: RealDegradation, rng: np.random.
     else:
         img = jpeg(img, quality) if do_jpeg else img
         img = resize_sinc(img)
-    return (img[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return to_u8(img)
