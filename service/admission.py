@@ -103,6 +103,27 @@ def check_limits(cost: Cost, max_work: int, budget_bytes: int) -> None:
             "or fewer")
 
 
+def check_time(cost: Cost, tile_step_s: float, left_s: float) -> None:
+    """413 for a request that could not finish before its deadline even with the worker to itself: its
+    tile-steps at the fastest pace of the model's recent denoiser calls (a lower bound of its time)."""
+    least = cost.work * tile_step_s
+    if least > left_s:
+        raise ImageTooLarge(f"this request needs {cost.work:,} tile-steps, at least {least:,.1f} s at this server's "
+                            f"pace, and its deadline (SAMDIFFSR_REQUEST_TIMEOUT_S) leaves {left_s:,.1f} s: use fewer "
+                            "steps or a smaller image, or the jobs API (POST /v1/jobs)")
+
+
+def check_result_size(cost: Cost, scale: int, max_bytes: int) -> None:
+    """413 when the output's uncompressed pixels (8 bits a channel) are more than `max_bytes`, the job store's size
+    (SAMDIFFSR_JOB_STORE_MAX_BYTES): such a result would most likely not fit, so the job is refused before any work
+    instead of failing after it."""
+    raw = cost.width * cost.height * scale * scale * cost.channels
+    if raw > max_bytes:
+        raise ImageTooLarge(f"this {cost.width}x{cost.height} image's result is {raw:,} bytes uncompressed; the job "
+                            f"store keeps results up to {max_bytes:,} bytes (SAMDIFFSR_JOB_STORE_MAX_BYTES): use "
+                            "POST /v1/upscale, or a smaller image")
+
+
 class MemoryBudget:
     """The server-wide memory budget: estimated bytes of admitted, unfinished requests, and a line of requests
     waiting for room.

@@ -23,7 +23,7 @@ from torch import Tensor
 from model.imaging import DecodedImage, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
 from model.upscale import Upscaler, ensemble_flips
 from service import pipeline
-from service.admission import Cost, check_limits, estimate
+from service.admission import check_limits, check_result_size, check_time, estimate
 from service.batcher import Job
 from service.errors import ImageTooLarge, InvalidImage, InvalidParameter, MissingImage, UnsupportedMediaType
 from service.metrics import Metrics
@@ -127,8 +127,8 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
         check_limits(cost, settings.max_request_work, service.budget.limit)
         if max_result_bytes is not None:
             check_result_size(cost, cfg.scale, max_result_bytes)
-        check_time(cost, service.batcher.tile_step_s(model.id), timeout_s - (time.perf_counter() - t_start))
         left = timeout_s - (time.perf_counter() - t_start)
+        check_time(cost, service.batcher.tile_step_s(model.id), left)
         reservation = await service.budget.acquire_waiting(cost.memory, min(settings.admission_wait_s, left))
     try:
         prep = await run_in_threadpool(decode_and_prepare, model.upscaler, data, settings.max_pixels)
@@ -147,27 +147,6 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
         job.future.add_done_callback(reservation.release)
     return Accepted(prep, job, model, steps, sampler, seed, params.ensemble, fmt, params.quality, rid, t_start,
                     t_decoded, deadline)
-
-
-def check_time(cost: Cost, tile_step_s: float, left_s: float) -> None:
-    """413 for a request that could not finish before its deadline even with the worker to itself: its
-    tile-steps at the fastest pace of the model's recent denoiser calls (a lower bound of its time)."""
-    least = cost.work * tile_step_s
-    if least > left_s:
-        raise ImageTooLarge(f"this request needs {cost.work:,} tile-steps, at least {least:,.1f} s at this server's "
-                            f"pace, and its deadline (SAMDIFFSR_REQUEST_TIMEOUT_S) leaves {left_s:,.1f} s: use fewer "
-                            "steps or a smaller image, or the jobs API (POST /v1/jobs)")
-
-
-def check_result_size(cost: Cost, scale: int, max_bytes: int) -> None:
-    """413 when the output's uncompressed pixels (8 bits a channel) are more than `max_bytes`, the job store's size
-    (SAMDIFFSR_JOB_STORE_MAX_BYTES): such a result would most likely not fit, so the job is refused before any work
-    instead of failing after it."""
-    raw = cost.width * cost.height * scale * scale * cost.channels
-    if raw > max_bytes:
-        raise ImageTooLarge(f"this {cost.width}x{cost.height} image's result is {raw:,} bytes uncompressed; the job "
-                            f"store keeps results up to {max_bytes:,} bytes (SAMDIFFSR_JOB_STORE_MAX_BYTES): use "
-                            "POST /v1/upscale, or a smaller image")
 
 
 def render(upscaler: Upscaler, acc: Accepted, result: Tensor | pipeline.Canvas,
