@@ -370,11 +370,11 @@ def compare_sheet(models: dict[str, Models], hr_paths: list[Path], degradation: 
     """HR | bicubic | each model (at its default steps), the same centre crop of every image, on LR made by
     `degradation`: a contact sheet that shows what each model does with, say, JPEG block edges."""
     rows = []
+    scale = next(iter(models.values())).config.scale
     for index, path in enumerate(hr_paths):
-        first = next(iter(models.values()))
-        hr = load_hr(path, first.config.scale)
-        lr = degrade_named(hr, degradation, first.config.scale, seed=index)
-        outputs = {"bicubic": quantize8(bicubic_upscale(lr, first.config.scale))}
+        hr = load_hr(path, scale)
+        lr = degrade_named(hr, degradation, scale, seed=index)
+        outputs = {"bicubic": quantize8(bicubic_upscale(lr, scale))}
         for label, m in models.items():
             outputs[label] = quantize8(m.upscale(lr, sampler, default_steps(m.config)))
         rows.append(side_by_side(hr, outputs, crop_size))
