@@ -212,9 +212,10 @@ def environment(args: argparse.Namespace, device: torch.device, cfg: ModelConfig
         f"{platform.system()} {platform.machine()}",
         f"- device: {dev}; CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch threads: "
         f"{torch.get_num_threads()}, ONNX Runtime intra-op threads: {ort_threads}",
-        f"- model: {source}; {n_params / 1e6:.2f} M parameters; x{cfg.scale}, RRDB {cfg.rrdb_num_block} blocks x "
-        f"{cfg.rrdb_num_feat} features (growth {cfg.rrdb_growth}), U-Net width {cfg.hidden_size} x "
-        f"{'|'.join(map(str, cfg.dim_mults))}, {cfg.timesteps} timesteps",
+        f"- model: {source}; {n_params / 1e6:.2f} M parameters; x{cfg.scale}, {cfg.encoder.upper()} "
+        f"{cfg.rrdb_num_block} blocks x {cfg.rrdb_num_feat} features (growth {cfg.rrdb_growth}), "
+        f"{cfg.denoiser_space.upper()}-space U-Net width {cfg.hidden_size} x {'|'.join(map(str, cfg.dim_mults))}, "
+        f"{cfg.timesteps} timesteps",
         f"- tile: {args.tile}x{args.tile} LR -> {args.tile * cfg.scale}x{args.tile * cfg.scale} HR, one tile per "
         f"image",
         f"- timing: median of {args.repeats} timed calls after {args.warmup} warm-up calls per denoiser step; "

@@ -83,7 +83,7 @@ class TimedRuntime:
         return out
 
 
-def count_flops(net: torch.nn.Module, shapes: set[tuple], cond_channels: int) -> dict[tuple, float]:
+def count_flops(net: torch.nn.Module, shapes: set[tuple]) -> dict[tuple, float]:
     """FLOPs of one encode / denoise call for each (kind, input shape), on eager torch."""
     out, dev = {}, next(net.parameters()).device
     with torch.no_grad():
@@ -95,7 +95,8 @@ def count_flops(net: torch.nn.Module, shapes: set[tuple], cond_channels: int) ->
                 else:
                     b, _, h, w = shape
                     t = torch.zeros(b, dtype=torch.long, device=dev)
-                    net.denoise(torch.zeros(shape, device=dev), t, torch.zeros(b, cond_channels, h, w, device=dev))
+                    cond = torch.zeros(b, *net.cfg.cond_shape(h // net.cfg.scale, w // net.cfg.scale), device=dev)
+                    net.denoise(torch.zeros(shape, device=dev), t, cond)
             out[(kind, shape)] = float(counter.get_total_flops())
     return out
 
@@ -123,7 +124,7 @@ def calibration_table(rt: Runtime, rt16: Runtime | None, tiles: list[int], batch
         hw = tile * rt.config.scale
         for b in batches:
             try:
-                flops = count_flops(net, {("denoise", (b, 3, hw, hw))}, rt.config.hidden_size)
+                flops = count_flops(net, {("denoise", (b, 3, hw, hw))})
                 per_tile = time_per_tile(rt, (tile, tile), b)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for _, _, batch, snug in configs:
         shapes |= call_shapes(Upscaler(eager, args.tile, args.overlap, batch, grow=SNUG_GROW if snug else 1.0),
                               args.size, args.size)
-    flops_of = count_flops(eager.net, shapes, cfg.hidden_size)  # type: ignore[attr-defined]
+    flops_of = count_flops(eager.net, shapes)  # type: ignore[attr-defined]
     runtimes: dict[tuple[str, str], TimedRuntime] = {}
     for backend, precision, batch, snug in configs:
         if (backend, precision) not in runtimes:

@@ -8,8 +8,12 @@ from typing import Any, Literal
 
 Prediction = Literal["epsilon", "v", "sample"]
 ResidualBase = Literal["bicubic", "rrdb"]
+EncoderKind = Literal["rrdb", "rlfb"]
+DenoiserSpace = Literal["hr", "lr"]
 PREDICTIONS: tuple[str, ...] = ("epsilon", "v", "sample")
 RESIDUAL_BASES: tuple[str, ...] = ("bicubic", "rrdb")
+ENCODERS: tuple[str, ...] = ("rrdb", "rlfb")
+DENOISER_SPACES: tuple[str, ...] = ("hr", "lr")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,16 @@ class ModelConfig:
     # The image the diffusion residual is added to: bicubic up(LR) (the original code) or the RRDB encoder's
     # own x4 output (as ResDiff does), so that an undertrained denoiser falls back to a regression answer.
     residual_base: ResidualBase = "bicubic"
+    # The encoder's blocks: the original's residual-in-residual dense blocks (`rrdb`, upsampled by nearest + conv
+    # at 2x and 4x), or residual local feature blocks (`rlfb`, RLFN's design: three 3x3 convolutions, a 1x1 and
+    # spatial attention per block, a pixel-shuffle upsampler), about a quarter of the cost per block. Either
+    # way `rrdb_num_block` blocks of width `rrdb_num_feat` (`rrdb_growth` is RRDB's only).
+    encoder: EncoderKind = "rrdb"
+    # Where the denoiser works: at the output resolution (`hr`, the original), or at the LR resolution (`lr`): the
+    # residual is pixel-unshuffled by `scale` (3 * scale**2 channels, scale**2 fewer positions) on the way in and
+    # shuffled back on the way out, and the condition is projected at LR size. The diffusion, the structure
+    # modulation and the samplers still act on the HR residual, so both spaces share every interface.
+    denoiser_space: DenoiserSpace = "hr"
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +73,10 @@ class ModelConfig:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         if self.residual_base not in RESIDUAL_BASES:
             raise ValueError(f"residual_base must be one of {', '.join(RESIDUAL_BASES)}, got {self.residual_base!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        if self.denoiser_space not in DENOISER_SPACES:
+            raise ValueError(f"denoiser_space must be one of {', '.join(DENOISER_SPACES)}, got {self.denoiser_space!r}")
         object.__setattr__(self, "dim_mults", tuple(int(m) for m in self.dim_mults))
 
     @property
@@ -66,9 +84,14 @@ class ModelConfig:
         return len(self.dim_mults)
 
     @property
+    def unshuffle(self) -> int:
+        """The denoiser's space-to-depth factor: `scale` for an LR-space denoiser, else 1."""
+        return self.scale if self.denoiser_space == "lr" else 1
+
+    @property
     def hr_multiple(self) -> int:
-        """HR sizes must be a multiple of this (the U-Net halves the size levels-1 times)."""
-        return 2 ** (self.levels - 1)
+        """HR sizes must be a multiple of this (the U-Net halves its input's size levels-1 times)."""
+        return 2 ** (self.levels - 1) * self.unshuffle
 
     @property
     def lr_multiple(self) -> int:
@@ -79,6 +102,11 @@ class ModelConfig:
     def cond_channels(self) -> int:
         """Channels of the concatenated RRDB features 2, 5, 8, ... that condition the U-Net."""
         return self.rrdb_num_feat * len(range(2, self.rrdb_num_block + 1, 3))
+
+    def cond_shape(self, lr_height: int, lr_width: int) -> tuple[int, int, int]:
+        """The shape of the projected condition `encode` returns for one LR image (the U-Net's first level)."""
+        up = self.scale // self.unshuffle
+        return self.hidden_size, lr_height * up, lr_width * up
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

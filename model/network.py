@@ -1,9 +1,13 @@
-"""The SRDiff-shaped network: an RRDB low-resolution encoder and a conditional U-Net denoiser.
+"""The SRDiff-shaped network: a low-resolution encoder and a conditional U-Net denoiser.
 
 Module and parameter names follow the original code, so an original state dict loads unchanged
-(see `model.upstream`). One deliberate change of structure: the U-Net's projection of the RRDB
+(see `model.upstream`). One deliberate change of structure: the U-Net's projection of the encoder
 features (`cond_proj`) is exposed as its own method, because it depends only on the LR image and
 must be computed once per image rather than once per diffusion step.
+
+Two options of ours (`ModelConfig.encoder`, `ModelConfig.denoiser_space`) trade the original's shapes
+for cheaper ones: an encoder of residual local feature blocks, and a U-Net that works on the
+pixel-unshuffled residual at LR resolution. The interfaces stay the same.
 """
 
 from __future__ import annotations
@@ -85,6 +89,72 @@ class RRDBNet(nn.Module):
         return out.clamp(0, 1) * 2 - 1, feas
 
 
+class ESA(nn.Module):
+    """Enhanced spatial attention (RFANet, as RLFN uses it): a gate from a reduced, strided, max-pooled view.
+    Padded so that any input size works (tiles and training patches can be small)."""
+
+    def __init__(self, nf: int, f: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(nf, f, 1)
+        self.conv_f = nn.Conv2d(f, f, 1)
+        self.conv2 = nn.Conv2d(f, f, 3, 2, 1)
+        self.conv3 = nn.Conv2d(f, f, 3, 1, 1)
+        self.conv4 = nn.Conv2d(f, nf, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c1 = self.conv1(x)
+        c = self.conv3(F.max_pool2d(self.conv2(c1), 7, 3, 3))
+        c = F.interpolate(c, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return x * torch.sigmoid(self.conv4(c + self.conv_f(c1)))
+
+
+class RLFB(nn.Module):
+    """Residual local feature block (RLFN): three 3x3 convolutions with a residual, a 1x1, spatial attention."""
+
+    def __init__(self, nf: int) -> None:
+        super().__init__()
+        self.c1_r = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.c2_r = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.c3_r = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.c5 = nn.Conv2d(nf, nf, 1)
+        self.esa = ESA(nf)
+        self.act = nn.LeakyReLU(negative_slope=0.05)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.c3_r(self.act(self.c2_r(self.act(self.c1_r(x))))))
+        return self.esa(self.c5(out + x))
+
+
+class RLFBNet(nn.Module):
+    """The efficient encoder: RLFB blocks at LR resolution and a pixel-shuffle upsampler. Same contract as
+    `RRDBNet`: LR in [-1, 1] -> (its x`scale` image in [-1, 1], the blocks' features and the trunk's output)."""
+
+    def __init__(self, nf: int, nb: int, scale: int) -> None:
+        super().__init__()
+        self.scale = scale
+        self.conv_first = nn.Conv2d(3, nf, 3, 1, 1)
+        self.blocks = nn.ModuleList(RLFB(nf) for _ in range(nb))
+        self.conv_body = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.conv_up = nn.Conv2d(nf, 3 * scale * scale, 3, 1, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        feas: list[Tensor] = []
+        fea_first = fea = self.conv_first((x + 1) / 2)
+        for block in self.blocks:
+            fea = block(fea)
+            feas.append(fea)
+        fea = fea_first + self.conv_body(fea)
+        feas.append(fea)
+        out = F.pixel_shuffle(self.conv_up(fea), self.scale)
+        return out.clamp(0, 1) * 2 - 1, feas
+
+
+def build_encoder(cfg: ModelConfig) -> nn.Module:
+    if cfg.encoder == "rlfb":
+        return RLFBNet(cfg.rrdb_num_feat, cfg.rrdb_num_block, cfg.scale)
+    return RRDBNet(cfg.rrdb_num_feat, cfg.rrdb_num_block, cfg.rrdb_growth, cfg.scale)
+
+
 # ----------------------------------------------------------------------------- U-Net denoiser
 
 
@@ -144,15 +214,23 @@ class Upsample(nn.Module):
 
 class Unet(nn.Module):
     """Predicts the noise (or v, or x0: `ModelConfig.prediction`) of a residual x_t, given the timestep
-    and the projected LR condition."""
+    and the projected LR condition.
 
-    def __init__(self, dim: int, dim_mults: tuple[int, ...], cond_channels: int, scale: int) -> None:
+    With `unshuffle` > 1 it works at 1/unshuffle of the residual's resolution: x_t is pixel-unshuffled on the
+    way in, the prediction shuffled back on the way out, and the condition projected without upsampling."""
+
+    def __init__(self, dim: int, dim_mults: tuple[int, ...], cond_channels: int, scale: int,
+                 unshuffle: int = 1) -> None:
         super().__init__()
-        dims = [3, *(dim * m for m in dim_mults)]
+        self.unshuffle = unshuffle
+        channels = 3 * unshuffle * unshuffle
+        dims = [channels, *(dim * m for m in dim_mults)]
         in_out = list(pairwise(dims))
         n = len(in_out)
 
-        self.cond_proj = nn.ConvTranspose2d(cond_channels, dim, scale * 2, scale, scale // 2)
+        up = scale // unshuffle
+        self.cond_proj = nn.ConvTranspose2d(cond_channels, dim, up * 2, up, up // 2) if up > 1 else \
+            nn.Conv2d(cond_channels, dim, 3, 1, 1)
         self.time_pos_emb = SinusoidalPosEmb(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, dim * 4), nn.Mish(), nn.Linear(dim * 4, dim))
 
@@ -173,15 +251,17 @@ class Unet(nn.Module):
                 ResnetBlock(d_in, d_in, dim),
                 Upsample(d_in),
             ]))
-        self.final_conv = nn.Sequential(Block(dim, dim), nn.Conv2d(dim, 3, 1))
+        self.final_conv = nn.Sequential(Block(dim, dim), nn.Conv2d(dim, channels, 1))
 
     def project_cond(self, feats: list[Tensor]) -> Tensor:
-        """Project RRDB features 2, 5, 8, ... to HR size. Depends on the LR image only."""
+        """Project encoder features 2, 5, 8, ... to the U-Net's input size. Depends on the LR image only."""
         return self.cond_proj(torch.cat(feats[2::3], 1))
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """`cond` is the output of `project_cond`; `t` holds one timestep per sample."""
         temb = self.mlp(self.time_pos_emb(t).to(x.dtype))  # a no-op but for a network whose weights are bf16
+        if self.unshuffle > 1:
+            x = F.pixel_unshuffle(x, self.unshuffle)
         skips = []
         for i, (resnet, resnet2, downsample) in enumerate(self.downs):
             x = resnet2(resnet(x, temb), temb)
@@ -193,23 +273,24 @@ class Unet(nn.Module):
         for resnet, resnet2, upsample in self.ups:
             x = torch.cat((x, skips.pop()), dim=1)
             x = upsample(resnet2(resnet(x, temb), temb))
-        return self.final_conv(x)
+        x = self.final_conv(x)
+        return F.pixel_shuffle(x, self.unshuffle) if self.unshuffle > 1 else x
 
 
 # ----------------------------------------------------------------------------- the whole network
 
 
 class SRDiffNet(nn.Module):
-    """RRDB encoder + U-Net denoiser, with the original code's parameter names."""
+    """Encoder + U-Net denoiser, with the original code's parameter names (`rrdb` whatever the encoder's blocks)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.rrdb = RRDBNet(cfg.rrdb_num_feat, cfg.rrdb_num_block, cfg.rrdb_growth, cfg.scale)
-        self.denoise_fn = Unet(cfg.hidden_size, cfg.dim_mults, cfg.cond_channels, cfg.scale)
+        self.rrdb = build_encoder(cfg)
+        self.denoise_fn = Unet(cfg.hidden_size, cfg.dim_mults, cfg.cond_channels, cfg.scale, cfg.unshuffle)
 
     def encode(self, img_lr: Tensor) -> tuple[Tensor, Tensor]:
-        """LR image in [-1, 1] -> (the U-Net condition at HR size, the RRDB's own x4 image in [-1, 1]).
+        """LR image in [-1, 1] -> (the U-Net condition, `cfg.cond_shape`; the encoder's own x4 image in [-1, 1]).
 
         Computed once per image; the x4 image is the fidelity answer (`steps=0`) and, for models with
         `residual_base="rrdb"`, the base the diffusion residual is added to."""

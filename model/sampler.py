@@ -89,8 +89,8 @@ def new_track(
     """Start a track from x_T ~ N(0, I), drawn from the (seed, index) generator."""
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler {sampler!r} (ddpm or ddim)")
-    gen = track_generator(seed, index, cond.device)
-    x = torch.randn((3, *cond.shape[-2:]), generator=gen, device=cond.device).to(cond.dtype)
+    gen = track_generator(seed, index, base.device)
+    x = torch.randn(base.shape, generator=gen, device=base.device).to(base.dtype)
     return Track(x=x, cond=cond, base=base, plan=timestep_plan(num_timesteps, steps), sampler=sampler,
                  eta=eta, generator=gen)
 

@@ -50,7 +50,7 @@ def _inputs(runtime: Runtime, n: int, th: int, tw: int) -> tuple[torch.Tensor, t
     cfg, dev = runtime.config, runtime.device
     h, w = th * cfg.scale, tw * cfg.scale
     return (torch.zeros(n, 3, h, w, device=dev), torch.full((n,), cfg.timesteps // 2, dtype=torch.long, device=dev),
-            torch.zeros(n, cfg.hidden_size, h, w, device=dev))
+            torch.zeros(n, *cfg.cond_shape(th, tw), device=dev))
 
 
 def gpu_batch(runtime: Runtime, tile_shape: tuple[int, int]) -> Sizing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -36,8 +37,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def models_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder of two different tiny models: `default` (tiny_checkpoint's weights) and `real` (other weights,
-    recorded as trained on real-world degradations)."""
+    """A folder of two different tiny models: `default` (tiny_checkpoint's weights) and `real` (the efficient
+    shapes, RLFB encoder and LR-space denoiser, recorded as trained on real-world degradations)."""
     from model.checkpoint import CheckpointInfo, read_info, save_checkpoint
     from model.config import PRESETS
     from model.network import SRDiffNet
@@ -45,10 +46,11 @@ def models_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("models")
     shutil.copytree(tiny_checkpoint, root / "default")
     torch.manual_seed(1)
-    info = CheckpointInfo(config=PRESETS["tiny"], name="tiny-real", provenance={"source": "tests"},
+    efficient = dataclasses.replace(PRESETS["tiny"], encoder="rlfb", denoiser_space="lr")
+    info = CheckpointInfo(config=efficient, name="tiny-real", provenance={"source": "tests"},
                           training={"degradation": "real", "images": 3},
                           card={"summary": "a tiny model for JPEGs", "validation": {"jpeg75": {"steps=1": 20.0}}})
-    save_checkpoint(root / "real", SRDiffNet(PRESETS["tiny"]), info)
+    save_checkpoint(root / "real", SRDiffNet(efficient), info)
     assert read_info(root / "real").card["summary"] == "a tiny model for JPEGs"
     return root
 

@@ -35,3 +35,12 @@ def test_worker_bench_splits_the_time(tiny_checkpoint: Path, photo: Path) -> Non
                  "--size", "40", "--tile", "16", "--batch", "64", "--repro", "0")
     assert "in 1 encoder and 1 denoiser calls" in out, out  # 3 images x 16 tiles: one call for all three
     assert "| Canvas.add (blend in) |" in out, out
+
+
+def test_efficiency_bench_compares_a_revision_with_a_directory(tiny_checkpoint: Path) -> None:
+    out = _bench("efficiency_bench.py", "checkpoints/default@HEAD", str(tiny_checkpoint), "--size", "32",
+                 "--repeats", "1", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| checkpoints/default@HEAD |")
+            or line.startswith(f"| {tiny_checkpoint} |")]
+    assert len(rows) == 2 and rows[0].endswith("| 1.000 |"), out
+    assert "same-run fp32 matmul" in out, out

@@ -219,6 +219,28 @@ def test_diffusion_stage_can_tune_the_encoder(rrdb_run: Path, dataset: Path, tmp
         _run(dataset, tmp_path, "diffusion", tmp_path / "frozen", 3, **extra)
 
 
+@pytest.mark.parametrize("encoder, space", [("rlfb", "lr"), ("rrdb", "lr")])
+def test_joint_training_from_scratch_with_the_efficient_shapes(dataset: Path, tmp_path: Path, encoder: str,
+                                                                space: str) -> None:
+    """No stage-1 checkpoint and a tuned encoder: both parts train together from scratch, and resume exactly."""
+    extra = {"diffusion.encoder_lr": "1", "diffusion.encoder_l1": "0.5", "optim.ema": "0.9",
+             "model.overrides.prediction": "sample", "model.overrides.residual_base": "rrdb",
+             "model.overrides.encoder": encoder, "model.overrides.denoiser_space": space,
+             "model.overrides.dim_mults": "[1, 2]"}
+    _run(dataset, tmp_path, "diffusion", tmp_path / "full", 4, **extra)
+    _run(dataset, tmp_path, "diffusion", tmp_path / "split", 3, **extra)
+    ckpt = _run(dataset, tmp_path, "diffusion", tmp_path / "split", 4, **extra)
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
+    _assert_same_state(tmp_path / "split", tmp_path / "full")
+    net, info = load_any(ckpt)
+    assert (info.config.encoder, info.config.denoiser_space) == (encoder, space)
+    torch.manual_seed(0)  # run.seed: the weights the run started from
+    start = type(net)(info.config)
+    assert all(not torch.equal(a, b) for a, b in zip(net.rrdb.parameters(), start.rrdb.parameters(), strict=True))
+    with pytest.raises(ValueError, match="multiple of 8"):  # the LR-space U-Net's size rule reaches the patches
+        _run(dataset, tmp_path, "diffusion", tmp_path / "bad", 2, **extra, **{"data.hr_patch": "20"})
+
+
 def test_bad_setups_are_clear_errors(rrdb_run: Path, dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rrdb_checkpoint"):
         _run(dataset, tmp_path, "diffusion", tmp_path / "a", 2)

@@ -60,7 +60,8 @@ from training.validation import bicubic_psnr, validate
 log = logging.getLogger(__name__)
 
 
-RRDB_SHAPE = ("scale", "rrdb_num_block", "rrdb_num_feat", "rrdb_growth")  # what a stage-1 checkpoint must match
+# What a stage-1 checkpoint must match.
+RRDB_SHAPE = ("scale", "encoder", "rrdb_num_block", "rrdb_num_feat", "rrdb_growth")
 ENCODER_FIELDS = (*RRDB_SHAPE, "lr_up_divisor")  # what a resumed stage-1 run must keep
 
 
@@ -80,7 +81,12 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
     if stage == "diffusion":
         src = cfg.diffusion.rrdb_checkpoint
         if src is None:
-            raise ValueError("stage 2 needs diffusion.rrdb_checkpoint (a stage-1 checkpoint)")
+            if cfg.diffusion.tunes_encoder:
+                log.info("no diffusion.rrdb_checkpoint: the encoder is trained with the denoiser from %s",
+                         cfg.run.init or "scratch")
+                return net
+            raise ValueError("stage 2 needs diffusion.rrdb_checkpoint (a stage-1 checkpoint), or "
+                             "diffusion.encoder_lr > 0 to train the encoder with the denoiser")
         pre, info = load_any(src)
         a, b = info.config, mcfg
         keys = RRDB_SHAPE

@@ -1,0 +1,122 @@
+"""Cost per output pixel of checkpoints side by side, in one run: network GFLOP per output MP as served (tiles and
+their overlap included), in-process seconds per output MP, and whole-process `samdiffsr upscale` seconds per
+output MP of a photo, with the same-run matmul as the yardstick and each checkpoint's time as a ratio of the
+first's.
+
+    python bench/efficiency_bench.py checkpoints/default@ae71ae1 checkpoints/default [--size 512] [--repeats 3]
+
+A checkpoint is a directory, or `PATH@REV`: that directory as git revision REV has it (today's default against
+the tree's). Runs alternate between the checkpoints, so a drift of the machine hits them alike; the median counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.hardware import matmul_gflops  # noqa: E402
+from model.imaging import decode_image  # noqa: E402
+from model.runtime import load_runtime  # noqa: E402
+from model.sizing import choose_batch  # noqa: E402
+from model.upscale import Upscaler, default_steps  # noqa: E402
+
+PHOTO = ROOT.parent / "shared" / "data" / "corpus-hr" / "val" / "skimage-chelsea.png"
+
+
+def materialize(spec: str, tmp: Path) -> Path:
+    """`PATH` as is, or `PATH@REV` written out of git into `tmp`."""
+    path, _, rev = spec.partition("@")
+    if not rev:
+        return Path(path)
+    out = tmp / f"{Path(path).name}@{rev}"
+    out.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, path], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out), "--strip-components", str(len(Path(path).parts))],
+                   input=archive, check=True)
+    return out
+
+
+def photo_crop(size: int, out: Path, photo: Path = PHOTO) -> Path:
+    """A `size` x `size` crop of a real photo (tiled, mirrored, if the photo is smaller)."""
+    rgb = np.asarray(Image.open(photo).convert("RGB"))
+    reps = (-(-size // rgb.shape[0]), -(-size // rgb.shape[1]), 1)
+    Image.fromarray(np.tile(rgb, reps)[:size, :size]).save(out)
+    return out
+
+
+def network_gflop(upscaler: Upscaler, img, steps: int) -> float:
+    """The network's GFLOP for one image as served (counted by torch's FLOP counter)."""
+    with FlopCounterMode(display=False) as counter:
+        upscaler.upscale(img, steps=steps, seed=0)
+    return counter.get_total_flops() / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+", help="checkpoint directories or PATH@REV; the first is the baseline")
+    p.add_argument("--size", type=int, default=512, help="LR photo side in pixels (default 512)")
+    p.add_argument("--repeats", type=int, default=3, help="whole-process runs per checkpoint (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in process (default: torch's)")
+    p.add_argument("--photo", type=Path, default=PHOTO, help="the photo to crop (default: a corpus photo)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        ckpts = [materialize(spec, tmp) for spec in args.checkpoints]
+        src = photo_crop(args.size, tmp / "in.png", args.photo)
+        img = decode_image(src)
+        out_mp = (args.size * 4) ** 2 / 1e6
+        gflops = matmul_gflops(torch.float32)
+        print(f"same-run fp32 matmul: {gflops:.0f} GFLOP/s; {torch.get_num_threads()} threads; "
+              f"input {args.size}x{args.size} ({src.name} from {args.photo.name}), output {out_mp:.2f} MP\n")
+
+        rows = []
+        for spec, ckpt in zip(args.checkpoints, ckpts, strict=True):
+            rt = load_runtime(ckpt, "torch", "cpu", precision="auto")
+            steps = default_steps(rt.config)
+            batch = choose_batch(rt, (64, 64), None).batch
+            upscaler = Upscaler(rt, tile=64, overlap=8, max_batch=batch, grow=1.25)
+            gflop = network_gflop(upscaler, img, steps)
+            upscaler.upscale(img, steps=steps, seed=0)  # warm-up
+            t0 = time.perf_counter()
+            upscaler.upscale(img, steps=steps, seed=0)
+            in_process = time.perf_counter() - t0
+            rows.append({"spec": spec, "ckpt": ckpt, "steps": steps, "gflop": gflop, "in_process": in_process,
+                         "whole": []})
+
+        for _ in range(args.repeats):  # alternate, so that a drift of the machine hits every checkpoint alike
+            for row in rows:
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "samdiffsr", "upscale", str(src), str(tmp / "out.png"),
+                                "--checkpoint", str(row["ckpt"])], check=True, capture_output=True, cwd=ROOT)
+                row["whole"].append(time.perf_counter() - t0)
+
+        base = statistics.median(rows[0]["whole"])
+        print("| checkpoint | steps | network GFLOP / output MP | in-process s / MP | whole-process s / MP "
+              "| runs (s) | ratio to the first |")
+        print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
+        for row in rows:
+            whole = statistics.median(row["whole"])
+            runs = ", ".join(f"{t:.2f}" for t in row["whole"])
+            print(f"| {row['spec']} | {row['steps']} | {row['gflop'] / out_mp:.0f} | {row['in_process'] / out_mp:.2f} "
+                  f"| {whole / out_mp:.2f} | {runs} | {whole / base:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
