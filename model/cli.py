@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ensemble", type=int, default=1,
                    help="self-ensemble of 1, 2 or 4 members: also upscale the image's mirror (2) or all its flips (4) "
                    "and average them, for 2x or 4x the work and a higher PSNR (default 1: off)")
-    p.add_argument("--tile", type=int, default=64, help="LR tile size")
+    p.add_argument("--tile", type=int, help="LR tile size (default: the checkpoint's extras.default_tile, else 64)")
     p.add_argument("--overlap", type=int, default=8, help="LR overlap between tiles")
     p.add_argument("--snug-tiles", action=argparse.BooleanOptionalAction, default=True,
                    help="size the tiles to each image (up to 1.25x --tile) so that it needs fewer (default: on)")
@@ -145,7 +145,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from model.repository import find
     from model.runtime import load_runtime
     from model.sizing import SNUG_GROW, choose_batch
-    from model.upscale import Upscaler, default_steps, ensemble_flips
+    from model.upscale import Upscaler, default_steps, default_tile, ensemble_flips
 
     src, dst = Path(args.input), Path(args.output)
     if not src.exists():
@@ -156,8 +156,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             format_for(dst)
         checkpoint = args.checkpoint or find(args.model or "default", args.models_dir)
         runtime = load_runtime(checkpoint, args.backend, args.device, precision=args.precision)
-        batch = choose_batch(runtime, (args.tile, args.tile), args.batch).batch
-        upscaler = Upscaler(runtime, tile=args.tile, overlap=args.overlap, max_batch=batch,
+        tile = args.tile or default_tile(runtime.config)
+        batch = choose_batch(runtime, (tile, tile), args.batch).batch
+        upscaler = Upscaler(runtime, tile=tile, overlap=args.overlap, max_batch=batch,
                             grow=SNUG_GROW if args.snug_tiles else 1.0)
         steps = default_steps(runtime.config) if args.steps is None else args.steps
         timestep_plan(runtime.config.timesteps, steps)

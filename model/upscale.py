@@ -20,6 +20,7 @@ from model.sampler import SamplerName, sample, start_tracks, track_images
 from model.tiling import TileGrid, extract_tiles, pad_to, plan_tiles, stitch
 
 DEFAULT_STEPS = 20
+DEFAULT_TILE = 64
 # Self-ensemble members: (vertical, horizontal) flips. The first n are used for `ensemble=n`; flips keep every
 # tile's shape, so the members of an image share its tile grid (and, in the service, calls).
 FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True, False), (True, True))
@@ -28,6 +29,12 @@ ENSEMBLES = (1, 2, 4)
 
 def default_steps(cfg: ModelConfig) -> int:
     return int(cfg.extras.get("default_steps", DEFAULT_STEPS))
+
+
+def default_tile(cfg: ModelConfig) -> int:
+    """The LR tile size the model is served with unless told otherwise: its `extras['default_tile']`, else 64.
+    A model whose activations per LR pixel are few (an LR-space denoiser) takes larger tiles: less overlap."""
+    return int(cfg.extras.get("default_tile", DEFAULT_TILE))
 
 
 def default_sampler(cfg: ModelConfig) -> SamplerName:

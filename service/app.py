@@ -31,6 +31,7 @@ from model.imaging import MEDIA_TYPES
 from model.repository import RegistryError, sources
 from model.runtime import Runtime
 from model.sizing import SNUG_GROW, choose_batch
+from model.upscale import default_tile
 from service import intake
 from service.admission import MB, MemoryBudget
 from service.batcher import Batcher, BatcherConfig, Job
@@ -89,13 +90,14 @@ class Service:
         if not self.runtimes:
             self.runtimes = load_models(sources(s.models, s.checkpoint, s.models_dir), s.backend, s.device,
                                         s.torch_threads, s.precision)
-        tile = (s.tile_size, s.tile_size)
-        sizings = {mid: choose_batch(rt, tile, s.max_tiles_per_batch) for mid, rt in self.runtimes.items()}
+        tiles = {mid: s.tile_size or default_tile(rt.config) for mid, rt in self.runtimes.items()}
+        sizings = {mid: choose_batch(rt, (tiles[mid], tiles[mid]), s.max_tiles_per_batch)
+                   for mid, rt in self.runtimes.items()}
         # One batch limit for the worker: the smallest that suits every model (calls never mix models).
         batch = min(z.batch for z in sizings.values())
         grow = SNUG_GROW if s.snug_tiles else 1.0
         self.registry = Registry({
-            mid: serve_model(mid, rt, sizings[mid], s.tile_size, s.tile_overlap, grow, s.default_steps, batch)
+            mid: serve_model(mid, rt, sizings[mid], tiles[mid], s.tile_overlap, grow, s.default_steps, batch)
             for mid, rt in self.runtimes.items()}, s.default_model or "")
         weights = sum(m.weight_bytes for m in self.registry.models.values())
         if weights >= self.budget.limit:
@@ -114,17 +116,16 @@ class Service:
         for m in self.registry.models.values():
             rt = m.runtime
             log.info("serving %r: %s (%s %s on %s), tile %d, %s, default %d %s steps", m.id, rt.info.name,
-                     rt.backend, getattr(rt, "precision", "fp32"), rt.device, s.tile_size, m.sizing, m.steps,
+                     rt.backend, getattr(rt, "precision", "fp32"), rt.device, m.upscaler.tile, m.sizing, m.steps,
                      m.sampler)
         log.info("%d tiles per denoiser call; default model %s", batch, self.registry.default)
 
     def _warmup(self) -> None:
         """One full-size tile of every model through the worker, so the first request does not pay for set-up."""
         assert self.batcher is not None
-        tile = self.settings.tile_size
         try:
             for m in self.registry.models.values():
-                scale = m.runtime.config.scale
+                scale, tile = m.runtime.config.scale, m.upscaler.tile
                 job = self.batcher.submit(torch.zeros(1, 3, tile, tile),
                                           torch.zeros(1, 3, tile * scale, tile * scale),
                                           steps=min(2, m.runtime.config.timesteps), request_id="warmup", model=m.id)
@@ -275,7 +276,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
 
     def card(m: ServedModel) -> ModelCard:
         default = service.registry.choose(None, lossy=False).id == m.id
-        return ModelCard(**m.card(), default=default, tile_size=settings.tile_size,
+        return ModelCard(**m.card(), default=default, tile_size=m.upscaler.tile,
                          tile_overlap=settings.tile_overlap, continuous_batching=settings.continuous_batching,
                          reproducible=settings.reproducible, ready=service.ready.is_set())
 

@@ -84,6 +84,9 @@ def serve_model(model_id: str, runtime: Runtime, sizing: Sizing, tile: int, over
     if not 0 <= chosen <= cfg.timesteps:
         raise RegistryError(f"model {model_id!r}: SAMDIFFSR_DEFAULT_STEPS={chosen} is outside 0..{cfg.timesteps} "
                             "(the checkpoint's timesteps)")
+    if overlap * 2 > tile:
+        raise RegistryError(f"model {model_id!r}: SAMDIFFSR_TILE_OVERLAP ({overlap}) must be at most half of its "
+                            f"tile size ({tile})")
     upscaler = Upscaler(runtime, tile, overlap, batch, fit=True, grow=grow)
     return ServedModel(model_id, runtime, upscaler, sizing, chosen, default_sampler(cfg), parameter_count(cfg))
 

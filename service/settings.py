@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     default_steps: int | None = Field(None, ge=0, description="Default sampling steps "
                                       "(default: the checkpoint's extras['default_steps'], else 20).")
     # --- tiling and batching
-    tile_size: int = Field(64, ge=8, le=1024, description="LR tile size in pixels (output tiles are 4x).")
+    tile_size: int | None = Field(None, ge=8, le=1024, description="LR tile size in pixels (output tiles are 4x); "
+                                  "default: each model's own (extras['default_tile'] in its config.json, else 64).")
     tile_overlap: int = Field(8, ge=0, description="LR overlap between neighbouring tiles.")
     snug_tiles: bool = Field(False, description="Size each image's tiles to it (up to 1.25 x tile_size) so that it "
                              "needs fewer tiles; tiles of different sizes do not share a denoiser call.")
@@ -114,9 +115,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.tile_size % 2:
+        if self.tile_size is not None and self.tile_size % 2:
             raise ValueError(f"SAMDIFFSR_TILE_SIZE must be even, got {self.tile_size}")
-        if self.tile_overlap * 2 > self.tile_size:
+        if self.tile_size is not None and self.tile_overlap * 2 > self.tile_size:
             raise ValueError(f"SAMDIFFSR_TILE_OVERLAP ({self.tile_overlap}) must be at most half of "
                              f"SAMDIFFSR_TILE_SIZE ({self.tile_size})")
         if (self.max_active_tiles is not None and self.max_tiles_per_batch is not None

@@ -46,7 +46,8 @@ def models_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("models")
     shutil.copytree(tiny_checkpoint, root / "default")
     torch.manual_seed(1)
-    efficient = dataclasses.replace(PRESETS["tiny"], encoder="rlfb", denoiser_space="lr")
+    efficient = dataclasses.replace(PRESETS["tiny"], encoder="rlfb", denoiser_space="lr",
+                                    extras={"default_tile": 32})
     info = CheckpointInfo(config=efficient, name="tiny-real", provenance={"source": "tests"},
                           training={"degradation": "real", "images": 3},
                           card={"summary": "a tiny model for JPEGs", "validation": {"jpeg75": {"steps=1": 20.0}}})

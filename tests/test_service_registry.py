@@ -15,6 +15,8 @@ from test_service_api import BASE, assert_error, sample, scrape
 
 from model.repository import RegistryError, parse_models, sources
 from samdiffsr.cli import main
+from service.app import Service
+from service.metrics import Metrics
 from service.registry import AUTO, check_default, is_lossy
 from service.settings import Settings
 from service.testing import LiveServer
@@ -198,3 +200,19 @@ def test_the_memory_budget_sets_aside_every_models_weights(models_dir) -> None:
         weights = sum(m.weight_bytes for m in models)
         assert weights == 4 * sum(m.parameters for m in models) > 0
         assert srv.service.budget.limit == 64 * MB - weights
+
+
+def test_each_model_is_tiled_at_its_own_size_unless_the_operator_sets_one(models_dir, inputs) -> None:
+    """`real` (an LR-space model) asks for 32-px tiles in its config, `default` says nothing (64);
+    SAMDIFFSR_TILE_SIZE, when set, is every model's."""
+    own = {k: v for k, v in BASE.items() if k != "tile_size"}
+    with LiveServer(Settings(models_dir=models_dir, **own)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert [c.get(f"/v1/models/{m}").json()["tile_size"] for m in ("default", "real")] == [64, 32]
+        assert upload(c, inputs[0], model="real").status_code == 200
+    with LiveServer(Settings(models_dir=models_dir, **BASE)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert [c.get(f"/v1/models/{m}").json()["tile_size"] for m in ("default", "real")] == [16, 16]
+    service = Service(Settings(models_dir=models_dir, **{**own, "tile_overlap": 20}), Metrics())
+    with pytest.raises(RegistryError, match=r"'real': SAMDIFFSR_TILE_OVERLAP \(20\) must be at most half of its tile"):
+        service.start()
