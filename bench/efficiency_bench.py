@@ -6,12 +6,14 @@ first's.
     python bench/efficiency_bench.py checkpoints/default@ae71ae1 checkpoints/default [--size 512] [--repeats 3]
 
 A checkpoint is a directory, or `PATH@REV`: that directory as git revision REV has it (today's default against
-the tree's). Runs alternate between the checkpoints, so a drift of the machine hits them alike; the median counts.
+the tree's), optionally named `LABEL=...` for the table and `--csv` (which `python -m training.costplot` reads).
+Runs alternate between the checkpoints, so a drift of the machine hits them alike; the median counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import subprocess
 import sys
@@ -37,8 +39,8 @@ PHOTO = ROOT.parent / "shared" / "data" / "corpus-hr" / "val" / "skimage-chelsea
 
 
 def materialize(spec: str, tmp: Path) -> Path:
-    """`PATH` as is, or `PATH@REV` written out of git into `tmp`."""
-    path, _, rev = spec.partition("@")
+    """`PATH` as is, or `PATH@REV` written out of git into `tmp` (a `LABEL=` in front is not part of it)."""
+    path, _, rev = spec.split("=", 1)[-1].partition("@")
     if not rev:
         return Path(path)
     out = tmp / f"{Path(path).name}@{rev}"
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="whole-process runs per checkpoint (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in process (default: torch's)")
     p.add_argument("--photo", type=Path, default=PHOTO, help="the photo to crop (default: a corpus photo)")
+    p.add_argument("--csv", type=Path, help="also write the table's figures to this CSV")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             upscaler.upscale(img, steps=steps, seed=0)
             in_process = time.perf_counter() - t0
-            rows.append({"spec": spec, "ckpt": ckpt, "steps": steps, "gflop": gflop, "in_process": in_process,
+            label = spec.split("=", 1)[0] if "=" in spec else spec
+            rows.append({"spec": label, "ckpt": ckpt, "steps": steps, "gflop": gflop, "in_process": in_process,
                          "whole": []})
 
         for _ in range(args.repeats):  # alternate, so that a drift of the machine hits every checkpoint alike
@@ -106,15 +110,24 @@ def main(argv: list[str] | None = None) -> int:
                                 "--checkpoint", str(row["ckpt"])], check=True, capture_output=True, cwd=ROOT)
                 row["whole"].append(time.perf_counter() - t0)
 
-        base = statistics.median(rows[0]["whole"])
+        for row in rows:
+            row["whole_s_per_mp"] = statistics.median(row["whole"]) / out_mp
+        base = rows[0]["whole_s_per_mp"]
         print("| checkpoint | steps | network GFLOP / output MP | in-process s / MP | whole-process s / MP "
               "| runs (s) | ratio to the first |")
         print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
         for row in rows:
-            whole = statistics.median(row["whole"])
             runs = ", ".join(f"{t:.2f}" for t in row["whole"])
             print(f"| {row['spec']} | {row['steps']} | {row['gflop'] / out_mp:.0f} | {row['in_process'] / out_mp:.2f} "
-                  f"| {whole / out_mp:.2f} | {runs} | {whole / base:.3f} |")
+                  f"| {row['whole_s_per_mp']:.2f} | {runs} | {row['whole_s_per_mp'] / base:.3f} |")
+        if args.csv:
+            with args.csv.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["label", "steps", "gflop_per_mp", "in_process_s_per_mp", "whole_s_per_mp", "ratio"])
+                for row in rows:
+                    w.writerow([row["spec"], row["steps"], round(row["gflop"] / out_mp, 1),
+                                round(row["in_process"] / out_mp, 3), round(row["whole_s_per_mp"], 3),
+                                round(row["whole_s_per_mp"] / base, 4)])
     return 0
 
 

@@ -3,6 +3,7 @@ are taken on demand, so a refactor must not leave them broken until then. Nothin
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,10 +38,22 @@ def test_worker_bench_splits_the_time(tiny_checkpoint: Path, photo: Path) -> Non
     assert "| Canvas.add (blend in) |" in out, out
 
 
-def test_efficiency_bench_compares_a_revision_with_a_directory(tiny_checkpoint: Path) -> None:
-    out = _bench("efficiency_bench.py", "checkpoints/default@HEAD", str(tiny_checkpoint), "--size", "32",
-                 "--repeats", "1", "--threads", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| checkpoints/default@HEAD |")
-            or line.startswith(f"| {tiny_checkpoint} |")]
+def test_efficiency_bench_compares_a_revision_with_a_directory_and_feeds_the_cost_plot(
+        tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = _bench("efficiency_bench.py", "checkpoints/default@HEAD", f"tiny={tiny_checkpoint}", "--size", "32",
+                 "--repeats", "1", "--threads", "1", "--csv", str(tmp_path / "cost.csv"))
+    rows = [line for line in out.splitlines() if line.startswith(("| checkpoints/default@HEAD |", "| tiny |"))]
     assert len(rows) == 2 and rows[0].endswith("| 1.000 |"), out
     assert "same-run fp32 matmul" in out, out
+
+    for label, steps, gains in (("checkpoints/default@HEAD", 1, (30.0, 31.0)), ("tiny", 20, (20.0, 19.5))):
+        (tmp_path / label).mkdir(parents=True)
+        mean = {"bicubic": {"psnr_y": 28.0}, "steps=0": {"psnr_y": gains[0]}, f"steps={steps}": {"psnr_y": gains[1]}}
+        (tmp_path / label / "eval.json").write_text(json.dumps({"mean": mean}))
+    png = tmp_path / "plot.png"
+    proc = subprocess.run([sys.executable, "-m", "training.costplot", str(tmp_path / "cost.csv"),
+                           f"checkpoints/default@HEAD={tmp_path / 'checkpoints/default@HEAD'}",
+                           f"tiny={tmp_path / 'tiny'}", "--reference", "peers=1.8:3.7:2.25:2.35", "--out", str(png)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
