@@ -209,7 +209,7 @@ class EvalReport:
             "",
             f"LR: MATLAB antialiased bicubic x{self.scale} of the HR image (cropped to a multiple of "
             f"{self.scale}), 8-bit, degradation `{self.degradation}` (bicubic: the baseline, upscaling that same "
-            "LR). Outputs quantised to 8 bits. PSNR-Y: BT.601 Y, {self.scale} px border "
+            f"LR). Outputs quantised to 8 bits. PSNR-Y: BT.601 Y, {self.scale} px border "
             f"cropped. SSIM: on Y, Gaussian 11x11, sigma 1.5. Sampler: {s['sampler']}, eta {s['eta']}, "
             f"seed {s['seed']}, " + (f"tiles of {s['tile']} LR px (overlap {s['overlap']})." if s["tile"] else
                                      "whole image.") + f" LPIPS: {self.lpips}.",

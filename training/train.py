@@ -82,8 +82,8 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
         src = cfg.diffusion.rrdb_checkpoint
         if src is None:
             if cfg.diffusion.tunes_encoder:
-                log.info("no diffusion.rrdb_checkpoint: the encoder is trained with the denoiser from %s",
-                         cfg.run.init or "scratch")
+                log.info("no diffusion.rrdb_checkpoint: the encoder trains with the denoiser (starting from %s "
+                         "unless the run resumes)", cfg.run.init or "scratch")
                 return net
             raise ValueError("stage 2 needs diffusion.rrdb_checkpoint (a stage-1 checkpoint), or "
                              "diffusion.encoder_lr > 0 to train the encoder with the denoiser")
