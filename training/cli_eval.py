@@ -123,7 +123,7 @@ def register_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="LABEL=DIR", help="checkpoints to compare, labelled")
     p.add_argument("--degradation", choices=EVAL_DEGRADATIONS, default="jpeg75", help="default: jpeg75")
     p.add_argument("--crop-size", type=int, default=96, help="HR size of the crops (default: 96)")
-    p.add_argument("--tile", type=int, default=64, help="LR tile size (default: 64, as served)")
+    p.add_argument("--tile", type=int, default=0, help="LR tile size (default: each model's, as served)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="auto")
     p.add_argument("--out", type=Path, required=True, help="the sheet (PNG)")
     p.set_defaults(func=cmd_compare)

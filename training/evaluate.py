@@ -22,7 +22,7 @@ import math
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from model.diffusion import timestep_plan
 from model.imaging import decode_image, list_images
 from model.loading import load_any
 from model.runtime import TorchRuntime, resolve_device, resolve_precision
-from model.upscale import Upscaler, default_steps, ensemble_flips
+from model.upscale import Upscaler, default_steps, default_tile, ensemble_flips
 from training.degrade import crop_to_multiple, degrade_named
 from training.metrics import flat_error, psnr_y, quantize8, ssim_y
 
@@ -368,7 +368,8 @@ def degradation_csv(reports: list[EvalReport]) -> str:
 def compare_sheet(models: dict[str, Models], hr_paths: list[Path], degradation: str, sampler: SamplerSettings,
                   crop_size: int = 96) -> Image.Image:
     """HR | bicubic | each model (at its default steps), the same centre crop of every image, on LR made by
-    `degradation`: a contact sheet that shows what each model does with, say, JPEG block edges."""
+    `degradation`: a contact sheet that shows what each model does with, say, JPEG block edges. A `sampler.tile`
+    of 0 tiles each model at its own served size (`model.upscale.default_tile`)."""
     rows = []
     scale = next(iter(models.values())).config.scale
     for index, path in enumerate(hr_paths):
@@ -376,7 +377,8 @@ def compare_sheet(models: dict[str, Models], hr_paths: list[Path], degradation: 
         lr = degrade_named(hr, degradation, scale, seed=index)
         outputs = {"bicubic": quantize8(bicubic_upscale(lr, scale))}
         for label, m in models.items():
-            outputs[label] = quantize8(m.upscale(lr, sampler, default_steps(m.config)))
+            served = replace(sampler, tile=sampler.tile or default_tile(m.config))
+            outputs[label] = quantize8(m.upscale(lr, served, default_steps(m.config)))
         rows.append(side_by_side(hr, outputs, crop_size))
     return contact_sheet(rows)
 
