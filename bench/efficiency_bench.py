@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from bench.hardware import matmul_gflops  # noqa: E402
 from model.imaging import decode_image  # noqa: E402
 from model.runtime import load_runtime  # noqa: E402
-from model.sizing import choose_batch  # noqa: E402
-from model.upscale import Upscaler, default_steps  # noqa: E402
+from model.sizing import SNUG_GROW, choose_batch  # noqa: E402
+from model.upscale import Upscaler, default_steps, default_tile  # noqa: E402
 
 PHOTO = ROOT.parent / "shared" / "data" / "corpus-hr" / "val" / "skimage-chelsea.png"
 
@@ -92,16 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         for spec, ckpt in zip(args.checkpoints, ckpts, strict=True):
             rt = load_runtime(ckpt, "torch", "cpu", precision="auto")
             steps = default_steps(rt.config)
-            batch = choose_batch(rt, (64, 64), None).batch
-            upscaler = Upscaler(rt, tile=64, overlap=8, max_batch=batch, grow=1.25)
+            tile = default_tile(rt.config)  # as `samdiffsr upscale` serves it
+            batch = choose_batch(rt, (tile, tile), None).batch
+            upscaler = Upscaler(rt, tile=tile, overlap=8, max_batch=batch, grow=SNUG_GROW)
             gflop = network_gflop(upscaler, img, steps)
             upscaler.upscale(img, steps=steps, seed=0)  # warm-up
             t0 = time.perf_counter()
             upscaler.upscale(img, steps=steps, seed=0)
             in_process = time.perf_counter() - t0
             label = spec.split("=", 1)[0] if "=" in spec else spec
-            rows.append({"spec": label, "ckpt": ckpt, "steps": steps, "gflop": gflop, "in_process": in_process,
-                         "whole": []})
+            rows.append({"spec": label, "ckpt": ckpt, "steps": steps, "tile": tile, "gflop": gflop,
+                         "in_process": in_process, "whole": []})
 
         for _ in range(args.repeats):  # alternate, so that a drift of the machine hits every checkpoint alike
             for row in rows:
@@ -113,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             row["whole_s_per_mp"] = statistics.median(row["whole"]) / out_mp
         base = rows[0]["whole_s_per_mp"]
-        print("| checkpoint | steps | network GFLOP / output MP | in-process s / MP | whole-process s / MP "
+        print("| checkpoint | steps | tile | network GFLOP / output MP | in-process s / MP | whole-process s / MP "
               "| runs (s) | ratio to the first |")
-        print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
         for row in rows:
             runs = ", ".join(f"{t:.2f}" for t in row["whole"])
-            print(f"| {row['spec']} | {row['steps']} | {row['gflop'] / out_mp:.0f} | {row['in_process'] / out_mp:.2f} "
-                  f"| {row['whole_s_per_mp']:.2f} | {runs} | {row['whole_s_per_mp'] / base:.3f} |")
+            print(f"| {row['spec']} | {row['steps']} | {row['tile']} | {row['gflop'] / out_mp:.0f} "
+                  f"| {row['in_process'] / out_mp:.2f} | {row['whole_s_per_mp']:.2f} | {runs} "
+                  f"| {row['whole_s_per_mp'] / base:.3f} |")
         if args.csv:
             with args.csv.open("w", newline="") as f:
                 w = csv.writer(f)
