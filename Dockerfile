@@ -113,6 +113,7 @@ RUN groupadd --system --gid 10001 samdiffsr \
 # (docker-compose.yml mounts ./checkpoints at /models), or name them in SAMDIFFSR_MODELS.
 COPY checkpoints/default /opt/samdiffsr/checkpoints/default
 COPY checkpoints/real /opt/samdiffsr/checkpoints/real
+COPY checkpoints/fast /opt/samdiffsr/checkpoints/fast
 
 # HOME=/tmp: anything that caches under ~ writes to the (tmpfs) /tmp; the rest of the filesystem can be read-only.
 WORKDIR /tmp

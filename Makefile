@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint docs bench bench-load masks default-model real-model ablations arch-ablations clean system-deps image image-test
+.PHONY: venv run test lint docs bench bench-load masks default-model fast-model real-model ablations arch-ablations clean system-deps image image-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,21 +57,31 @@ bench: $(STAMP)
 bench-load: $(STAMP)
 	$(BIN)/python bench/load_bench.py $(ARGS)
 
-# The shipped model, end to end (docs/model-card.md): stand-in masks -> SPE maps -> encoder and denoiser trained
-# together from scratch with structure modulation (configs/default.yaml). A campaign over sessions: stop it with
-# SIGTERM (it checkpoints) and run `make default-model` again to resume exactly. Then
-# `cp $(RUNS)/default/checkpoint/* checkpoints/default/` ships it.
+# The shipped model, end to end (docs/model-card.md): stand-in masks -> SPE maps -> stage 1 (RRDB) -> stage 2 with
+# structure modulation. Stage 2 is a campaign over sessions: stop it with SIGTERM (it checkpoints) and run
+# `make default-model` again to resume exactly (finished steps are skipped). Then
+# `cp $(RUNS)/default-diffusion/checkpoint/* checkpoints/default/` ships it.
 CORPUS ?= ../shared/data/corpus-hr
 RUNS ?= runs
 TRAIN_CONFIG ?= configs/default.yaml
+RRDB_STEPS ?= 6000
 DIFFUSION_STEPS ?= 200000
+RRDB_SETTINGS := --set data.hr_patch=128 --set optim.decay_every=2000 --set optim.decay_start=0 --set optim.ema=0 --set run.threads=1
+STAGE2 := $(BIN)/samdiffsr train diffusion --config $(TRAIN_CONFIG) --rrdb $(RUNS)/default-rrdb/checkpoint \
+	--spe-dir $(RUNS)/masks/train-spe
 masks: $(STAMP)
 	$(BIN)/samdiffsr masks generate $(CORPUS)/train $(RUNS)/masks/train-json --backend felzenszwalb --no-progress
 	$(BIN)/samdiffsr masks embed $(CORPUS)/train $(RUNS)/masks/train-json $(RUNS)/masks/train-spe --no-progress
 
 default-model: masks
-	$(BIN)/samdiffsr train diffusion --config $(TRAIN_CONFIG) --out $(RUNS)/default --spe-dir $(RUNS)/masks/train-spe \
-	  --steps $(DIFFUSION_STEPS)
+	$(BIN)/samdiffsr train rrdb --config $(TRAIN_CONFIG) --out $(RUNS)/default-rrdb $(RRDB_SETTINGS) --steps $(RRDB_STEPS)
+	$(STAGE2) --out $(RUNS)/default-diffusion --steps $(DIFFUSION_STEPS)
+
+# The efficient model (checkpoints/fast, configs/fast.yaml): RLFB encoder and LR-space denoiser trained together
+# from scratch, one stage. A campaign over sessions like the default's; `cp $(RUNS)/fast/checkpoint/*
+# checkpoints/fast/` ships it.
+fast-model: masks
+	$(BIN)/samdiffsr train diffusion --config configs/fast.yaml --out $(RUNS)/fast --spe-dir $(RUNS)/masks/train-spe
 
 # The architecture ablation at equal budget (docs/model-card.md): four arms (RRDB or RLFB encoder x HR- or
 # LR-space denoiser), 16 minutes on one core each, two at a time, then the same evaluation of each.
@@ -85,21 +95,12 @@ real-model: masks
 	$(BIN)/samdiffsr train diffusion --config configs/real.yaml --out $(RUNS)/real --rrdb checkpoints/default \
 	  --spe-dir $(RUNS)/masks/train-spe --set run.init=checkpoints/default
 
-# The two-stage recipe of the model before (RRDB 4x32 + HR-space U-Net, configs/two-stage.yaml): stage 1, the
-# encoder alone, whose checkpoint the prediction-target ablations below start from.
-RRDB_STEPS ?= 6000
-RRDB_SETTINGS := --set data.hr_patch=128 --set optim.decay_every=2000 --set optim.decay_start=0 --set optim.ema=0 --set run.threads=1
-STAGE2 := $(BIN)/samdiffsr train diffusion --config configs/two-stage.yaml --rrdb $(RUNS)/default-rrdb/checkpoint \
-	--spe-dir $(RUNS)/masks/train-spe
-$(RUNS)/default-rrdb/checkpoint/config.json: | masks
-	$(BIN)/samdiffsr train rrdb --config configs/two-stage.yaml --out $(RUNS)/default-rrdb $(RRDB_SETTINGS) --steps $(RRDB_STEPS)
-
 # Ablations at equal budget (docs/model-card.md): stage 2 from the same stage-1 encoder for ABLATION_STEPS steps,
 # one run per prediction target x residual base, and the shipped setting without structure modulation; then
 # each is evaluated on centre crops of the validation photos.
 ABLATION_STEPS ?= 800
 ABLATIONS ?= epsilon-bicubic v-bicubic sample-bicubic sample-rrdb
-ablations: masks $(RUNS)/default-rrdb/checkpoint/config.json
+ablations: masks
 	for a in $(ABLATIONS); do \
 	  $(STAGE2) --out $(RUNS)/ablation-$$a --steps $(ABLATION_STEPS) --set run.threads=1 \
 	    --set model.overrides.prediction=$${a%-*} --set model.overrides.residual_base=$${a#*-} || exit 1; \
