@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from model.loading import load_any
 from model.runtime import TorchRuntime
 from model.upscale import Upscaler
-from training.config import load_config
+from training.config import ConfigError, load_config
+from training.objectives import draw_timesteps
 from training.optim import lr_at
 from training.train import train
 
@@ -256,6 +257,21 @@ def test_bad_setups_are_clear_errors(rrdb_run: Path, dataset: Path, tmp_path: Pa
     assert len(_losses(tmp_path / "c")) == 3
     with pytest.raises(ValueError, match="another model config"):
         _run(dataset, tmp_path, "rrdb", rrdb_run, 6, **{"model.overrides.rrdb_num_feat": "12"})
+
+
+def test_timesteps_drawn_from_the_served_plan() -> None:
+    """plan_prob 0 draws exactly what the uniform draw did (old runs resume bit for bit); above 0 that share of
+    the timesteps is the served sampler's (t = 99 for a one-step model), the rest stays uniform."""
+    g = torch.Generator().manual_seed(3)
+    t = draw_timesteps(64, 100, g, "cpu")
+    assert torch.equal(t, torch.randint(0, 100, (64,), generator=torch.Generator().manual_seed(3)))
+    t = draw_timesteps(4000, 100, torch.Generator().manual_seed(3), "cpu", plan=[99], plan_prob=0.5)
+    assert 0.47 < float((t == 99).float().mean()) < 0.53 and int(t.min()) == 0
+    t = draw_timesteps(4000, 100, torch.Generator().manual_seed(3), "cpu", plan=[99, 0], plan_prob=1.0)
+    assert set(t.tolist()) == {0, 99}
+    assert load_config(None, ["diffusion.plan_prob=0.5"]).diffusion.plan_prob == 0.5
+    with pytest.raises(ConfigError, match="plan_prob"):
+        load_config(None, ["diffusion.plan_prob=1.5"])
 
 
 def test_lr_steps_down_from_decay_start() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -61,6 +62,20 @@ class DiffusionObjective(nn.Module):
         if self.encoder_l1:
             loss = loss + self.encoder_l1 * F.l1_loss(sr.float(), img_hr)
         return loss
+
+
+def draw_timesteps(n: int, num_timesteps: int, generator: torch.Generator, device: torch.device | str,
+                   plan: Sequence[int] = (), plan_prob: float = 0.0) -> Tensor:
+    """`n` training timesteps, uniform over the schedule; with `plan_prob` > 0 each is, with that probability,
+    one of `plan` instead (the timesteps the served sampler visits: t = T-1 alone for one step), so that the
+    denoiser's answers from almost pure noise, the ones a one-step model serves, are trained most. With
+    `plan_prob` 0 the draws are the same as ever."""
+    t = torch.randint(0, num_timesteps, (n,), device=device, generator=generator)
+    if plan_prob > 0 and plan:
+        pick = torch.rand(n, device=device, generator=generator) < plan_prob
+        which = torch.randint(0, len(plan), (n,), device=device, generator=generator)
+        t = torch.where(pick, torch.tensor(list(plan), device=device)[which], t)
+    return t
 
 
 def trained_module(net: SRDiffNet, stage: Stage, tune_encoder: bool = False) -> nn.Module:

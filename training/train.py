@@ -36,10 +36,11 @@ from tqdm import tqdm
 
 from model.checkpoint import CheckpointInfo, save_checkpoint
 from model.config import ModelConfig
-from model.diffusion import make_schedule
+from model.diffusion import make_schedule, timestep_plan
 from model.inputs import uses_up
 from model.loading import load_any
 from model.network import SRDiffNet
+from model.upscale import default_steps
 from training.config import TrainConfig
 from training.data import PatchDataset, model_inputs, prepare_images, val_pairs
 from training.distributed import (
@@ -51,7 +52,7 @@ from training.distributed import (
     pick_device,
     step_generator,
 )
-from training.objectives import DiffusionObjective, RRDBObjective, Stage, param_groups, trained_module
+from training.objectives import DiffusionObjective, RRDBObjective, Stage, draw_timesteps, param_groups, trained_module
 from training.optim import EMA, lr_at
 from training.runlog import RunLog, plot_curves
 from training.state import atomic_dir, commit_dir, git_commit, load_training_state, save_training_state
@@ -129,6 +130,7 @@ class Trainer:
         self.tune_encoder = stage == "diffusion" and cfg.diffusion.tunes_encoder
         self.module = trained_module(self.net, stage, self.tune_encoder)
         self.sched = make_schedule(self.mcfg.timesteps, self.mcfg.beta_s).to(device)
+        self.plan = timestep_plan(self.mcfg.timesteps, default_steps(self.mcfg))  # for diffusion.plan_prob
         self.objective: nn.Module = RRDBObjective(self.net) if stage == "rrdb" else \
             DiffusionObjective(self.net, self.sched, cfg.diffusion.structure, self.tune_encoder,
                                cfg.diffusion.encoder_l1)
@@ -262,7 +264,8 @@ class Trainer:
                 loss = self.model(img_lr, img_hr)
             else:
                 gen = step_generator(self.seed, self.step, self.d.rank, device)
-                t = torch.randint(0, self.sched.num_timesteps, (img_hr.shape[0],), device=device, generator=gen)
+                t = draw_timesteps(img_hr.shape[0], self.sched.num_timesteps, gen, device, self.plan,
+                                   cfg.diffusion.plan_prob)
                 noise = torch.randn(img_hr.shape, device=device, generator=gen)
                 loss = self.model(img_lr, img_lr_up, img_hr, batch["spe"].to(device), t, noise)
         self.opt.zero_grad(set_to_none=True)
