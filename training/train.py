@@ -338,6 +338,7 @@ class Trainer:
                         "structure": bool(self.stage == "diffusion" and cfg.diffusion.structure),
                         "encoder_lr": cfg.diffusion.encoder_lr if self.tune_encoder else 0.0,
                         "encoder_l1": cfg.diffusion.encoder_l1 if self.tune_encoder else 0.0,
+                        "plan_prob": cfg.diffusion.plan_prob,
                         "ema": cfg.optim.ema, "data": str(dcfg.train_dir), "images": len(self.images),
                         "hr_patch": dcfg.hr_patch, "batch_size": dcfg.batch_size * self.d.world,
                         "degradation": dcfg.degradation.kind, "val_degradation": cfg.val.degradation,
