@@ -52,7 +52,7 @@ def materialize(spec: str, tmp: Path) -> Path:
 
 
 def photo_crop(size: int, out: Path, photo: Path = PHOTO) -> Path:
-    """A `size` x `size` crop of a real photo (tiled, mirrored, if the photo is smaller)."""
+    """A `size` x `size` crop of a real photo (the photo repeated side by side where it is smaller)."""
     rgb = np.asarray(Image.open(photo).convert("RGB"))
     reps = (-(-size // rgb.shape[0]), -(-size // rgb.shape[1]), 1)
     Image.fromarray(np.tile(rgb, reps)[:size, :size]).save(out)
