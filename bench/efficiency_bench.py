@@ -23,24 +23,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hardware import matmul_gflops  # bench/hardware.py, beside this script
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from model.imaging import decode_image
+from model.runtime import load_runtime
+from model.sizing import SNUG_GROW, choose_batch
+from model.upscale import Upscaler, default_steps, default_tile
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.hardware import matmul_gflops  # noqa: E402
-from model.imaging import decode_image  # noqa: E402
-from model.runtime import load_runtime  # noqa: E402
-from model.sizing import SNUG_GROW, choose_batch  # noqa: E402
-from model.upscale import Upscaler, default_steps, default_tile  # noqa: E402
-
 PHOTO = ROOT.parent / "shared" / "data" / "corpus-hr" / "val" / "skimage-chelsea.png"
 
 
-def materialize(spec: str, tmp: Path) -> Path:
-    """`PATH` as is, or `PATH@REV` written out of git into `tmp` (a `LABEL=` in front is not part of it)."""
-    path, _, rev = spec.split("=", 1)[-1].partition("@")
+def parse_spec(spec: str) -> tuple[str, str]:
+    """`[LABEL=]PATH[@REV]` -> (its label: LABEL, else the whole spec; `PATH[@REV]`)."""
+    label, sep, source = spec.partition("=")
+    return (label, source) if sep else (spec, spec)
+
+
+def materialize(source: str, tmp: Path) -> Path:
+    """`PATH` as is, or `PATH@REV` written out of git into `tmp`."""
+    path, _, rev = source.partition("@")
     if not rev:
         return Path(path)
     out = tmp / f"{Path(path).name}@{rev}"
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        ckpts = [materialize(spec, tmp) for spec in args.checkpoints]
+        specs = [parse_spec(spec) for spec in args.checkpoints]
+        ckpts = [materialize(source, tmp) for _, source in specs]
         src = photo_crop(args.size, tmp / "in.png", args.photo)
         img = decode_image(src)
         out_mp = (args.size * 4) ** 2 / 1e6
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
               f"input {args.size}x{args.size} ({src.name} from {args.photo.name}), output {out_mp:.2f} MP\n")
 
         rows = []
-        for spec, ckpt in zip(args.checkpoints, ckpts, strict=True):
+        for (label, _), ckpt in zip(specs, ckpts, strict=True):
             rt = load_runtime(ckpt, "torch", "cpu", precision="auto")
             steps = default_steps(rt.config)
             tile = default_tile(rt.config)  # as `samdiffsr upscale` serves it
@@ -100,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             upscaler.upscale(img, steps=steps, seed=0)
             in_process = time.perf_counter() - t0
-            label = spec.split("=", 1)[0] if "=" in spec else spec
             rows.append({"spec": label, "ckpt": ckpt, "steps": steps, "tile": tile, "gflop": gflop,
                          "in_process": in_process, "whole": []})
 

@@ -372,13 +372,13 @@ def compare_sheet(models: dict[str, Models], hr_paths: list[Path], degradation: 
     of 0 tiles each model at its own served size (`model.upscale.default_tile`)."""
     rows = []
     scale = next(iter(models.values())).config.scale
+    served = {label: replace(sampler, tile=sampler.tile or default_tile(m.config)) for label, m in models.items()}
     for index, path in enumerate(hr_paths):
         hr = load_hr(path, scale)
         lr = degrade_named(hr, degradation, scale, seed=index)
         outputs = {"bicubic": quantize8(bicubic_upscale(lr, scale))}
         for label, m in models.items():
-            served = replace(sampler, tile=sampler.tile or default_tile(m.config))
-            outputs[label] = quantize8(m.upscale(lr, served, default_steps(m.config)))
+            outputs[label] = quantize8(m.upscale(lr, served[label], default_steps(m.config)))
         rows.append(side_by_side(hr, outputs, crop_size))
     return contact_sheet(rows)
 
