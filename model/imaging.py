@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -168,7 +169,7 @@ def resize_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
 def with_rgb(src: DecodedImage, rgb: np.ndarray, scale: int) -> DecodedImage:
     """The upscaled counterpart of `src`: new RGB, alpha upscaled separately, same mode and depth."""
     alpha = resize_alpha(src.alpha, scale) if src.alpha is not None else None
-    return replace(src, rgb=np.clip(rgb, 0, 1).astype(np.float32), alpha=alpha)
+    return replace(src, rgb=np.clip(np.asarray(rgb, dtype=np.float32), 0, 1), alpha=alpha)
 
 
 def quantize(a: np.ndarray, depth: int) -> np.ndarray:
@@ -209,7 +210,9 @@ def pil_bytes(pil: Image.Image, fmt: str, quality: int = 95) -> bytes:
     kind = FORMATS[fmt]
     if kind == "PNG":
         # zlib level 1: a 1024x1024 photo encodes 5x faster than at Pillow's default (6), for 15% more bytes.
-        pil.save(buf, format=kind, compress_level=1)
+        # Run-length matching (Z_RLE) on top: a 2048x2048 upscaled photo took 4% less time for 13% fewer bytes
+        # than level 1's default strategy, and flat graphics shrink too (docs/benchmarks.md).
+        pil.save(buf, format=kind, compress_level=1, compress_type=zlib.Z_RLE)
     else:
         pil.save(buf, format=kind, quality=quality)
     return buf.getvalue()

@@ -90,7 +90,10 @@ def new_track(
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler {sampler!r} (ddpm or ddim)")
     gen = track_generator(seed, index, base.device)
-    x = torch.randn(base.shape, generator=gen, device=base.device).to(base.dtype)
+    if steps == 0:  # the encoder's output alone: x_T is never read, so none is drawn
+        x = torch.zeros_like(base)
+    else:
+        x = torch.randn(base.shape, generator=gen, device=base.device).to(base.dtype)
     return Track(x=x, cond=cond, base=base, plan=timestep_plan(num_timesteps, steps), sampler=sampler,
                  eta=eta, generator=gen)
 

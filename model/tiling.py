@@ -147,23 +147,26 @@ def blend_ramps(grid: TileGrid) -> tuple[list[Tensor], list[Tensor]]:
     return wy, wx
 
 
-def blend_weights(grid: TileGrid) -> list[Tensor]:
-    """Per-tile HR weight maps: complementary linear ramps across each overlap, flat elsewhere."""
-    wy, wx = blend_ramps(grid)
-    return [wy[i][:, None] * wx[j][None, :] for i in range(len(grid.ys)) for j in range(len(grid.xs))]
-
-
 def stitch(hr_tiles: Tensor, grid: TileGrid) -> Tensor:
-    """Blend (N, C, tile*s, tile*s) upscaled tiles into one (C, height*s, width*s) image."""
+    """Blend (N, C, tile*s, tile*s) upscaled tiles into one (C, height*s, width*s) image.
+
+    The grid is a product of tile rows and columns, so the sum of the weights at a pixel is the product of the
+    row ramps' sum and the column ramps' sum: it is summed in 1-D, and each tile is weighed in place."""
     if hr_tiles.shape[0] != len(grid):
         raise ValueError(f"expected {len(grid)} tiles, got {hr_tiles.shape[0]}")
     s, (th, tw) = grid.scale, (n * grid.scale for n in grid.tile_shape)
-    c = hr_tiles.shape[1]
-    acc = torch.zeros(c, grid.padded_height * s, grid.padded_width * s, dtype=hr_tiles.dtype,
-                      device=hr_tiles.device)
-    norm = torch.zeros(1, *acc.shape[1:], dtype=hr_tiles.dtype, device=hr_tiles.device)
-    for tile, w, (y, x) in zip(hr_tiles, blend_weights(grid), grid.origins, strict=True):
-        w = w.to(acc)
-        acc[:, y * s:y * s + th, x * s:x * s + tw] += tile * w
-        norm[:, y * s:y * s + th, x * s:x * s + tw] += w
-    return (acc / norm)[:, :grid.height * s, :grid.width * s]
+    dev, dtype = hr_tiles.device, hr_tiles.dtype
+    wy, wx = ([w.to(dev, dtype) for w in ramps] for ramps in blend_ramps(grid))
+    acc = torch.zeros(hr_tiles.shape[1], grid.padded_height * s, grid.padded_width * s, dtype=dtype, device=dev)
+    norm_y = torch.zeros(acc.shape[1], dtype=dtype, device=dev)
+    norm_x = torch.zeros(acc.shape[2], dtype=dtype, device=dev)
+    for r, y in enumerate(grid.ys):
+        norm_y[y * s:y * s + th] += wy[r]
+    for c, x in enumerate(grid.xs):
+        norm_x[x * s:x * s + tw] += wx[c]
+    cols = len(grid.xs)
+    for i, (tile, (y, x)) in enumerate(zip(hr_tiles, grid.origins, strict=True)):
+        r, c = divmod(i, cols)
+        acc[:, y * s:y * s + th, x * s:x * s + tw].addcmul_(tile, wy[r][:, None] * wx[c][None, :])
+    hr = acc[:, :grid.height * s, :grid.width * s]
+    return hr.div_(norm_y[:grid.height * s, None] * norm_x[None, :grid.width * s])

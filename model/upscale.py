@@ -95,8 +95,8 @@ class Upscaler:
     def assemble(self, grid: TileGrid, sr_tiles: Tensor) -> np.ndarray:
         """SR tiles (N, 3, T, T) in [-1, 1] (`model.sampler.track_images`), on any device -> (scale*H, scale*W, 3)
         RGB in [0, 1] on the CPU."""
-        hr = stitch(sr_tiles.float(), grid)
-        return ((hr.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+        hr = stitch(sr_tiles.float(), grid).clamp_(-1, 1).add_(1).div_(2)
+        return hr.permute(1, 2, 0).contiguous().cpu().numpy()  # (H, W, 3) in one copy, as numpy wants it
 
     def to_image(self, image: DecodedImage, rgb: np.ndarray) -> DecodedImage:
         """The upscaled RGB of `image` as a decoded image of its kind (gray stays gray, alpha upscaled)."""
