@@ -37,6 +37,13 @@ def default_tile(cfg: ModelConfig) -> int:
     return int(cfg.extras.get("default_tile", DEFAULT_TILE))
 
 
+def sized_for(cfg: ModelConfig) -> str | None:
+    """The device type the model was sized for (`extras['device']`: `cpu` or `cuda`), None where it names none.
+    A service's `auto` default prefers a model sized for its own device (service/registry.py)."""
+    device = cfg.extras.get("device")
+    return None if device is None else str(device)
+
+
 def default_sampler(cfg: ModelConfig) -> SamplerName:
     return cfg.extras.get("default_sampler", "ddim")
 

@@ -191,6 +191,9 @@ class ModelCard(BaseModel):
     validation: dict[str, Any] = Field(description="Validation figures recorded with the checkpoint, if any.")
     backend: str
     device: str
+    sized_for: str | None = Field(description="The device type the model was sized for (its checkpoint's "
+                                  "extras.device: cpu or cuda), null where it names none. With the default auto, "
+                                  "a clean upload gets the first model sized for the replica's device.")
     default_steps: int
     default_sampler: str
     max_steps: int
@@ -206,7 +209,8 @@ class ModelCard(BaseModel):
 
 class ModelList(BaseModel):
     default: str = Field(description="The model of requests that name none: an id, or auto (a real-world model "
-                         "for JPEG and lossy WebP uploads, the default model otherwise).")
+                         "for JPEG and lossy WebP uploads, otherwise a model sized for this replica's device "
+                         "(a GPU model on a GPU) or else the default model).")
     models: list[ModelCard]
 
 

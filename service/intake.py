@@ -42,7 +42,8 @@ class UpscaleParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, max_length=64, description="The model to use (GET /v1/models); auto: a "
-                              "real-world model for JPEG and lossy WebP uploads, the default model otherwise; "
+                              "real-world model for JPEG and lossy WebP uploads, otherwise a model sized for this "
+                              "replica's device (a GPU model on a GPU) or else the default model; "
                               "default: the service's default model. The response's X-Model says which answered.")
     steps: int | None = Field(None, ge=0, description="Denoiser steps (0 to the model's max_steps); default: "
                               "the model's default_steps (GET /v1/models). 0 is the fidelity mode: the "

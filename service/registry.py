@@ -3,10 +3,11 @@
 Where they come from is `model.repository.sources` (`SAMDIFFSR_MODELS`, else `SAMDIFFSR_CHECKPOINT`, else every
 checkpoint in `SAMDIFFSR_MODELS_DIR`).
 
-The default (`SAMDIFFSR_DEFAULT_MODEL`) is `auto`: per request, the first model trained on real-world degradations
-for a lossy upload (JPEG, lossy WebP), else the model with id `default`, else the first (measured on the
-validation photos: docs/models.md). It can also be one id. Loading is all or nothing: a bad source stops the
-start-up with a message that names it.
+The default (`SAMDIFFSR_DEFAULT_MODEL`) is `auto`: per request, a model trained on real-world degradations for a
+lossy upload (JPEG, lossy WebP), else a clean one: the first sized for this replica's device (a checkpoint's
+`extras.device`: a GPU model on a CUDA replica, `model.upscale.sized_for`), else the model with id `default`,
+else the first (measured on the validation photos: docs/models.md). It can also be one id. Loading is all or
+nothing: a bad source stops the start-up with a message that names it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from model.network import SRDiffNet
 from model.repository import ModelSource, RegistryError, check_source
 from model.runtime import Runtime
 from model.sizing import Sizing
-from model.upscale import Upscaler, default_sampler, default_steps
+from model.upscale import Upscaler, default_sampler, default_steps, sized_for
 from service.errors import ServiceError
 
 AUTO = "auto"
@@ -57,6 +58,16 @@ class ServedModel:
         """What its training inputs were: `bicubic` (clean) or `real` (JPEG, noise, blur)."""
         return str(self.runtime.info.training.get("degradation", "bicubic"))
 
+    @property
+    def sized_for(self) -> str | None:
+        """The device type its checkpoint says it was sized for (`cpu`, `cuda`), None where it says none."""
+        return sized_for(self.runtime.config)
+
+    @property
+    def fits_device(self) -> bool:
+        """Sized for the device it runs on (a GPU model on a CUDA replica)."""
+        return self.sized_for == self.runtime.device.type
+
     def card(self) -> dict[str, Any]:
         """The public card: what it is, what it was trained on, how it is served."""
         info, cfg = self.runtime.info, self.runtime.config
@@ -69,7 +80,7 @@ class ServedModel:
             "scale": cfg.scale, "parameters": self.parameters, "training": tr,
             "validation": info.card.get("validation", {}),
             "default_steps": self.steps, "default_sampler": self.sampler, "max_steps": cfg.timesteps,
-            "backend": self.runtime.backend, "device": str(self.runtime.device),
+            "backend": self.runtime.backend, "device": str(self.runtime.device), "sized_for": self.sized_for,
             "precision": getattr(self.runtime, "precision", "fp32"), "max_tiles_per_batch": self.upscaler.max_batch,
             "provenance": info.provenance,
         }
@@ -122,11 +133,6 @@ class Registry:
     def ids(self) -> list[str]:
         return list(self.models)
 
-    @property
-    def fallback(self) -> ServedModel:
-        """The model of requests that name none when the default is `auto` and the upload is clean."""
-        return self.models["default"] if "default" in self.models else next(iter(self.models.values()))
-
     def get(self, model_id: str) -> ServedModel:
         try:
             return self.models[model_id]
@@ -137,13 +143,21 @@ class Registry:
     def choose(self, requested: str | None, lossy: bool) -> ServedModel:
         """The model for a request: the one it names, else the default; `auto` by the upload's kind."""
         name = requested or self.default
-        if name != AUTO:
-            return self.get(name)
-        if lossy:
-            real = [m for m in self.models.values() if m.degradation == "real"]
-            if real:
-                return real[0]
-        return self.fallback
+        return self.get(name) if name != AUTO else pick_auto(list(self.models.values()), lossy)
+
+
+def pick_auto(models: list[ServedModel], lossy: bool) -> ServedModel:
+    """`auto`'s choice: for a lossy upload a model trained on real-world degradations, else a clean one; among
+    those, the first sized for the device it runs on (a GPU model on a CUDA replica); else the model with id
+    `default`; else the first."""
+    if lossy:
+        real = [m for m in models if m.degradation == "real"]
+        if real:
+            return next((m for m in real if m.fits_device), real[0])
+    fitting = [m for m in models if m.fits_device and m.degradation != "real"]
+    if fitting:
+        return fitting[0]
+    return next((m for m in models if m.id == "default"), models[0])
 
 
 def is_lossy(data: bytes) -> bool:

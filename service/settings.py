@@ -30,8 +30,10 @@ class Settings(BaseSettings):
                              "each by its directory's name (when neither SAMDIFFSR_MODELS nor SAMDIFFSR_CHECKPOINT "
                              "is set).")
     default_model: str | None = Field("auto", description="The model of requests that name none: an id, or auto "
-                                      "(a model trained on real-world degradations for JPEG and lossy WebP uploads, "
-                                      "else the model with id 'default', else the first); unset: that model.")
+                                      "(a model trained on real-world degradations for JPEG and lossy WebP uploads; "
+                                      "else the first model sized for this replica's device, e.g. a GPU model on "
+                                      "a CUDA replica; else the model with id 'default'; else the first); unset: "
+                                      "that model.")
     backend: Literal["torch", "torchscript", "onnx"] = Field("torch", description="Inference backend.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="The network's compute "
                                                                "precision (torch backend); auto: the measured "

@@ -4,6 +4,7 @@ server (per-model batching, byte-identical outputs, 404 for unknown ids, metrics
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -216,3 +217,33 @@ def test_each_model_is_tiled_at_its_own_size_unless_the_operator_sets_one(models
     service = Service(Settings(models_dir=models_dir, **{**own, "tile_overlap": 20}), Metrics())
     with pytest.raises(RegistryError, match=r"'real': SAMDIFFSR_TILE_OVERLAP \(20\) must be at most half of its tile"):
         service.start()
+
+
+def _sized(src: Path, dst: Path, device: str) -> Path:
+    """A copy of checkpoint `src` whose config says it was sized for `device` (`extras.device`)."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["model"]["extras"] = {**cfg["model"].get("extras", {}), "device": device}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_auto_prefers_the_model_sized_for_the_replicas_device(models_dir, tmp_path, photo) -> None:
+    """A CPU replica serving a GPU-sized model, the default and a CPU-sized model: clean uploads that name no model
+    get the CPU-sized one (a CUDA replica would pick the GPU-sized one the same way); the others by name."""
+    gpu = _sized(models_dir / "default", tmp_path / "gpu", "cuda")
+    small = _sized(models_dir / "default", tmp_path / "small", "cpu")
+    img = Image.open(photo).convert("RGB").crop((0, 0, 24, 20))
+    jpeg = io.BytesIO()
+    img.save(jpeg, "JPEG", quality=75)
+    models = f"gpu={gpu},default={models_dir / 'default'},small={small},real={models_dir / 'real'}"
+    with LiveServer(Settings(models=models, **BASE)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        cards = {m["id"]: m for m in c.get("/v1/models").json()["models"]}
+        assert {k: (v["sized_for"], v["default"]) for k, v in cards.items()} == {
+            "gpu": ("cuda", False), "default": (None, False), "small": ("cpu", True), "real": (None, False)}
+        assert upload(c, png(img)).headers["x-model"] == "small"
+        assert upload(c, jpeg.getvalue()).headers["x-model"] == "real"  # lossy: the real-world model first
+        assert upload(c, png(img), model="gpu").headers["x-model"] == "gpu"
+    with LiveServer(Settings(models=f"gpu={gpu},default={models_dir / 'default'}", **BASE)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert upload(c, png(img)).headers["x-model"] == "default"  # nothing sized for the CPU: as before
