@@ -62,10 +62,19 @@ class CheckpointInfo:
                    training=d.get("training", {}), card=d.get("card", {}))
 
 
-def save_checkpoint(path: str | Path, net: SRDiffNet, info: CheckpointInfo) -> Path:
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_checkpoint(path: str | Path, net: SRDiffNet, info: CheckpointInfo, dtype: str = "fp32") -> Path:
+    """The network's weights (floating-point ones stored as `dtype`: fp32, fp16 or bf16) and its config.
+
+    The storage precision is not the compute precision: loading casts the weights to the network's (fp32), so a
+    checkpoint stored in fp16 is half the size and computes as its fp32 weights rounded to fp16 do."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    store = STORAGE_DTYPES[dtype]
+    state = {k: (v.to(store) if v.is_floating_point() else v).detach().to("cpu").contiguous()
+             for k, v in net.state_dict().items()}
     save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
     (out / CONFIG).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
     return out

@@ -1,4 +1,4 @@
-"""Model subcommands: verify-reference, import-upstream, export, upscale."""
+"""Model subcommands: verify-reference, import-upstream, repack, export, upscale."""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="output checkpoint directory")
     p.add_argument("--name", help="model name recorded in the checkpoint (default: the file's stem)")
     p.set_defaults(func=cmd_import_upstream)
+
+    p = sub.add_parser("repack", help="rewrite a checkpoint with its weights stored in another precision",
+                       description="Rewrite a checkpoint (ours or an original .ckpt) in our format with its weights "
+                       "stored as fp16, bf16 or fp32. Storage only: they are computed in the precision the runtime "
+                       "chooses. fp16 halves the size; measured on the validation photos it changes PSNR-Y by "
+                       "less than 0.01 dB (docs/model-card.md).")
+    p.add_argument("input", help="checkpoint directory or original .ckpt")
+    p.add_argument("output", help="output checkpoint directory")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="default: fp16")
+    p.set_defaults(func=cmd_repack)
 
     p = sub.add_parser("export", help="export a checkpoint's encoder and denoiser step to TorchScript / ONNX")
     p.add_argument("checkpoint", help="checkpoint directory (or original .ckpt)")
@@ -105,6 +115,24 @@ def cmd_import_upstream(args: argparse.Namespace) -> int:
     out = save_checkpoint(args.output, net, info)
     n = sum(p.numel() for p in net.parameters())
     print(f"imported {args.input} -> {out} ({n:,} parameters; config {info.config.to_dict()})")
+    return 0
+
+
+def cmd_repack(args: argparse.Namespace) -> int:
+    from model.checkpoint import CheckpointError, save_checkpoint
+    from model.loading import load_any
+
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        print("error: write the repacked checkpoint to another directory", file=sys.stderr)
+        return 2
+    try:
+        net, info = load_any(args.input)
+    except (CheckpointError, FileNotFoundError, IsADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = save_checkpoint(args.output, net, info, dtype=args.dtype)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"repacked {args.input} -> {out} (weights stored as {args.dtype}, {size:.1f} MiB)")
     return 0
 
 

@@ -385,3 +385,50 @@ def test_a_fresh_run_starts_from_init_weights(dataset: Path, tmp_path: Path) -> 
     cfg = load_config(None, _config(dataset, tmp_path, 2, **wider))
     with pytest.raises(ValueError, match="does not match"):
         build_model(cfg, "diffusion", 0)
+
+
+def test_windows_resume_exactly_from_an_exported_folder_with_a_sharded_state(dataset: Path, tmp_path: Path) -> None:
+    """Two windows, each on a fresh run directory (a fresh machine) that starts from the last window's exported
+    folder, end where one uninterrupted run ends; the exported state is sharded into small files, and a second
+    import into a run directory that is as far already changes nothing."""
+    from training.state import read_state_tensors
+    from training.window import check_transfer
+
+    _run(dataset, tmp_path, "rrdb", tmp_path / "full", 5)
+    sets = [f"--set={kv}" for kv in _config(dataset, tmp_path, 3, **{"run.state_shard_mb": "0.05",
+                                                                    "run.checkpoint_dtype": "fp16"})]
+    first = [sys.executable, "-m", "samdiffsr", "train", "rrdb", *sets, "--no-progress"]
+    subprocess.run([*first, "--out", str(tmp_path / "w1"), "--export", str(tmp_path / "out1")], check=True,
+                   env=_env(), cwd=ROOT, capture_output=True)
+    exported = tmp_path / "out1"
+    assert sorted(p.name for p in exported.iterdir()) == ["checkpoint", "metrics.csv", "state", "window.json"]
+    shards = sorted(p.name for p in (exported / "state").glob("*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"state-00001-of-{len(shards):05d}.safetensors"
+    figures = json.loads((exported / "window.json").read_text())
+    assert figures["start_step"] == 0 and figures["step"] == 3 and figures["device"] == "cpu"
+    assert figures["steps_per_s"] > 0 and 0 <= figures["data_wait_share"] < 1 and figures["gpu_busy_percent"] is None
+    assert check_transfer(exported, max_files=16, max_file_mib=16) == []
+    weights = load_file(str(exported / "checkpoint" / "model.safetensors"))  # served weights stored in fp16
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
+    assert check_transfer(exported, max_files=2, max_file_mib=0.01)  # too many files, too large
+
+    second = [*first[:-1], "--set=run.steps=5", "--no-progress"]
+    for _ in range(2):  # the second time, w2 is as far as out1 already: it goes on from its own state
+        subprocess.run([*second, "--out", str(tmp_path / "w2"), "--resume-from", str(exported),
+                        "--export", str(tmp_path / "out2")], check=True, env=_env(), cwd=ROOT, capture_output=True)
+        assert json.loads((tmp_path / "out2" / "window.json").read_text())["step"] == 5
+    full = load_file(str(tmp_path / "full" / "state" / "state.safetensors"))
+    windowed = read_state_tensors(tmp_path / "out2" / "state")
+    assert full.keys() == windowed.keys() and all(torch.equal(full[k], windowed[k]) for k in full)
+    assert _losses(tmp_path / "out2") == _losses(tmp_path / "full")
+
+
+def test_checkpoints_also_come_by_the_clock(dataset: Path, tmp_path: Path) -> None:
+    saved: list[int] = []
+    cfg = load_config(None, _config(dataset, tmp_path, 3, **{"run.checkpoint_minutes": "1e-5"}))
+    train(cfg, "rrdb", tmp_path / "run", progress=False, on_save=lambda t: saved.append(t.step))
+    assert saved == [1, 2, 3]  # every step takes longer than 0.6 ms; checkpoint_every (100) alone would save once
+    saved.clear()
+    train(load_config(None, _config(dataset, tmp_path, 5)), "rrdb", tmp_path / "run", progress=False,
+          on_save=lambda t: saved.append(t.step))
+    assert saved == [5]

@@ -1,4 +1,5 @@
-"""`samdiffsr train rrdb|diffusion`: the two training stages (see `training.train`)."""
+"""`samdiffsr train rrdb|diffusion`: the two training stages (see `training.train`), also in windows of a few
+minutes with `--minutes`, `--resume-from` and `--export` (see `training.window`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         s.add_argument("--fresh", action="store_true",
                        help="ignore a training state in --out instead of resuming from it")
         s.add_argument("--no-progress", action="store_true", help="no progress bar")
+        s.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this many minutes: shortcut "
+                       "for --set run.max_minutes=M")
+        s.add_argument("--resume-from", type=Path, metavar="DIR",
+                       help="a previous window's --export folder: its state goes into --out where --out is behind")
+        s.add_argument("--export", type=Path, metavar="DIR",
+                       help="after every checkpoint, copy the state, weights, metrics and this window's figures "
+                       "(window.json) here (training.window)")
         if stage == "diffusion":
             s.add_argument("--rrdb", type=Path, help="stage-1 checkpoint (shortcut for diffusion.rrdb_checkpoint)")
             s.add_argument("--spe-dir", type=Path, help="SPE maps folder (shortcut for data.spe_dir)")
@@ -35,10 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import ConfigError, load_config
     from training.train import train
+    from training.window import Exporter, import_state, saved_step
 
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"run.steps={args.steps}")
+    if args.minutes is not None:
+        overrides.append(f"run.max_minutes={args.minutes}")
     if args.stage == "diffusion":
         if args.rrdb is not None:
             overrides.append(f"diffusion.rrdb_checkpoint={args.rrdb}")
@@ -56,9 +67,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         handlers.append(logging.FileHandler(args.out / "train.log"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
+    exporter = None
     try:
-        ckpt = train(cfg, args.stage, args.out, resume=not args.fresh, progress=not args.no_progress)
+        if args.resume_from is not None:
+            import_state(args.resume_from, args.out)
+        if args.export is not None:
+            exporter = Exporter(args.export, max(saved_step(args.out / "state"), 0), cfg.run.device)
+        ckpt = train(cfg, args.stage, args.out, resume=not args.fresh, progress=not args.no_progress,
+                     on_save=exporter)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"samdiffsr train: {e}") from None
+    finally:
+        if exporter is not None:
+            exporter.close()
     logging.getLogger("training").info("checkpoint: %s", ckpt)
     return 0

@@ -30,9 +30,41 @@ def commit_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def shard(tensors: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
+    """Tensors split, in order, into groups of at most `max_bytes` each (a larger tensor is a group alone);
+    `max_bytes` 0 keeps them in one group."""
+    groups: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if max_bytes and groups[-1] and size + n > max_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][k] = v
+        size += n
+    return groups
+
+
+def state_files(path: Path) -> list[Path]:
+    """The tensor files of a training state: `state.safetensors`, or its shards as `state.json` lists them."""
+    meta = json.loads((path / "state.json").read_text())
+    return [path / f for f in meta.get("files", ["state.safetensors"])]
+
+
+def read_state_tensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
+    """Every tensor of a training state directory, whichever way it was sharded."""
+    out: dict[str, Tensor] = {}
+    for f in state_files(path):
+        out.update(load_file(str(f), device=device))
+    return out
+
+
 def save_training_state(path: Path, module: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
-                        meta: dict) -> None:
-    """Model/optimizer/EMA tensors to safetensors, everything else (step, epoch, groups) to JSON."""
+                        meta: dict, shard_bytes: int = 0) -> None:
+    """Model/optimizer/EMA tensors to safetensors, everything else (step, epoch, groups) to JSON.
+
+    `shard_bytes` > 0 splits the tensors into files of about that size (`state-00001-of-00003.safetensors`...):
+    what a transfer with a per-file limit can carry (a GPU window's output folder, docs/training.md)."""
     tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in module.state_dict().items()}
     osd = opt.state_dict()
     for pid, st in osd["state"].items():
@@ -41,16 +73,21 @@ def save_training_state(path: Path, module: nn.Module, opt: torch.optim.Optimize
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
     tmp = atomic_dir(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    meta = {**meta, "param_groups": osd["param_groups"]}
+    groups = shard({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, shard_bytes)
+    names = ["state.safetensors"] if len(groups) == 1 else \
+        [f"state-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for name, group in zip(names, groups, strict=True):
+        save_file(group, str(tmp / name))
+    meta = {**meta, "param_groups": osd["param_groups"], "files": names}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     commit_dir(tmp, path)
 
 
 def load_training_state(path: Path, module: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
                         device: torch.device) -> dict:
+    """Restore what `save_training_state` wrote, onto `device` (whichever device it was saved from)."""
     meta = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"), device=str(device))
+    tensors = read_state_tensors(path, str(device))
     module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, Tensor]] = {}
     for k, v in tensors.items():

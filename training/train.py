@@ -9,7 +9,8 @@ Everything random is a pure function of (seed, step, rank) or (seed, epoch, inde
 is identical to an uninterrupted one. Outputs, under the run directory:
 
 - `checkpoint/`: the served weights in our format (EMA weights when EMA is enabled);
-- `state/`: exact training state (`state.safetensors` for tensors, `state.json` for the rest);
+- `state/`: exact training state (`state.safetensors` for tensors, or its shards with `run.state_shard_mb`;
+  `state.json` for the rest), loadable on any device;
 - `metrics.csv`, `tb/` (TensorBoard), `curves.png` (loss and validation PSNR), `train.log`.
 
 `train()` is the recipe; `Trainer` holds the run's parts, one method per concern.
@@ -23,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,9 @@ class Trainer:
                                                  device_ids=[device.index] if device.type == "cuda" else None)
         self.runlog = RunLog(self.out, self.step, self.d.main)
         self.running: list[float] = []
-        self.t0 = time.monotonic()
+        self.t0 = self.saved_at = time.monotonic()
+        self.data_wait_s = 0.0  # time the loop waited for the data loader (with CUDA: the GPU may be starved)
+        self.save_now = False  # set by should_stop when run.checkpoint_minutes have passed since the last save
         self.bar = None
         if self.d.main and progress:
             self.bar = tqdm(total=cfg.run.steps, initial=self.step, desc=f"train {stage}", dynamic_ncols=True,
@@ -241,7 +244,13 @@ class Trainer:
             loader = DataLoader(self.dataset, batch_size=dcfg.batch_size, sampler=self.sampler, drop_last=True,
                                 num_workers=dcfg.workers, pin_memory=self.device.type == "cuda",
                                 worker_init_fn=own_process_group if dcfg.workers else None)
-            for batch in loader:
+            batches = iter(loader)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                self.data_wait_s += time.perf_counter() - t0
+                if batch is None:
+                    break
                 yield batch
                 if self.step >= self.cfg.run.steps:
                     return
@@ -316,14 +325,16 @@ class Trainer:
             return validate(self.net, self.stage, self.pairs, self.cfg.val.steps, self.device)
 
     def should_stop(self, stop: StopFlag) -> bool:
-        """A signal or the time budget (agreed by every process)."""
-        max_min = self.cfg.run.max_minutes
-        self.out_of_time = max_min > 0 and time.monotonic() - self.t0 > max_min * 60
+        """A signal or the time budget; also whether `run.checkpoint_minutes` call for a save (`save_now`).
+        Both are agreed by every process."""
+        run, now = self.cfg.run, time.monotonic()
+        self.out_of_time = run.max_minutes > 0 and now - self.t0 > run.max_minutes * 60
         stopping = stop.set or self.out_of_time
+        self.save_now = run.checkpoint_minutes > 0 and now - self.saved_at > run.checkpoint_minutes * 60
         if self.d.enabled:
-            flag = torch.tensor([float(stopping)], device=self.device)
-            dist.all_reduce(flag)
-            stopping = bool(flag.item())
+            flags = torch.tensor([float(stopping), float(self.save_now)], device=self.device)
+            dist.all_reduce(flags)
+            stopping, self.save_now = bool(flags[0].item()), bool(flags[1].item())
         return stopping
 
     def save(self) -> None:
@@ -333,7 +344,8 @@ class Trainer:
             meta = {"stage": self.stage, "step": self.step, "epoch": self.epoch, "offset": self.offset,
                     "batch_size": dcfg.batch_size, "seed": self.seed, "world_size": self.d.world,
                     "model": self.mcfg.to_dict(), "tune_encoder": self.tune_encoder}
-            save_training_state(self.state_dir, self.module, self.opt, self.ema, meta)
+            save_training_state(self.state_dir, self.module, self.opt, self.ema, meta,
+                                shard_bytes=int(cfg.run.state_shard_mb * 2**20))
             training = {"stage": self.stage, "steps": self.step,
                         "structure": bool(self.stage == "diffusion" and cfg.diffusion.structure),
                         "encoder_lr": cfg.diffusion.encoder_lr if self.tune_encoder else 0.0,
@@ -347,8 +359,9 @@ class Trainer:
                                   provenance={"source": "samdiffsr train", "git": git_commit()}, training=training)
             with self._ema_weights():
                 tmp = atomic_dir(self.out / "checkpoint")
-                save_checkpoint(tmp, self.net, info)
+                save_checkpoint(tmp, self.net, info, dtype=cfg.run.checkpoint_dtype)
                 commit_dir(tmp, self.out / "checkpoint")
+        self.saved_at = time.monotonic()
         if self.d.enabled:
             dist.barrier()
 
@@ -366,9 +379,16 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = True,
-          progress: bool = True) -> Path:
-    """Train one stage into `out_dir`; returns the checkpoint directory (written by rank 0)."""
+          progress: bool = True, on_save: Callable[[Trainer], None] | None = None) -> Path:
+    """Train one stage into `out_dir`; returns the checkpoint directory (written by rank 0). `on_save` is
+    called on rank 0 after every save (e.g. to copy the run's files out: `training.window`)."""
     trainer = Trainer(cfg, stage, out_dir, resume, progress)
+
+    def save() -> None:
+        trainer.save()
+        if on_save is not None and trainer.d.main:
+            on_save(trainer)
+
     trainer.objective.train()
     stopping = False
     with StopFlag() as stop:
@@ -378,8 +398,8 @@ def train(cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = Tr
                 loss = trainer.optimize(batch)
                 trainer.log(loss, trainer.validate())
                 stopping = trainer.should_stop(stop)
-                if trainer.due(cfg.run.checkpoint_every) or stopping:
-                    trainer.save()
+                if trainer.due(cfg.run.checkpoint_every) or stopping or trainer.save_now:
+                    save()
                 if stopping:
                     break
         except RuntimeError as e:
@@ -387,7 +407,7 @@ def train(cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = Tr
                 raise
             # A loader worker forked as the signal came got it too; every finished step is intact.
             stopping = True
-            trainer.save()
+            save()
         if stopping:
             log.warning("stopped at step %d (%s); resume with the same command", trainer.step,
                         "time budget" if trainer.out_of_time else "signal")
