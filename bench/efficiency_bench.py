@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads in process (default: torch's)")
     p.add_argument("--photo", type=Path, default=PHOTO, help="the photo to crop (default: a corpus photo)")
     p.add_argument("--csv", type=Path, help="also write the table's figures to this CSV")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: in process and `samdiffsr upscale --device`")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         src = photo_crop(args.size, tmp / "in.png", args.photo)
         img = decode_image(src)
         out_mp = (args.size * 4) ** 2 / 1e6
-        gflops = matmul_gflops(torch.float32)
-        print(f"same-run fp32 matmul: {gflops:.0f} GFLOP/s; {torch.get_num_threads()} threads; "
+        gflops = matmul_gflops(torch.float32, device=args.device)
+        where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+            f"{torch.get_num_threads()} threads"
+        print(f"same-run fp32 matmul: {gflops:.0f} GFLOP/s; {where}; "
               f"input {args.size}x{args.size} ({src.name} from {args.photo.name}), output {out_mp:.2f} MP\n")
 
         rows = []
         for (label, _), ckpt in zip(specs, ckpts, strict=True):
-            rt = load_runtime(ckpt, "torch", "cpu", precision="auto")
+            rt = load_runtime(ckpt, "torch", args.device, precision="auto")
             steps = default_steps(rt.config)
             tile = default_tile(rt.config)  # as `samdiffsr upscale` serves it
             batch = choose_batch(rt, (tile, tile), None).batch
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 t0 = time.perf_counter()
                 subprocess.run([sys.executable, "-m", "samdiffsr", "upscale", str(src), str(tmp / "out.png"),
-                                "--checkpoint", str(row["ckpt"])], check=True, capture_output=True, cwd=ROOT)
+                                "--checkpoint", str(row["ckpt"]), "--device", args.device], check=True,
+                               capture_output=True, cwd=ROOT)
                 row["whole"].append(time.perf_counter() - t0)
 
         for row in rows:

@@ -57,3 +57,12 @@ def test_efficiency_bench_compares_a_revision_with_a_directory_and_feeds_the_cos
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_size_bench_times_candidates_against_the_baseline(tiny_checkpoint: Path) -> None:
+    out = _bench("gpu_size_bench.py", "--device", "cpu", "--size", "32", "--repeats", "1", "--budget", "1000",
+                 "--baseline", str(tiny_checkpoint), "--candidates", "a=2:8:4:8,b=2:8:4:16")
+    rows = [line for line in out.splitlines() if line.startswith(("| a |", "| b |"))]
+    assert len(rows) == 4, out  # each candidate in the timing table and in the size table
+    assert "| b | 0.48 M |" in out, out
+    assert "largest within 1000.0 s/MP on cpu: b" in out, out

@@ -432,3 +432,42 @@ def test_checkpoints_also_come_by_the_clock(dataset: Path, tmp_path: Path) -> No
     train(load_config(None, _config(dataset, tmp_path, 5)), "rrdb", tmp_path / "run", progress=False,
           on_save=lambda t: saved.append(t.step))
     assert saved == [5]
+
+
+def test_the_gpu_window_script_packs_a_shard_and_trains_two_windows_in_a_row(dataset: Path, tmp_path: Path) -> None:
+    """`bench/gpu_window.sh` as the device tool runs it, here on the CPU with a tiny config: window 1 on photos
+    0 and 2, window 2 on photos 1 and 3 going on exactly from window 1's exported state."""
+    from training.masks import encode_rle
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for photo in (dataset / "train").glob("*.png"):
+        m = np.zeros((64, 64), bool)
+        m[8:40, 4:50] = True
+        (masks / f"{photo.stem}.json").write_text(json.dumps([{"segmentation": encode_rle(m), "area": int(m.sum())}]))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({
+        "name": "tiny-window", "model": {"preset": "tiny", "overrides": {"prediction": "sample",
+                                                                          "residual_base": "rrdb"}},
+        "data": {"hr_patch": 32, "batch_size": 2, "repeat": 2, "workers": 0},
+        "val": {"every": 1000, "crop": 32, "max_images": 1, "steps": 1},
+        "diffusion": {"encoder_lr": 1.0, "encoder_l1": 0.5},
+        "run": {"steps": 1000, "checkpoint_every": 1000, "checkpoint_minutes": 0.01, "state_shard_mb": 0.02,
+                "checkpoint_dtype": "fp16", "threads": 1}}))
+    env = {**_env(), "CORPUS": str(dataset), "MASKS": str(masks), "WINDOW": str(tmp_path / ".window"),
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    script = [str(ROOT / "bench" / "gpu_window.sh")]
+    steps = []
+    for window in (1, 2):
+        out = tmp_path / f"out{window}"
+        out.mkdir()
+        prev = [str(tmp_path / "out1")] if window == 2 else []
+        packed = subprocess.run(["bash", *script, "pack", str(window - 1), "2", *prev], env=env, capture_output=True,
+                                text=True, check=True)
+        assert packed.stdout.startswith("2 photos;"), packed.stdout
+        subprocess.run(["bash", *script, "run", "0.04", str(config)], env={**env, "OUT": str(out)},
+                       capture_output=True, check=True, timeout=300)
+        figures = json.loads((out / "window.json").read_text())
+        assert figures["state_exported"] and (out / "train.log").exists()
+        steps.append((figures["start_step"], figures["step"]))
+    assert steps[0][0] == 0 and steps[1][0] == steps[0][1] > 0 and steps[1][1] > steps[1][0], steps

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         s.add_argument("--export", type=Path, metavar="DIR",
                        help="after every checkpoint, copy the state, weights, metrics and this window's figures "
                        "(window.json) here (training.window)")
+        s.add_argument("--export-max-state-mib", type=float, default=0, metavar="MIB",
+                       help="export the exact state only up to this size (a transfer's limit); above it, the weights "
+                       "alone (default 0: always)")
         if stage == "diffusion":
             s.add_argument("--rrdb", type=Path, help="stage-1 checkpoint (shortcut for diffusion.rrdb_checkpoint)")
             s.add_argument("--spe-dir", type=Path, help="SPE maps folder (shortcut for data.spe_dir)")
@@ -72,7 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.resume_from is not None:
             import_state(args.resume_from, args.out)
         if args.export is not None:
-            exporter = Exporter(args.export, max(saved_step(args.out / "state"), 0), cfg.run.device)
+            exporter = Exporter(args.export, max(saved_step(args.out / "state"), 0), cfg.run.device,
+                                args.export_max_state_mib)
         ckpt = train(cfg, args.stage, args.out, resume=not args.fresh, progress=not args.no_progress,
                      on_save=exporter)
     except (ValueError, FileNotFoundError) as e:

@@ -95,15 +95,23 @@ class Exporter:
     """`train(..., on_save=Exporter(...))`: after every save, the run's state, weights, metrics and this window's
     figures copied into `out` (replaced whole, so that a copy taken at any moment is consistent per folder)."""
 
-    def __init__(self, out: Path, start_step: int, device: str = "auto") -> None:
-        self.out, self.start_step = out, start_step
+    def __init__(self, out: Path, start_step: int, device: str = "auto", max_state_mib: float = 0) -> None:
+        self.out, self.start_step, self.max_state_mib = out, start_step, max_state_mib
         self.t0 = time.monotonic()
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.busy = GpuBusy(torch.device(auto if device == "auto" else device))
         out.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, trainer: Trainer) -> None:
-        for name in ("state", "checkpoint"):
+        names = ["checkpoint"]
+        state_mib = sum(f.stat().st_size for f in (trainer.out / "state").iterdir()) / 2**20
+        if self.max_state_mib and state_mib > self.max_state_mib:
+            log.warning("the training state (%.0f MiB) is over --export-max-state-mib (%.0f): exporting the weights "
+                        "only, from which a next window starts afresh (run.init), not exactly", state_mib,
+                        self.max_state_mib)
+        else:
+            names.append("state")
+        for name in names:
             tmp = atomic_dir(self.out / name)
             for f in (trainer.out / name).iterdir():
                 shutil.copy2(f, tmp / f.name)
@@ -131,7 +139,8 @@ class Exporter:
             "gpu_busy_percent": self.busy.percent,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda"
             else None,
-            "state_mib": round(sum(f.stat().st_size for f in (self.out / "state").iterdir()) / 2**20, 1),
+            "state_mib": round(sum(f.stat().st_size for f in (trainer.out / "state").iterdir()) / 2**20, 1),
+            "state_exported": (self.out / "state").exists(),
         }
 
     def close(self) -> None:
