@@ -26,11 +26,15 @@ WINDOW=${WINDOW:-.window}
 MAX_STATE_MIB=${MAX_STATE_MIB:-30}
 
 wheels() {
-    # The GPU image has torch, numpy, Pillow, scipy, scikit-image, PyYAML, tqdm, tensorboard; not these.
+    # The GPU image has torch, numpy, Pillow, scipy, scikit-image, PyYAML, tqdm, tensorboard, httpx, anyio and
+    # prometheus-client; not these. SERVICE_WHEELS=1 adds the service's (bench/gpu_targets.sh starts servers).
+    local names=(pydantic pydantic-core annotated-types typing-inspection bicubic-pytorch pycocotools
+                 rotary-embedding-torch)
+    [[ -n "${SERVICE_WHEELS:-}" ]] && names+=(fastapi starlette annotated-doc uvicorn python-multipart
+                                               pydantic-settings python-dotenv)
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl pydantic pydantic-core annotated-types typing-inspection bicubic-pytorch pycocotools \
-        rotary-embedding-torch
+        -d .whl "${names[@]}"
     du -sh .whl
 }
 

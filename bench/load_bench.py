@@ -100,9 +100,10 @@ def parse_ints(text: str) -> list[int]:
     return values
 
 
-def make_images(images_dir: Path, sizes: list[tuple[int, int]]) -> tuple[list[tuple[str, bytes]], str]:
-    """PNG centre crops of every size from every *.png in `images_dir` (sizes alternate, so that every
-    concurrency level gets a mix); a synthetic pattern for a size no image is large enough for."""
+def make_images(images_dir: Path, sizes: list[tuple[int, int]],
+                fmt: str = "png") -> tuple[list[tuple[str, bytes]], str]:
+    """Centre crops (PNG, or JPEG at quality 90) of every size from every *.png in `images_dir` (sizes alternate,
+    so that every concurrency level gets a mix); a synthetic pattern for a size no image is large enough for."""
     paths = sorted(images_dir.glob("*.png")) if images_dir.is_dir() else []
     out = []
     for path in paths:
@@ -110,20 +111,20 @@ def make_images(images_dir: Path, sizes: list[tuple[int, int]]) -> tuple[list[tu
         for w, h in sizes:
             if img.width >= w and img.height >= h:
                 x, y = (img.width - w) // 2, (img.height - h) // 2
-                out.append((f"{path.stem}-{w}x{h}", _png(img.crop((x, y, x + w, y + h)))))
+                out.append((f"{path.stem}-{w}x{h}", _encode(img.crop((x, y, x + w, y + h)), fmt)))
     for w, h in sizes:
         if not any(n.endswith(f"-{w}x{h}") for n, _ in out):
             yy, xx = np.mgrid[0:h, 0:w]
             arr = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx ^ yy) & 255], -1)
-            out.append((f"synthetic-{w}x{h}", _png(Image.fromarray(arr.astype(np.uint8)))))
+            out.append((f"synthetic-{w}x{h}", _encode(Image.fromarray(arr.astype(np.uint8)), fmt)))
     where = (f"centre crops of {', '.join(p.name for p in paths)} in {images_dir}" if paths
              else f"synthetic patterns: {images_dir} has no *.png")
     return out, where
 
 
-def _png(img: Image.Image) -> bytes:
+def _encode(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG") if fmt == "png" else img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -162,7 +163,8 @@ def run_level(url: str, images: list[tuple[str, bytes]], concurrency: int, n_req
             name, data = images[i % len(images)]
             t0 = time.perf_counter()
             try:
-                r = client.post("/v1/upscale", files={"image": (f"{name}.png", data, "image/png")},
+                kind = "jpeg" if data[:3] == b"\xff\xd8\xff" else "png"
+                r = client.post("/v1/upscale", files={"image": (f"{name}.{kind}", data, f"image/{kind}")},
                                 params={"steps": steps, "seed": i})
             except httpx.HTTPError as e:
                 return Result(time.perf_counter() - t0, 0, error=type(e).__name__)
@@ -197,7 +199,6 @@ def bench_mode(mode: str, checkpoint: Path, args: argparse.Namespace, images: li
         "SAMDIFFSR_CONTINUOUS_BATCHING": "true" if mode == "on" else "false",
         "SAMDIFFSR_DEVICE": args.device,
         "SAMDIFFSR_BACKEND": args.backend,
-        "SAMDIFFSR_TILE_SIZE": str(args.tile_size),
         "SAMDIFFSR_TILE_OVERLAP": str(args.tile_overlap),
         "SAMDIFFSR_MAX_BATCH_WAIT_MS": str(args.max_batch_wait_ms),
         "SAMDIFFSR_REPRODUCIBLE": "true" if args.reproducible else "false",
@@ -208,6 +209,8 @@ def bench_mode(mode: str, checkpoint: Path, args: argparse.Namespace, images: li
     }
     if args.torch_threads:
         env["SAMDIFFSR_TORCH_THREADS"] = str(args.torch_threads)
+    if args.tile_size:  # 0: each model's own (its checkpoint's extras.default_tile)
+        env["SAMDIFFSR_TILE_SIZE"] = str(args.tile_size)
     if args.max_tiles_per_batch:  # 0: the service sizes it (model/sizing.py)
         env["SAMDIFFSR_MAX_TILES_PER_BATCH"] = str(args.max_tiles_per_batch)
     server = ServerProcess(checkpoint, env, workdir / f"server-{mode}.log", cwd=ROOT)
@@ -265,8 +268,9 @@ def environment(args: argparse.Namespace, info: dict, checkpoint_desc: str, imag
         f"- model: {model.get('name', '?')} ({checkpoint_desc}), backend {model.get('backend', '?')} on "
         f"{model.get('device', '?')}",
         f"- per request: {args.steps} {model.get('default_sampler', 'ddim')} steps; inputs: "
-        f"{', '.join(f'{w}x{h}' for w, h in args.sizes)} px ({images_desc}), multipart PNG, PNG output",
-        f"- tile {args.tile_size} px (overlap {args.tile_overlap}), at most "
+        f"{', '.join(f'{w}x{h}' for w, h in args.sizes)} px ({images_desc}), multipart {args.input_format.upper()}, "
+        "PNG output",
+        f"- tile {args.tile_size or model.get('tile_size', '?')} px (overlap {args.tile_overlap}), at most "
         f"{model.get('max_tiles_per_batch', '?')} tiles per "
         f"denoiser call ({'set' if args.max_tiles_per_batch else 'chosen by the service'}), precision "
         f"{model.get('precision', '?')}, max batch wait {args.max_batch_wait_ms:g} ms, reproducible "
@@ -318,7 +322,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="sampling steps per request")
     p.add_argument("--sizes", type=parse_sizes, help="input sizes WxH (LR pixels), e.g. 32x32,56x32")
     p.add_argument("--modes", default="on,off", help="continuous batching modes to run: on, off or on,off")
-    p.add_argument("--tile-size", type=int, help="SAMDIFFSR_TILE_SIZE")
+    p.add_argument("--tile-size", type=int, help="SAMDIFFSR_TILE_SIZE (0: each model's own)")
+    p.add_argument("--input-format", choices=["png", "jpeg"], default="png",
+                   help="how the inputs are uploaded (jpeg: quality 90; default png)")
     p.add_argument("--tile-overlap", type=int, help="SAMDIFFSR_TILE_OVERLAP")
     p.add_argument("--max-tiles-per-batch", type=int, help="SAMDIFFSR_MAX_TILES_PER_BATCH (0: the service's choice)")
     p.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="SAMDIFFSR_MAX_BATCH_WAIT_MS")
@@ -362,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint, desc = DEFAULT_CHECKPOINT, "checkpoints/default"
         else:
             checkpoint, desc = random_checkpoint(workdir, args.preset), f"random {args.preset} weights, seed 0"
-        images, images_desc = make_images(args.images, args.sizes)
+        images, images_desc = make_images(args.images, args.sizes, args.input_format)
         levels: list[LevelStats] = []
         try:
             for mode in args.modes:
