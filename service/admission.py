@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from model.config import ModelConfig
 from model.imaging import check_frames
 from model.upscale import Upscaler
 from service.errors import ImageTooLarge, QueueFull
@@ -70,7 +71,6 @@ def estimate(upscaler: Upscaler, data: bytes, steps: int, ensemble: int = 1,
     gray = mode in GRAY_MODES
     lr_px, hr_px = w * h, w * h * s * s
     th, tw = grid.tile_shape
-    tile_px = th * tw * s * s
     memory = (
         len(data)
         + lr_px * (12 + 4 + (4 if alpha else 0))  # float RGB, Pillow's decoded copy, alpha
@@ -78,9 +78,17 @@ def estimate(upscaler: Upscaler, data: bytes, steps: int, ensemble: int = 1,
         + (hr_px * 4 * 3 * 2 if ensemble > 1 else 0)  # their float sum and one member's float copy
         + (hr_px * 5 if alpha else 0)  # upscaled alpha, float then 8-bit
         + ensemble * 3 * th * s * grid.padded_width * s * 16  # float rows being blended
-        + min(len(grid) * ensemble, upscaler.max_batch * 2) * tile_px * 4 * (4 * 3 + cfg.cond_channels)  # active
+        + min(len(grid) * ensemble, upscaler.max_batch * 2) * active_tile_bytes(cfg, th, tw)
     )
     return Cost(w, h, len(grid) * ensemble, steps, memory, ensemble, (1 if gray else 3) + (1 if alpha else 0))
+
+
+def active_tile_bytes(cfg: ModelConfig, th: int, tw: int) -> int:
+    """One LR tile in flight: four float32 RGB images at the output size (the track's x, its base, up(LR), the
+    result) and the condition the encoder returns for it (`ModelConfig.cond_shape`: at the output size for the
+    original U-Net, 16 times smaller for the LR-space one)."""
+    c, h, w = cfg.cond_shape(th, tw)
+    return 4 * (4 * 3 * th * tw * cfg.scale**2 + c * h * w)
 
 
 def check_limits(cost: Cost, max_work: int, budget_bytes: int) -> None:

@@ -114,3 +114,15 @@ def test_unknown_options_are_refused() -> None:
         ModelConfig(denoiser_space="latent")  # type: ignore[arg-type]
     old = {k: v for k, v in TINY.to_dict().items() if k not in ("encoder", "denoiser_space")}
     assert ModelConfig.from_dict(old) == TINY  # checkpoints written before the options load as the original shapes
+
+
+def test_admission_counts_each_models_own_condition() -> None:
+    """The memory set aside for a tile in flight counts the condition the encoder really returns: at the output
+    size for the original U-Net, 16 times smaller for the LR-space one (whose deep RRDB features are never kept)."""
+    from service.admission import active_tile_bytes
+
+    hr = dataclasses.replace(PRESETS["small"], rrdb_num_block=6, rrdb_num_feat=48, hidden_size=48)
+    lr = dataclasses.replace(hr, denoiser_space="lr")
+    images = 4 * 4 * 3 * 64 * 64 * 16  # x, base, up(LR), result: float32 RGB at 256x256
+    assert active_tile_bytes(hr, 64, 64) == images + 4 * 48 * 256 * 256
+    assert active_tile_bytes(lr, 64, 64) == images + 4 * 48 * 64 * 64
