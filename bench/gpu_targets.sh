@@ -4,7 +4,8 @@
 #   2. quality: the GPU model against the small one on the whole validation photos, clean and JPEG 75;
 #   3. throughput: 8 concurrent clients, 512x512 JPEG inputs, default settings: output MP/s and p95 latency of the
 #      small model and of the GPU model (bench/load_bench.py);
-#   4. the network's share of a 512 -> 2048 request in process (bench/serve_bench.py).
+#   4. the network's share of a 512 -> 2048 request in process (bench/serve_bench.py), and where the worker's
+#      time goes (bench/worker_bench.py).
 #
 #   bash bench/gpu_targets.sh LARGE_CHECKPOINT [SMALL_CHECKPOINT]     # writes $OUT (or runs/gpu-targets)/*.md
 #
@@ -39,6 +40,8 @@ for ckpt in "$small" "$large"; do
 done
 "$py" bench/serve_bench.py --checkpoint "$large" --device "$device" --size "$size" --configs torch:bf16:auto:on \
     > "$out/serve-large.md"
+# Where the worker's time goes (decode, tiles, network, blending, encode) at 8 images of 512 px: what to cut next.
+"$py" bench/worker_bench.py --checkpoint "$large" --device "$device" --n 8 --size "$size" > "$out/worker-large.md"
 cat "$out"/eval-*/degradations.md || true
 grep -h "^| on | 8 " "$out"/load-*.md || true
 echo "tables in $out"
