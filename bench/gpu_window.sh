@@ -85,6 +85,8 @@ run() {
         --set "data.train_dir=$WINDOW/photos" --set "data.val_dir=$WINDOW/val" --set "data.spe_dir=$work/spe" \
         --set "data.cache_dir=$work/cache" "${start[@]}" --export "$out" --export-max-state-mib "$MAX_STATE_MIB" \
         --no-progress 2>&1 | tee "$out/train.log"
+    python3 -c 'import sys; from pathlib import Path; from training.window import check_transfer
+print("\n".join(check_transfer(Path(sys.argv[1]), 8, 16)) or "the output fits the transfer: 8 files of 16 MiB")' "$out"
 }
 
 "${1:?wheels, pack or run}" "${@:2}"

@@ -465,8 +465,9 @@ def test_the_gpu_window_script_packs_a_shard_and_trains_two_windows_in_a_row(dat
         packed = subprocess.run(["bash", *script, "pack", str(window - 1), "2", *prev], env=env, capture_output=True,
                                 text=True, check=True)
         assert packed.stdout.startswith("2 photos;"), packed.stdout
-        subprocess.run(["bash", *script, "run", "0.04", str(config)], env={**env, "OUT": str(out)},
-                       capture_output=True, check=True, timeout=300)
+        ran = subprocess.run(["bash", *script, "run", "0.04", str(config)], env={**env, "OUT": str(out)},
+                             capture_output=True, text=True, check=True, timeout=300)
+        assert ran.stdout.rstrip().endswith("files > 8"), ran.stdout[-500:]  # tiny shards: too many to come back
         figures = json.loads((out / "window.json").read_text())
         assert figures["state_exported"] and (out / "train.log").exists()
         steps.append((figures["start_step"], figures["step"]))
