@@ -3,7 +3,7 @@
 #
 # The machine gets a copy of the repository and what is carried (64 MiB in all, the tracked files included) and
 # returns at most 8 files of 16 MiB from $OUT; it starts bare each time. So a window carries a shard of the training
-# photos with their SAM masks (the SPE maps are made on the GPU host from the masks: they are 12 times larger) and
+# photos with their masks (`make masks`; the SPE maps are made on the GPU host from them: 28 times larger) and
 # the last window's exported folder, and returns the new one.
 #
 #   bash bench/gpu_window.sh wheels                   # here, once: the Python packages the GPU image lacks -> .whl/
@@ -14,7 +14,7 @@
 #
 # `run` writes to $OUT: checkpoint/ (fp16 weights), state/ (the exact state, when it fits the transfer), metrics.csv,
 # window.json (steps/s, patches/s, data wait, GPU busy time, peak memory) and train.log. Copy $OUT back to
-# runs/windows/N, and `pack` the next window with PREV=runs/windows/N.
+# runs/windows/N, and `pack` the next window with runs/windows/N as PREV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
