@@ -26,8 +26,8 @@ from model.checkpoint import CheckpointInfo, save_checkpoint
 from model.config import PRESETS, ModelConfig
 from model.network import SRDiffNet
 
-ROOT = Path(__file__).resolve().parents[1]
-CANDIDATES = "m8=8:48:24:32,m10=8:64:32:48,m17=12:64:32:64,m26=23:64:32:64"
+# Named by their millions of parameters; m8 is configs/large.yaml's provisional size.
+CANDIDATES = "m5=8:48:24:32,m8=8:64:32:32,m11=8:64:32:48,m17=12:64:32:64,m26=23:64:32:64"
 
 
 def candidate(spec: str) -> tuple[str, ModelConfig]:
