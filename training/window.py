@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from model.runtime import resolve_device
 from training.state import atomic_dir, commit_dir, state_files
 
 if TYPE_CHECKING:
@@ -43,11 +44,11 @@ def import_state(prev: Path, run_dir: Path) -> bool:
     """Copy a previous window's exported state (and its metrics) into `run_dir`, unless the run directory is as
     far already; True when copied."""
     src, dst = prev / "state", run_dir / "state"
-    if saved_step(src) < 0:
+    src_step, dst_step = saved_step(src), saved_step(dst)
+    if src_step < 0:
         raise FileNotFoundError(f"no training state in {src} (a window's --export folder has state/state.json)")
-    if saved_step(src) <= saved_step(dst):
-        log.info("%s is at step %d, not behind %s (step %d): resuming from it", dst, saved_step(dst), src,
-                 saved_step(src))
+    if src_step <= dst_step:
+        log.info("%s is at step %d, not behind %s (step %d): resuming from it", dst, dst_step, src, src_step)
         return False
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = atomic_dir(dst)
@@ -56,7 +57,7 @@ def import_state(prev: Path, run_dir: Path) -> bool:
     commit_dir(tmp, dst)
     if (prev / "metrics.csv").exists():
         shutil.copy2(prev / "metrics.csv", run_dir / "metrics.csv")
-    log.info("resuming from %s at step %d", src, saved_step(dst))
+    log.info("resuming from %s at step %d", src, src_step)
     return True
 
 
@@ -98,13 +99,12 @@ class Exporter:
     def __init__(self, out: Path, start_step: int, device: str = "auto", max_state_mib: float = 0) -> None:
         self.out, self.start_step, self.max_state_mib = out, start_step, max_state_mib
         self.t0 = time.monotonic()
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        self.busy = GpuBusy(torch.device(auto if device == "auto" else device))
+        self.busy = GpuBusy(resolve_device(device))
         out.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, trainer: Trainer) -> None:
         names = ["checkpoint"]
-        state_mib = sum(f.stat().st_size for f in (trainer.out / "state").iterdir()) / 2**20
+        state_mib = folder_mib(trainer.out / "state")
         if self.max_state_mib and state_mib > self.max_state_mib:
             log.warning("the training state (%.0f MiB) is over --export-max-state-mib (%.0f): exporting the weights "
                         "only, from which a next window starts afresh (run.init), not exactly", state_mib,
@@ -118,13 +118,13 @@ class Exporter:
             commit_dir(tmp, self.out / name)
         if trainer.runlog.path.exists():
             shutil.copy2(trainer.runlog.path, self.out / "metrics.csv")
-        figures = self.figures(trainer)
+        figures = self.figures(trainer, state_mib)
         (self.out / "window.json").write_text(json.dumps(figures, indent=2) + "\n")
         log.info("window: step %d, %.2f steps/s, data wait %.0f%%, GPU busy %s%%", figures["step"],
                  figures["steps_per_s"], 100 * figures["data_wait_share"], figures["gpu_busy_percent"])
 
-    def figures(self, trainer: Trainer) -> dict[str, Any]:
-        """This window's figures so far."""
+    def figures(self, trainer: Trainer, state_mib: float) -> dict[str, Any]:
+        """This window's figures so far (`state_mib`: the size of the run's training state)."""
         wall = max(time.monotonic() - self.t0, 1e-9)
         steps = trainer.step - self.start_step
         batch = trainer.cfg.data.batch_size * trainer.d.world
@@ -139,7 +139,7 @@ class Exporter:
             "gpu_busy_percent": self.busy.percent,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda"
             else None,
-            "state_mib": round(sum(f.stat().st_size for f in (trainer.out / "state").iterdir()) / 2**20, 1),
+            "state_mib": round(state_mib, 1),
             "state_exported": (self.out / "state").exists(),
         }
 
@@ -147,11 +147,16 @@ class Exporter:
         self.busy.close()
 
 
+def folder_mib(folder: Path) -> float:
+    """The size of a folder's files (not its subfolders'), in MiB."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20
+
+
 def check_transfer(out: Path, max_files: int, max_file_mib: float) -> list[str]:
     """What in `out` breaks a transfer's limits (files, size per file): one line each, none when it fits."""
-    files = [f for f in out.rglob("*") if f.is_file()]
-    problems = [f"{f.relative_to(out)}: {f.stat().st_size / 2**20:.1f} MiB > {max_file_mib} MiB" for f in files
-                if f.stat().st_size > max_file_mib * 2**20]
-    if len(files) > max_files:
-        problems.append(f"{len(files)} files > {max_files}")
+    sizes = {f: f.stat().st_size / 2**20 for f in out.rglob("*") if f.is_file()}
+    problems = [f"{f.relative_to(out)}: {mib:.1f} MiB > {max_file_mib} MiB" for f, mib in sizes.items()
+                if mib > max_file_mib]
+    if len(sizes) > max_files:
+        problems.append(f"{len(sizes)} files > {max_files}")
     return problems
