@@ -102,8 +102,9 @@ def parse_ints(text: str) -> list[int]:
 
 def make_images(images_dir: Path, sizes: list[tuple[int, int]],
                 fmt: str = "png") -> tuple[list[tuple[str, bytes]], str]:
-    """Centre crops (PNG, or JPEG at quality 90) of every size from every *.png in `images_dir` (sizes alternate,
-    so that every concurrency level gets a mix); a synthetic pattern for a size no image is large enough for."""
+    """(file name, bytes) of centre crops (PNG, or JPEG at quality 90) of every size from every *.png in
+    `images_dir` (sizes alternate, so that every concurrency level gets a mix); a synthetic pattern for a size no
+    image is large enough for."""
     paths = sorted(images_dir.glob("*.png")) if images_dir.is_dir() else []
     out = []
     for path in paths:
@@ -111,12 +112,12 @@ def make_images(images_dir: Path, sizes: list[tuple[int, int]],
         for w, h in sizes:
             if img.width >= w and img.height >= h:
                 x, y = (img.width - w) // 2, (img.height - h) // 2
-                out.append((f"{path.stem}-{w}x{h}", _encode(img.crop((x, y, x + w, y + h)), fmt)))
+                out.append((f"{path.stem}-{w}x{h}.{fmt}", _encode(img.crop((x, y, x + w, y + h)), fmt)))
     for w, h in sizes:
-        if not any(n.endswith(f"-{w}x{h}") for n, _ in out):
+        if not any(n.endswith(f"-{w}x{h}.{fmt}") for n, _ in out):
             yy, xx = np.mgrid[0:h, 0:w]
             arr = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx ^ yy) & 255], -1)
-            out.append((f"synthetic-{w}x{h}", _encode(Image.fromarray(arr.astype(np.uint8)), fmt)))
+            out.append((f"synthetic-{w}x{h}.{fmt}", _encode(Image.fromarray(arr.astype(np.uint8)), fmt)))
     where = (f"centre crops of {', '.join(p.name for p in paths)} in {images_dir}" if paths
              else f"synthetic patterns: {images_dir} has no *.png")
     return out, where
@@ -124,7 +125,7 @@ def make_images(images_dir: Path, sizes: list[tuple[int, int]],
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="PNG") if fmt == "png" else img.save(buf, format="JPEG", quality=90)
+    img.save(buf, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
     return buf.getvalue()
 
 
@@ -163,8 +164,7 @@ def run_level(url: str, images: list[tuple[str, bytes]], concurrency: int, n_req
             name, data = images[i % len(images)]
             t0 = time.perf_counter()
             try:
-                kind = "jpeg" if data[:3] == b"\xff\xd8\xff" else "png"
-                r = client.post("/v1/upscale", files={"image": (f"{name}.{kind}", data, f"image/{kind}")},
+                r = client.post("/v1/upscale", files={"image": (name, data, f"image/{Path(name).suffix[1:]}")},
                                 params={"steps": steps, "seed": i})
             except httpx.HTTPError as e:
                 return Result(time.perf_counter() - t0, 0, error=type(e).__name__)
