@@ -145,4 +145,3 @@ def test_repack_stores_the_weights_in_half_precision(tmp_path: Path, tiny_checkp
             for p in (tiny_checkpoint, out))
     assert 0 < abs(a - b).mean() < 2e-3 and abs(a - b).max() < 0.1
     assert main(["repack", str(out), str(out)]) == 2
-
