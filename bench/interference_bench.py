@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {"SAMDIFFSR_LOG_LEVEL": "warning", "SAMDIFFSR_REQUEST_TIMEOUT_S": "900"}
     env.update(kv.split("=", 1) for kv in args.env)
     images, _ = make_images(args.images, [(args.small, args.small), (args.large, args.large)])
-    small = next(d for n, d in images if n.endswith(f"-{args.small}x{args.small}"))
-    large = next(d for n, d in images if n.endswith(f"-{args.large}x{args.large}"))
+    small = next(d for n, d in images if n.endswith(f"-{args.small}x{args.small}.png"))
+    large = next(d for n, d in images if n.endswith(f"-{args.large}x{args.large}.png"))
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(args.checkpoint, env, Path(tmp) / "server.log", cwd=ROOT)
         try:
