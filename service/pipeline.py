@@ -15,10 +15,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from model.imaging import DecodedImage, pil_bytes, quantize, resize_alpha
+from model.imaging import DecodedImage, encode_pixels, quantize, resize_alpha
 from model.inputs import lr_inputs, uses_up
 from model.tiling import TileGrid, blend_ramps, pad_to
 from model.upscale import Upscaler, ensemble_flips, flip
@@ -242,9 +241,8 @@ def finish(upscaler: Upscaler, prep: Prepared, sr_tiles: Tensor) -> DecodedImage
 
 def encode_canvas(canvas: Canvas, image: DecodedImage, fmt: str = "png", quality: int = 95) -> bytes:
     """The finished canvas of `image` as PNG, JPEG or WebP bytes; alpha (upscaled) kept in PNG and WebP."""
-    pil = Image.fromarray(canvas.pixels)  # L, I;16 or RGB
+    pix = canvas.pixels  # (H, W) gray, 8- or 16-bit, or (H, W, 3) RGB
     if image.alpha is not None and fmt != "jpeg":
-        alpha = Image.fromarray(quantize(resize_alpha(image.alpha, canvas.grid.scale), 8))
-        pil = pil.convert("LA" if image.grayscale else "RGBA")
-        pil.putalpha(alpha)
-    return pil_bytes(pil, fmt, quality)
+        alpha = quantize(resize_alpha(image.alpha, canvas.grid.scale), 8)
+        pix = np.dstack((pix, alpha))  # gray + alpha (the canvas is 8-bit where there is alpha) or RGBA
+    return encode_pixels(pix, fmt, quality)

@@ -66,3 +66,9 @@ def test_gpu_size_bench_times_candidates_against_the_baseline(tiny_checkpoint: P
     assert len(rows) == 4, out  # each candidate in the timing table and in the size table
     assert "| b | 0.48 M |" in out, out
     assert "largest within 1000.0 s/MP on cpu: b" in out, out
+
+
+def test_png_bench_compares_the_writers() -> None:
+    out = _bench("png_bench.py", "--size", "64", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith(("| photo 64x64 |", "| graphic 64x64 |"))]
+    assert len(rows) == 2 and all(r.endswith("x |") for r in rows), out

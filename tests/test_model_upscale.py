@@ -85,6 +85,31 @@ def test_sixteen_bit_png(upscaler: Upscaler) -> None:
     assert np.asarray(res).max() > 255  # still 16-bit
 
 
+@pytest.mark.parametrize("grayscale, alpha, depth, mode", [
+    (True, False, 8, "L"), (True, True, 8, "LA"), (False, False, 8, "RGB"), (False, True, 8, "RGBA"),
+    (True, False, 16, "I;16"),
+])
+def test_png_is_lossless_in_every_layout(grayscale: bool, alpha: bool, depth: int, mode: str) -> None:
+    rng = np.random.default_rng(0)
+    top = 2**depth - 1
+    gray = rng.integers(0, top + 1, (9, 14)) / top
+    rgb = np.repeat(gray[:, :, None], 3, 2) if grayscale else rng.integers(0, 256, (9, 14, 3)) / 255
+    img = DecodedImage(rgb=rgb.astype(np.float32), alpha=(rng.integers(0, 256, (9, 14)) / 255).astype(np.float32)
+                       if alpha else None, grayscale=grayscale, bit_depth=depth)
+    res = Image.open(io.BytesIO(encode_image(img, "png")))
+    assert res.mode == mode
+    back = decode_image(png_bytes(res))
+    assert np.array_equal(np.round(back.rgb * top), np.round(img.rgb * top))
+    if alpha:
+        assert np.array_equal(np.round(back.alpha * 255), np.round(img.alpha * 255))
+
+
+def test_png_of_a_flat_graphic_is_small() -> None:
+    flat = np.zeros((512, 512, 3), np.float32)
+    flat[:, 256:] = 0.8
+    assert len(encode_image(DecodedImage(rgb=flat), "png")) < 512 * 512 * 3 / 200
+
+
 def test_exif_rotation_is_applied(photo: Path) -> None:
     img = crop_of(photo, 20, 10)
     exif = Image.Exif()
