@@ -1,5 +1,3 @@
-import sys
+from samdiffsr.cli import run
 
-from samdiffsr.cli import main
-
-sys.exit(main())
+run()

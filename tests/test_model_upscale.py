@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +266,19 @@ def test_upscale_command_rejects_unknown_output_format(tiny_checkpoint: Path, ph
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["upscale", str(photo), str(tmp_path / "o.bmp"), "--checkpoint", str(tiny_checkpoint)]) == 2
     assert ".png" in capsys.readouterr().err
+
+
+def test_the_command_as_a_process_exits_with_the_commands_code(tiny_checkpoint: Path, photo: Path,
+                                                                tmp_path: Path) -> None:
+    src, out = tmp_path / "in.png", tmp_path / "o.png"
+    crop_of(photo, 24, 20).save(src)
+    ok = subprocess.run([sys.executable, "-m", "samdiffsr", "upscale", str(src), str(out), "--checkpoint",
+                         str(tiny_checkpoint), "--tile", "16"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert Image.open(out).size == (96, 80)
+    bad = subprocess.run([sys.executable, "-m", "samdiffsr", "upscale", str(tmp_path / "missing.png"), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 
 def test_decoded_image_type() -> None:
