@@ -95,7 +95,11 @@ class Service:
                    for mid, rt in self.runtimes.items()}
         # One batch limit for the worker: the smallest that suits every model (calls never mix models).
         batch = min(z.batch for z in sizings.values())
-        grow = SNUG_GROW if s.snug_tiles else 1.0
+        # Snug tiles cut the work an image costs (2 CPU cores, a mix of photo sizes, `bench/tiling_bench.py`: 13%
+        # less time for `default`, 16% for `fast` at 128-px tiles; docs/benchmarks.md), but tiles of different
+        # images then rarely share a call: by default they are on where a call takes one tile anyway.
+        snug = batch == 1 if s.snug_tiles is None else s.snug_tiles
+        grow = SNUG_GROW if snug else 1.0
         self.registry = Registry({
             mid: serve_model(mid, rt, sizings[mid], tiles[mid], s.tile_overlap, grow, s.default_steps, batch)
             for mid, rt in self.runtimes.items()}, s.default_model or "")
@@ -199,6 +203,8 @@ class ModelCard(BaseModel):
     max_steps: int
     tile_size: int
     tile_overlap: int
+    snug_tiles: bool = Field(description="Each image's tiles sized to it (up to 1.25 x tile_size; "
+                             "SAMDIFFSR_SNUG_TILES, by default on where a call takes one tile).")
     max_tiles_per_batch: int
     precision: str
     continuous_batching: bool
@@ -281,7 +287,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
     def card(m: ServedModel) -> ModelCard:
         default = service.registry.choose(None, lossy=False).id == m.id
         return ModelCard(**m.card(), default=default, tile_size=m.upscaler.tile,
-                         tile_overlap=settings.tile_overlap, continuous_batching=settings.continuous_batching,
+                         tile_overlap=settings.tile_overlap, snug_tiles=m.upscaler.grow > 1,
+                         continuous_batching=settings.continuous_batching,
                          reproducible=settings.reproducible, ready=service.ready.is_set())
 
     def loaded() -> Registry:

@@ -45,8 +45,10 @@ class Settings(BaseSettings):
     tile_size: int | None = Field(None, ge=8, le=1024, description="LR tile size in pixels (output tiles are 4x); "
                                   "default: each model's own (extras['default_tile'] in its config.json, else 64).")
     tile_overlap: int = Field(8, ge=0, description="LR overlap between neighbouring tiles.")
-    snug_tiles: bool = Field(False, description="Size each image's tiles to it (up to 1.25 x tile_size) so that it "
-                             "needs fewer tiles; tiles of different sizes do not share a denoiser call.")
+    snug_tiles: bool | None = Field(None, description="Size each image's tiles to it (up to 1.25 x tile_size) so "
+                                    "that it needs fewer tiles and less overlap; tiles of different sizes do not "
+                                    "share a denoiser call. Default: on where a call takes one tile anyway (the "
+                                    "CPU's batch for tiles of 64 px and more), off where calls batch tiles.")
     max_tiles_per_batch: int | None = Field(None, ge=1, le=1024, description="Most tiles in one denoiser call "
                                             "(default: what suits the device, model/sizing.py).")
     max_active_tiles: int | None = Field(None, ge=1, description="Most tiles being sampled at once "

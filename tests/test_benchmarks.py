@@ -72,3 +72,10 @@ def test_png_bench_compares_the_writers() -> None:
     out = _bench("png_bench.py", "--size", "64", "--repeats", "1")
     rows = [line for line in out.splitlines() if line.startswith(("| photo 64x64 |", "| graphic 64x64 |"))]
     assert len(rows) == 2 and all(r.endswith("x |") for r in rows), out
+
+
+def test_tiling_bench_prints_fixed_and_snug_rows(tiny_checkpoint: Path) -> None:
+    out = _bench("tiling_bench.py", str(tiny_checkpoint), "--tiles", "16", "--overlap", "4", "--images", "2",
+                 "--sides", "20,40", "--steps", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| 16 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["fixed", "snug"] and rows[0].endswith("| 1.00 |"), out

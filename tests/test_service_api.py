@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model.imaging import decode_image
 from model.runtime import load_runtime
+from model.sizing import SNUG_GROW
 from model.upscale import Upscaler
 from service.batcher import PACE_CALLS
 from service.settings import Settings
@@ -147,6 +148,26 @@ def test_self_ensemble_matches_the_upscaler(server, client, photo_img, tiny_chec
         assert got.shape == (80, 112, 3) and np.abs(got - ref).max() <= 1.01
         assert r.content != plain.content
     assert plain.headers["x-ensemble"] == "1"
+
+
+@pytest.mark.parametrize("batch, setting, snug, tiles", [(1, None, True, 2), (4, None, False, 4), (1, False, False, 4),
+                                                         (4, True, True, 2)])
+def test_snug_tiles_by_default_where_a_call_takes_one_tile(tiny_checkpoint, photo_img, batch, setting, snug,
+                                                            tiles) -> None:
+    """A call of one tile has nothing to share: each image's tiles are then sized to it (a 28x20 image at 16-px
+    tiles, 4 of overlap: 2 tiles of 20x16, not 4 of 16x16). Calls of several tiles keep fixed tiles; the setting
+    wins over both. The snug output is what the CLI's Upscaler gives with the same tiles."""
+    data = png(crop(photo_img, 28, 20))
+    settings = Settings(checkpoint=tiny_checkpoint, **{**BASE, "max_tiles_per_batch": batch, "snug_tiles": setting})
+    with LiveServer(settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        (card,) = c.get("/v1/models").json()["models"]
+        assert card["snug_tiles"] is snug
+        r = upload(c, data, {"seed": 5})
+        assert r.status_code == 200 and int(r.headers["x-tiles"]) == tiles, r.text
+    rt = load_runtime(tiny_checkpoint, "torch", "cpu", precision=card["precision"])
+    ref = Upscaler(rt, tile=16, overlap=4, max_batch=batch, fit=True, grow=SNUG_GROW if snug else 1.0)
+    got = np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.float32)
+    assert np.abs(got - ref.upscale(decode_image(data), steps=2, seed=5).rgb * 255).max() <= 1.01
 
 
 @pytest.mark.parametrize("fmt,media,quality", [("jpeg", "image/jpeg", 40), ("jpg", "image/jpeg", 90),
