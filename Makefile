@@ -79,8 +79,7 @@ default-model: masks
 
 # The efficient model (checkpoints/fast, configs/fast.yaml): RLFB encoder and LR-space denoiser trained together
 # from scratch, one stage. A campaign over sessions like the default's; `samdiffsr repack $(RUNS)/fast/checkpoint
-# checkpoints/fast --dtype fp16` ships it, then its config.json gets back the shipped extras.default_steps (0: the
-# training config keeps 1, whose plan diffusion.plan_prob draws from) and card (docs/model-card.md).
+# checkpoints/fast --dtype fp16` ships it, then its config.json gets back its card (docs/model-card.md).
 fast-model: masks
 	$(BIN)/samdiffsr train diffusion --config configs/fast.yaml --out $(RUNS)/fast --spe-dir $(RUNS)/masks/train-spe
 

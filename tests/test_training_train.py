@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from model.loading import load_any
 from model.runtime import TorchRuntime
-from model.upscale import Upscaler
+from model.upscale import Upscaler, default_steps
 from training.config import ConfigError, load_config
 from training.objectives import draw_timesteps
 from training.optim import lr_at
@@ -272,6 +272,19 @@ def test_timesteps_drawn_from_the_served_plan() -> None:
     assert load_config(None, ["diffusion.plan_prob=0.5"]).diffusion.plan_prob == 0.5
     with pytest.raises(ConfigError, match="plan_prob"):
         load_config(None, ["diffusion.plan_prob=1.5"])
+
+
+def test_plan_steps_sets_the_trained_plan_apart_from_the_served_steps(rrdb_run: Path, dataset: Path,
+                                                                       tmp_path: Path) -> None:
+    """Unset, diffusion.plan_steps is the model's default steps; set to them it trains the same run; set to other
+    steps it draws other timesteps. The checkpoint records the plan it was trained for."""
+    extra = {"diffusion.rrdb_checkpoint": str(rrdb_run / "checkpoint"), "diffusion.plan_prob": "1.0"}
+    served = default_steps(load_any(_run(dataset, tmp_path, "diffusion", tmp_path / "a", 2, **extra))[1].config)
+    same = _run(dataset, tmp_path, "diffusion", tmp_path / "b", 2, **extra, **{"diffusion.plan_steps": str(served)})
+    other = _run(dataset, tmp_path, "diffusion", tmp_path / "c", 2, **extra,
+                 **{"diffusion.plan_steps": str(served + 1)})
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a") != _losses(tmp_path / "c")
+    assert [load_any(c)[1].training["plan_steps"] for c in (same, other)] == [served, served + 1]
 
 
 def test_lr_steps_down_from_decay_start() -> None:

@@ -132,9 +132,12 @@ class DiffusionSection(_Strict):
     # With a tuned encoder: the weight of stage 1's L1 (its x4 output against HR) added to the loss, so that
     # the encoder's own output (steps=0, the fidelity mode) stays an image and not only a base for the residual.
     encoder_l1: float = Field(default=0.0, ge=0.0)
-    # The fraction of training timesteps drawn from the served sampler's plan (the model's default steps, e.g.
-    # t = T-1 alone for one step) instead of uniformly: 0 is the paper's uniform draw.
+    # The fraction of training timesteps drawn from the served sampler's plan (t = T-1 alone for one step)
+    # instead of uniformly: 0 is the paper's uniform draw.
     plan_prob: float = Field(default=0.0, ge=0.0, le=1.0)
+    # The steps of that plan; default: the model's default steps (`extras.default_steps`). Set where the model is
+    # trained for one number of steps and served at another (`fast`: trained at 1, served at 0).
+    plan_steps: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check_encoder_l1(self) -> DiffusionSection:

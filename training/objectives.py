@@ -65,16 +65,16 @@ class DiffusionObjective(nn.Module):
 
 
 def draw_timesteps(n: int, num_timesteps: int, generator: torch.Generator, device: torch.device | str,
-                   plan: Sequence[int] = (), plan_prob: float = 0.0) -> Tensor:
+                   plan: Sequence[int] | Tensor = (), plan_prob: float = 0.0) -> Tensor:
     """`n` training timesteps, uniform over the schedule; with `plan_prob` > 0 each is, with that probability,
     one of `plan` instead (the timesteps the served sampler visits: t = T-1 alone for one step), so that the
     denoiser's answers from almost pure noise, the ones a one-step model serves, are trained most. With
     `plan_prob` 0 the draws are the same as ever."""
     t = torch.randint(0, num_timesteps, (n,), device=device, generator=generator)
-    if plan_prob > 0 and plan:
+    if plan_prob > 0 and len(plan):
         pick = torch.rand(n, device=device, generator=generator) < plan_prob
         which = torch.randint(0, len(plan), (n,), device=device, generator=generator)
-        t = torch.where(pick, torch.tensor(list(plan), device=device)[which], t)
+        t = torch.where(pick, torch.as_tensor(plan, device=device)[which], t)
     return t
 
 

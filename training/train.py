@@ -131,7 +131,9 @@ class Trainer:
         self.tune_encoder = stage == "diffusion" and cfg.diffusion.tunes_encoder
         self.module = trained_module(self.net, stage, self.tune_encoder)
         self.sched = make_schedule(self.mcfg.timesteps, self.mcfg.beta_s).to(device)
-        self.plan = timestep_plan(self.mcfg.timesteps, default_steps(self.mcfg))  # for diffusion.plan_prob
+        self.plan_steps = cfg.diffusion.plan_steps or default_steps(self.mcfg)  # for diffusion.plan_prob
+        self.plan = torch.tensor(timestep_plan(self.mcfg.timesteps, self.plan_steps), dtype=torch.long,
+                                 device=device)
         self.objective: nn.Module = RRDBObjective(self.net) if stage == "rrdb" else \
             DiffusionObjective(self.net, self.sched, cfg.diffusion.structure, self.tune_encoder,
                                cfg.diffusion.encoder_l1)
@@ -350,7 +352,7 @@ class Trainer:
                         "structure": bool(self.stage == "diffusion" and cfg.diffusion.structure),
                         "encoder_lr": cfg.diffusion.encoder_lr if self.tune_encoder else 0.0,
                         "encoder_l1": cfg.diffusion.encoder_l1 if self.tune_encoder else 0.0,
-                        "plan_prob": cfg.diffusion.plan_prob,
+                        "plan_prob": cfg.diffusion.plan_prob, "plan_steps": self.plan_steps,
                         "ema": cfg.optim.ema, "data": str(dcfg.train_dir), "images": len(self.images),
                         "hr_patch": dcfg.hr_patch, "batch_size": dcfg.batch_size * self.d.world,
                         "degradation": dcfg.degradation.kind, "val_degradation": cfg.val.degradation,
