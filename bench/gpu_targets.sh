@@ -11,7 +11,8 @@
 #
 # Through the device tool (carry .whl, and the large checkpoint if it is not committed):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-#     .whl/*.whl && PYTHONPATH=/tmp/site:$PWD bash bench/gpu_targets.sh runs/windows/3/checkpoint
+#     .whl/*.whl && cp -r .whl/site/. /tmp/site/ && PYTHONPATH=/tmp/site:$PWD bash bench/gpu_targets.sh \
+#     runs/windows/3/checkpoint
 # The service's packages (fastapi, uvicorn, ...) must be among the wheels for step 3:
 # `SERVICE_WHEELS=1 bash bench/gpu_window.sh wheels` fetches them with the training ones (3.6 MiB in all).
 set -euo pipefail
@@ -42,6 +43,7 @@ done
     > "$out/serve-large.md"
 # Where the worker's time goes (decode, tiles, network, blending, encode) at 8 images of 512 px: what to cut next.
 "$py" bench/worker_bench.py --checkpoint "$large" --device "$device" --n 8 --size "$size" > "$out/worker-large.md"
+"$py" bench/png_bench.py > "$out/png.md"  # the host CPU's PNG writing, Pillow against ours
 cat "$out"/eval-*/degradations.md || true
 grep -h "^| on | 8 " "$out"/load-*.md || true
 echo "tables in $out"

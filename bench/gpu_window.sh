@@ -10,7 +10,7 @@
 #   bash bench/gpu_window.sh pack SHARD SHARDS [PREV] # here: photos SHARD, SHARD+SHARDS, ... and PREV -> .window/
 #   bash bench/gpu_window.sh run [MINUTES] [CONFIG]   # on the GPU (the device tool, carrying .whl and .window):
 #       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-#         .whl/*.whl && PYTHONPATH=/tmp/site:$PWD bash bench/gpu_window.sh run 11
+#         .whl/*.whl && cp -r .whl/site/. /tmp/site/ && PYTHONPATH=/tmp/site:$PWD bash bench/gpu_window.sh run 11
 #
 # `run` writes to $OUT: checkpoint/ (fp16 weights), state/ (the exact state, when it fits the transfer), metrics.csv,
 # window.json (steps/s, patches/s, data wait, GPU busy time, peak memory) and train.log. Copy $OUT back to
@@ -32,9 +32,18 @@ wheels() {
                  rotary-embedding-torch)
     [[ -n "${SERVICE_WHEELS:-}" ]] && names+=(fastapi starlette annotated-doc uvicorn python-multipart
                                                pydantic-settings python-dotenv)
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl "${names[@]}"
+    local where=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+                 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+    python3 -m pip download "${where[@]}" -d .whl "${names[@]}"
+    # imagecodecs writes the service's PNGs; its wheel (28 MB, every codec) would not travel, its PNG codec
+    # (4 MB) does: unpacked into .whl/site, which the GPU host copies beside the installed wheels.
+    local tmp
+    tmp=$(mktemp -d)
+    python3 -m pip download "${where[@]}" -d "$tmp" imagecodecs
+    rm -rf .whl/site && mkdir -p .whl/site
+    unzip -q "$tmp"/imagecodecs-*.whl -d .whl/site 'imagecodecs/__init__.py' 'imagecodecs/imagecodecs.py' \
+        'imagecodecs/_shared*' 'imagecodecs/_png*' 'imagecodecs.libs/libpng*'
+    rm -rf "$tmp"
     du -sh .whl
 }
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-import imagecodecs
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -198,6 +197,8 @@ def png_bytes(pix: np.ndarray) -> bytes:
     zlib level 1 with run-length matching (Z_RLE) and the Paeth filter on every row: a 2048x2048 upscaled photo
     encodes in half Pillow's time at the same size (Pillow tries every filter on every row), and flat graphics
     still shrink 250x (docs/benchmarks.md)."""
+    import imagecodecs  # here: only what writes PNGs loads it (a training process never does)
+
     return imagecodecs.png_encode(np.ascontiguousarray(pix), level=1, strategy=imagecodecs.PNG.STRATEGY.RLE,
                                   filter=imagecodecs.PNG.FILTER.PAETH)
 
