@@ -39,7 +39,10 @@ def one(args: argparse.Namespace) -> dict:
     up = Upscaler(rt, tile=args.tile, overlap=args.overlap, max_batch=args.batch, fit=True,
                   grow=SNUG_GROW if args.snug else 1.0)
     src = decode_image(args.photo).rgb
-    crop = lambda h, w: DecodedImage(rgb=np.ascontiguousarray(src[:h, :w]))  # noqa: E731
+
+    def crop(h: int, w: int) -> DecodedImage:
+        return DecodedImage(rgb=np.ascontiguousarray(src[:h, :w]))
+
     up.upscale(crop(args.tile, args.tile), steps=steps)  # the service's warm-up: one full tile
     seconds = area = pixels = 0
     for h, w in sizes(args.images, args.seed, *args.sides):

@@ -195,8 +195,8 @@ def png_bytes(pix: np.ndarray) -> bytes:
     """(H, W[, C]) uint8 or uint16 pixels as PNG, by libpng through imagecodecs (it releases the GIL).
 
     zlib level 1 with run-length matching (Z_RLE) and the Paeth filter on every row: a 2048x2048 upscaled photo
-    encodes in half Pillow's time at the same size (Pillow tries every filter on every row), and flat graphics
-    still shrink 250x (docs/benchmarks.md)."""
+    encodes in half Pillow's time at the same size (Pillow tries every filter on every row), and a flat
+    2048x2048 graphic still takes 16 kB (docs/benchmarks.md)."""
     import imagecodecs  # here: only what writes PNGs loads it (a training process never does)
 
     return imagecodecs.png_encode(np.ascontiguousarray(pix), level=1, strategy=imagecodecs.PNG.STRATEGY.RLE,

@@ -285,6 +285,9 @@ def test_plan_steps_sets_the_trained_plan_apart_from_the_served_steps(rrdb_run: 
                  **{"diffusion.plan_steps": str(served + 1)})
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a") != _losses(tmp_path / "c")
     assert [load_any(c)[1].training["plan_steps"] for c in (same, other)] == [served, served + 1]
+    with pytest.raises(ValueError, match=r"set diffusion\.plan_steps"):  # a plan of 0 steps has no timestep
+        _run(dataset, tmp_path, "diffusion", tmp_path / "d", 2, **extra,
+             **{"model.overrides.extras": '{"default_steps": 0}'})
 
 
 def test_lr_steps_down_from_decay_start() -> None:

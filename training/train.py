@@ -134,6 +134,9 @@ class Trainer:
         self.plan_steps = cfg.diffusion.plan_steps or default_steps(self.mcfg)  # for diffusion.plan_prob
         self.plan = torch.tensor(timestep_plan(self.mcfg.timesteps, self.plan_steps), dtype=torch.long,
                                  device=device)
+        if stage == "diffusion" and cfg.diffusion.plan_prob > 0 and not len(self.plan):
+            raise ValueError("diffusion.plan_prob draws from the served plan, but the model serves 0 steps "
+                             "(extras.default_steps): set diffusion.plan_steps")
         self.objective: nn.Module = RRDBObjective(self.net) if stage == "rrdb" else \
             DiffusionObjective(self.net, self.sched, cfg.diffusion.structure, self.tune_encoder,
                                cfg.diffusion.encoder_l1)
