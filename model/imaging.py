@@ -185,10 +185,8 @@ def pixels(img: DecodedImage, fmt: str = "png") -> np.ndarray:
     fmt = fmt.lower()
     if img.bit_depth == 16 and fmt == "png" and img.grayscale and img.alpha is None:
         return quantize(img.rgb[:, :, 0], 16)
-    base = quantize(img.rgb[:, :, :1] if img.grayscale else img.rgb, 8)
-    if img.alpha is not None and fmt != "jpeg":
-        base = np.concatenate((base, quantize(img.alpha, 8)[:, :, None]), axis=2)
-    return base[:, :, 0] if base.shape[2] == 1 else base
+    base = quantize(img.rgb[:, :, 0] if img.grayscale else img.rgb, 8)
+    return np.dstack((base, quantize(img.alpha, 8))) if img.alpha is not None and fmt != "jpeg" else base
 
 
 def png_bytes(pix: np.ndarray) -> bytes:
