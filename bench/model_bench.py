@@ -165,7 +165,8 @@ def sample_naive(net: SRDiffNet, sched: Schedule, img_lr: Tensor, seed: int) -> 
     def noise() -> Tensor:
         return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(img_lr.device)
 
-    _, feats = net.rrdb(img_lr)  # once per image, as in the original `sample()`
+    sr, feats = net.rrdb(img_lr)  # once per image, as in the original `sample()`
+    feats = net.rrdb.condition(sr, feats)
     x = noise()
     for i in reversed(range(sched.num_timesteps)):
         t = torch.full((b,), i, device=img_lr.device, dtype=torch.long)

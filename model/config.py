@@ -6,13 +6,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from model.pretrained import NETWORKS, PretrainedEncoder, members
+
 Prediction = Literal["epsilon", "v", "sample"]
 ResidualBase = Literal["bicubic", "rrdb"]
-EncoderKind = Literal["rrdb", "rlfb"]
+# Our own encoders (`rrdb`, `rlfb`), or pretrained networks of the field by name (`model.pretrained`): one
+# (`rfdn`) or several fused (`rfdn+rlfn+safmn`).
+EncoderKind = str
 DenoiserSpace = Literal["hr", "lr"]
 PREDICTIONS: tuple[str, ...] = ("epsilon", "v", "sample")
 RESIDUAL_BASES: tuple[str, ...] = ("bicubic", "rrdb")
-ENCODERS: tuple[str, ...] = ("rrdb", "rlfb")
+ENCODERS: tuple[str, ...] = ("rrdb", "rlfb", *NETWORKS)
 DENOISER_SPACES: tuple[str, ...] = ("hr", "lr")
 
 
@@ -45,7 +49,9 @@ class ModelConfig:
     # The encoder's blocks: the original's residual-in-residual dense blocks (`rrdb`, upsampled by nearest + conv
     # at 2x and 4x), or residual local feature blocks (`rlfb`, RLFN's design: three 3x3 convolutions, a 1x1 and
     # spatial attention per block, a pixel-shuffle upsampler), about a quarter of the cost per block. Either
-    # way `rrdb_num_block` blocks of width `rrdb_num_feat` (`rrdb_growth` is RRDB's only).
+    # way `rrdb_num_block` blocks of width `rrdb_num_feat` (`rrdb_growth` is RRDB's only). Or a pretrained
+    # network of the field (`rfdn`, `rlfn`, `safmn`; several joined by `+` are fused), whose published
+    # architecture fixes its sizes: `rrdb_num_*` do not apply to them.
     encoder: EncoderKind = "rrdb"
     # Where the denoiser works: at the output resolution (`hr`, the original), or at the LR resolution (`lr`): the
     # residual is pixel-unshuffled by `scale` (3 * scale**2 channels, scale**2 fewer positions) on the way in and
@@ -73,11 +79,19 @@ class ModelConfig:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         if self.residual_base not in RESIDUAL_BASES:
             raise ValueError(f"residual_base must be one of {', '.join(RESIDUAL_BASES)}, got {self.residual_base!r}")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        if self.encoder not in ("rrdb", "rlfb") and not self.pretrained:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)} (pretrained ones may be joined by '+'), "
+                             f"got {self.encoder!r}")
+        if self.pretrained and self.scale != 4:
+            raise ValueError(f"the pretrained encoders are x4 networks; scale is {self.scale}")
         if self.denoiser_space not in DENOISER_SPACES:
             raise ValueError(f"denoiser_space must be one of {', '.join(DENOISER_SPACES)}, got {self.denoiser_space!r}")
         object.__setattr__(self, "dim_mults", tuple(int(m) for m in self.dim_mults))
+
+    @property
+    def pretrained(self) -> tuple[str, ...]:
+        """The pretrained networks the encoder is made of (`model.pretrained`); () for our own encoders."""
+        return members(self.encoder)
 
     @property
     def levels(self) -> int:
@@ -100,7 +114,10 @@ class ModelConfig:
 
     @property
     def cond_channels(self) -> int:
-        """Channels of the concatenated RRDB features 2, 5, 8, ... that condition the U-Net."""
+        """Channels of the encoder features that condition the U-Net: RRDB's (or RLFB's) features 2, 5, 8, ...
+        concatenated, or the pretrained networks' trunks and their x4 images at LR size."""
+        if self.pretrained:
+            return PretrainedEncoder.cond_channels(self.pretrained, self.scale)
         return self.rrdb_num_feat * len(range(2, self.rrdb_num_block + 1, 3))
 
     def cond_shape(self, lr_height: int, lr_width: int) -> tuple[int, int, int]:

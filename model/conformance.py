@@ -48,7 +48,7 @@ def compute(ref_dir: str | Path, vectors: dict[str, Tensor]) -> dict[str, Tensor
         out["rrdb_out"] = rrdb_out
         for i, f in enumerate(feats):
             out[f"rrdb_feature_{i}"] = f
-        cond = net.denoise_fn.project_cond(feats)
+        cond = net.denoise_fn.project_cond(net.rrdb.condition(rrdb_out, feats))
         if "denoise_x" in vectors:
             out["denoise_out"] = net.denoise(vectors["denoise_x"], vectors["denoise_t"], cond)
         for name, buf in sched.buffers().items():

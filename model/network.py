@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
+from model.pretrained import PretrainedEncoder
 
 # ----------------------------------------------------------------------------- RRDB encoder
 
@@ -88,6 +89,10 @@ class RRDBNet(nn.Module):
         out = self.conv_last(self.lrelu(self.HRconv(fea)))
         return out.clamp(0, 1) * 2 - 1, feas
 
+    def condition(self, sr: Tensor, feats: list[Tensor]) -> Tensor:
+        """The features that condition the U-Net: 2, 5, 8, ... concatenated (the original's)."""
+        return torch.cat(feats[2::3], 1)
+
 
 class ESA(nn.Module):
     """Enhanced spatial attention (RFANet, as RLFN uses it): a gate from a reduced, strided, max-pooled view.
@@ -148,8 +153,14 @@ class RLFBNet(nn.Module):
         out = F.pixel_shuffle(self.conv_up(fea), self.scale)
         return out.clamp(0, 1) * 2 - 1, feas
 
+    def condition(self, sr: Tensor, feats: list[Tensor]) -> Tensor:
+        """The features that condition the U-Net: 2, 5, 8, ... concatenated, as `RRDBNet`'s."""
+        return torch.cat(feats[2::3], 1)
+
 
 def build_encoder(cfg: ModelConfig) -> nn.Module:
+    if cfg.pretrained:
+        return PretrainedEncoder(cfg.pretrained, cfg.scale)
     if cfg.encoder == "rlfb":
         return RLFBNet(cfg.rrdb_num_feat, cfg.rrdb_num_block, cfg.scale)
     return RRDBNet(cfg.rrdb_num_feat, cfg.rrdb_num_block, cfg.rrdb_growth, cfg.scale)
@@ -253,9 +264,10 @@ class Unet(nn.Module):
             ]))
         self.final_conv = nn.Sequential(Block(dim, dim), nn.Conv2d(dim, channels, 1))
 
-    def project_cond(self, feats: list[Tensor]) -> Tensor:
-        """Project encoder features 2, 5, 8, ... to the U-Net's input size. Depends on the LR image only."""
-        return self.cond_proj(torch.cat(feats[2::3], 1))
+    def project_cond(self, cond: Tensor) -> Tensor:
+        """Project the encoder's conditioning features (`encoder.condition`) to the U-Net's input size. Depends
+        on the LR image only."""
+        return self.cond_proj(cond)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """`cond` is the output of `project_cond`; `t` holds one timestep per sample."""
@@ -295,7 +307,7 @@ class SRDiffNet(nn.Module):
         Computed once per image; the x4 image is the fidelity answer (`steps=0`) and, for models with
         `residual_base="rrdb"`, the base the diffusion residual is added to."""
         sr, feats = self.rrdb(img_lr)
-        return self.denoise_fn.project_cond(feats), sr
+        return self.denoise_fn.project_cond(self.rrdb.condition(sr, feats)), sr
 
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         return self.denoise_fn(x, t, cond)

@@ -49,7 +49,7 @@ class DiffusionObjective(nn.Module):
         # float32 one (measured on corpus-hr/val), far below the residual's scale.
         with torch.set_grad_enabled(self.tune_encoder):
             sr, feats = self.net.rrdb(img_lr)
-        cond = self.net.denoise_fn.project_cond(feats)
+        cond = self.net.denoise_fn.project_cond(self.net.rrdb.condition(sr, feats))
         base = sr.float() if cfg.residual_base == "rrdb" else img_lr_up
         if base is None:
             raise ValueError("residual_base 'bicubic' needs img_lr_up")

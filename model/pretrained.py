@@ -1,0 +1,375 @@
+"""Pretrained x4 networks of the efficient-SR field as LR encoders: RFDN, RLFN and SAFMN.
+
+Written from the architectures' published descriptions (RFDN: Liu et al., ECCV Workshops 2020; RLFN: Kong et al.,
+CVPR Workshops 2022; SAFMN: Sun et al., ICCV 2023). Module names follow the published state dicts, so their weights
+load strictly, key for key (`load_published`). Each network works in its own input range (RFDN and RLFN: [0, 255];
+SAFMN: [0, 1]); `PretrainedEncoder` wraps one or several of them in our encoder contract: LR in [-1, 1] ->
+(its x4 image in [-1, 1], the features that condition the denoiser). Several networks are fused by a learned
+per-member, per-channel weighting of their x4 images (initially their plain mean).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _lrelu(x: Tensor) -> Tensor:
+    return F.leaky_relu(x, 0.05)
+
+
+class ESA(nn.Module):
+    """Enhanced spatial attention: a gate computed on a strided, max-pooled view of the features.
+
+    `full` is RFDN's variant (three 3x3 convolutions on the pooled view), else RLFN's light one (one). As published:
+    the strided convolution and the pooling are unpadded, so inputs need at least 15 pixels a side."""
+
+    def __init__(self, nf: int, f: int, full: bool) -> None:
+        super().__init__()
+        self.full = full
+        self.conv1 = nn.Conv2d(nf, f, 1)
+        self.conv_f = nn.Conv2d(f, f, 1)
+        self.conv2 = nn.Conv2d(f, f, 3, 2, 0)
+        self.conv3 = nn.Conv2d(f, f, 3, 1, 1)
+        if full:
+            self.conv_max = nn.Conv2d(f, f, 3, 1, 1)
+            self.conv3_ = nn.Conv2d(f, f, 3, 1, 1)
+        self.conv4 = nn.Conv2d(f, nf, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c1 = self.conv1(x)
+        v = F.max_pool2d(self.conv2(c1), kernel_size=7, stride=3)
+        if self.full:
+            c3 = self.conv3_(F.relu(self.conv3(F.relu(self.conv_max(v)))))
+        else:
+            c3 = self.conv3(v)
+        c3 = F.interpolate(c3, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return x * torch.sigmoid(self.conv4(c3 + self.conv_f(c1)))
+
+
+# ----------------------------------------------------------------------------- RFDN
+
+
+class RFDB(nn.Module):
+    """Residual feature distillation block: three distil-and-refine steps, a fourth distillation, 1x1 fusion, ESA."""
+
+    def __init__(self, nf: int = 50) -> None:
+        super().__init__()
+        dc = nf // 2
+        for i in (1, 2, 3):
+            self.add_module(f"c{i}_d", nn.Conv2d(nf, dc, 1))
+            self.add_module(f"c{i}_r", nn.Conv2d(nf, nf, 3, 1, 1))
+        self.c4 = nn.Conv2d(nf, dc, 3, 1, 1)
+        self.c5 = nn.Conv2d(4 * dc, nf, 1)
+        self.esa = ESA(nf, 12, full=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts, h = [], x
+        for i in (1, 2, 3):
+            parts.append(_lrelu(getattr(self, f"c{i}_d")(h)))
+            h = _lrelu(getattr(self, f"c{i}_r")(h) + h)
+        parts.append(_lrelu(self.c4(h)))
+        return self.esa(self.c5(torch.cat(parts, 1)))
+
+
+class RFDN(nn.Module):
+    """RFDN (50 channels, 4 blocks). Input RGB in [0, 255]; returns (x4 image in [0, 255], LR trunk features)."""
+
+    channels = 50
+    input_range = 255.0
+
+    def __init__(self, nf: int = 50, blocks: int = 4, scale: int = 4) -> None:
+        super().__init__()
+        self.fea_conv = nn.Conv2d(3, nf, 3, 1, 1)
+        for i in range(1, blocks + 1):
+            self.add_module(f"B{i}", RFDB(nf))
+        self.blocks = blocks
+        self.c = nn.Sequential(nn.Conv2d(nf * blocks, nf, 1))
+        self.LR_conv = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.upsampler = nn.Sequential(nn.Conv2d(nf, 3 * scale * scale, 3, 1, 1), nn.PixelShuffle(scale))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        fea = self.fea_conv(x)
+        outs, h = [], fea
+        for i in range(1, self.blocks + 1):
+            h = getattr(self, f"B{i}")(h)
+            outs.append(h)
+        trunk = self.LR_conv(_lrelu(self.c(torch.cat(outs, 1)))) + fea
+        return self.upsampler(trunk), trunk
+
+
+# ----------------------------------------------------------------------------- RLFN
+
+
+class RLFB(nn.Module):
+    """Residual local feature block: three 3x3 convolutions with a residual, a 1x1, the light ESA."""
+
+    def __init__(self, nf: int = 46, mid: int = 48) -> None:
+        super().__init__()
+        self.c1_r = nn.Conv2d(nf, mid, 3, 1, 1)
+        self.c2_r = nn.Conv2d(mid, mid, 3, 1, 1)
+        self.c3_r = nn.Conv2d(mid, nf, 3, 1, 1)
+        self.c5 = nn.Conv2d(nf, nf, 1)
+        self.esa = ESA(nf, 16, full=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = _lrelu(self.c3_r(_lrelu(self.c2_r(_lrelu(self.c1_r(x))))))
+        return self.esa(self.c5(h + x))
+
+
+class RLFN(nn.Module):
+    """RLFN, the pruned model (46 channels, 4 blocks). Input RGB in [0, 255]; returns (x4 image, trunk features)."""
+
+    channels = 46
+    input_range = 255.0
+
+    def __init__(self, nf: int = 46, mid: int = 48, blocks: int = 4, scale: int = 4) -> None:
+        super().__init__()
+        self.conv_1 = nn.Conv2d(3, nf, 3, 1, 1)
+        for i in range(1, blocks + 1):
+            self.add_module(f"block_{i}", RLFB(nf, mid))
+        self.blocks = blocks
+        self.conv_2 = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.upsampler = nn.Sequential(nn.Conv2d(nf, 3 * scale * scale, 3, 1, 1), nn.PixelShuffle(scale))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        fea = h = self.conv_1(x)
+        for i in range(1, self.blocks + 1):
+            h = getattr(self, f"block_{i}")(h)
+        trunk = self.conv_2(h) + fea
+        return self.upsampler(trunk), trunk
+
+
+# ----------------------------------------------------------------------------- SAFMN
+
+
+class GlobalResponseNorm(nn.Module):
+    """Per channel: its L2 norm over the whole input, divided by the channels' mean norm, scales the features.
+    The statistics span the whole input: a tile is normalised by its own, not the image's."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, dim, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, dim, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.norm(x, p=2, dim=(2, 3), keepdim=True)
+        n = g / (g.mean(dim=1, keepdim=True) + 1e-6)
+        return self.gamma * (x * n) + self.beta + x
+
+
+class SAFM(nn.Module):
+    """Spatially-adaptive feature modulation: four channel groups at four scales, fused into a multiplicative gate."""
+
+    def __init__(self, dim: int, levels: int = 4) -> None:
+        super().__init__()
+        self.levels = levels
+        c = dim // levels
+        self.mfr = nn.ModuleList(nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False) for _ in range(levels))
+        self.aggr = nn.Conv2d(dim, dim, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        out = []
+        for i, (part, conv) in enumerate(zip(x.chunk(self.levels, dim=1), self.mfr, strict=True)):
+            if i == 0:
+                out.append(conv(part))
+                continue
+            pooled = F.adaptive_max_pool2d(part, (h // 2 ** (i + 1), w // 2 ** (i + 1)))
+            out.append(F.interpolate(conv(pooled), size=(h, w), mode="nearest"))
+        return F.gelu(self.aggr(torch.cat(out, 1))) * x
+
+
+class CCM(nn.Module):
+    """Convolutional channel mixer: 3x3 expand by 2, GELU, 1x1 back."""
+
+    def __init__(self, dim: int, growth: float = 2.0) -> None:
+        super().__init__()
+        hidden = int(dim * growth)
+        self.ccm = nn.Sequential(nn.Conv2d(dim, hidden, 3, 1, 1, bias=False), nn.GELU(),
+                                 nn.Conv2d(hidden, dim, 1, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ccm(x)
+
+
+class AttBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.safm = SAFM(dim)
+        self.ccm = CCM(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.safm(x) + x
+        return self.ccm(x) + x
+
+
+class SAFMN(nn.Module):
+    """SAFMN (dim 36, 8 blocks). Input RGB in [0, 1]; returns (x4 image in [0, 1], trunk features)."""
+
+    channels = 36
+    input_range = 1.0
+
+    def __init__(self, dim: int = 36, blocks: int = 8, scale: int = 4) -> None:
+        super().__init__()
+        self.scale = scale
+        self.to_feat = nn.Conv2d(3, dim, 3, 1, 1)
+        self.norm = GlobalResponseNorm(dim)
+        self.feats = nn.Sequential(*[AttBlock(dim) for _ in range(blocks)])
+        self.to_img = nn.Sequential(nn.Conv2d(dim, 3 * scale * scale, 3, 1, 1), nn.PixelShuffle(scale))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        trunk = self.feats(self.norm(self.to_feat(x)))  # no long skip: the normalisation's own residual is one
+        base = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return self.to_img(trunk) + base, trunk
+
+
+# ----------------------------------------------------------------------------- the published weights
+
+
+@dataclass(frozen=True)
+class Published:
+    """One network's published weights: where they come from and under which licence."""
+
+    network: type[nn.Module]
+    title: str
+    paper: str
+    file: str
+    sha256: str
+    parameters: int
+    source: str
+    licence: str
+    licence_files: tuple[str, ...]
+
+
+PUBLISHED: dict[str, Published] = {
+    "rfdn": Published(
+        RFDN, "RFDN, residual feature distillation network",
+        "Liu, Tang, Wu: Residual Feature Distillation Network for Lightweight Image Super-Resolution, "
+        "ECCV Workshops 2020", "rfdn_baseline.pth",
+        "11af8ec8ebd68689e90ef1e29044f9804c72d3bd9f7573820b7b26035782760c", 433_448,
+        "https://github.com/ofsoundof/NTIRE2022_ESR @ e95ba4a4916bb13d6348f7ee172827e2452e8a31: "
+        "model_zoo/rfdn_baseline.pth", "MIT", ("LICENSE",)),
+    "rlfn": Published(
+        RLFN, "RLFN, residual local feature network (pruned, 46 channels)",
+        "Kong et al.: Residual Local Feature Network for Efficient Super-Resolution, CVPR Workshops 2022",
+        "team00_rlfn.pth", "3c9be7b9d7a4bece9b68c83a56a1ffb38010f76413d5f215be6b4be842e18fb2", 317_218,
+        "https://github.com/Amazingren/NTIRE2024_ESR @ 6404fa48dde4a4adbf241a51debdc661aef20449: "
+        "model_zoo/team00_rlfn.pth", "MIT", ("LICENSE",)),
+    "safmn": Published(
+        SAFMN, "SAFMN, spatially-adaptive feature modulation network (dim 36, 8 blocks)",
+        "Sun, Pan, Tang: Spatially-Adaptive Feature Modulation for Efficient Image Super-Resolution, ICCV 2023",
+        "team15_SAFMN.pth", "93fe3d7175ef1446cfcb3a884ddf8bbb4391f31190e9d1bf6c6c1cb768f8b565", 237_000,
+        "https://github.com/sunny2109/SAFMN @ 68c2182e4f8829a979886b0a1cab8f269f91b321: "
+        "NTIRE2023_ESR/model_zoo/team15_SAFMN.pth", "MIT (the repository as a whole: Apache-2.0)",
+        ("LICENSE", "LICENSE-repo-Apache-2.0")),
+}
+NETWORKS: tuple[str, ...] = tuple(PUBLISHED)
+
+
+def members(encoder: str) -> tuple[str, ...]:
+    """The pretrained networks an encoder name stands for ('rfdn' -> ('rfdn',), 'rfdn+rlfn' -> both); () if none."""
+    names = tuple(encoder.split("+"))
+    return names if all(n in PUBLISHED for n in names) and len(set(names)) == len(names) else ()
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def published_state(path: str | Path) -> dict[str, Tensor]:
+    """A published state dict, without unpickling anything but tensors (BasicSR's `{"params": ...}` unwrapped)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and set(state) <= {"params", "params_ema"} and state:
+        state = state.get("params_ema", state.get("params"))
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def load_strict(net: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Load `state` into `net`: every key and shape must match, nothing left over; the error names the first
+    keys that do not."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                for label, items in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", shapes))
+                if items]
+    if problems:
+        raise ValueError(f"{what} does not match the architecture: " + "; ".join(problems))
+    net.load_state_dict(state, strict=True)
+
+
+def load_published(name: str, path: str | Path, check_sha256: bool = True) -> nn.Module:
+    """The network `name` with its published weights from `path` (a file, or a folder holding the published
+    file name), checked against the published checksum and loaded strictly."""
+    pub = PUBLISHED[name]
+    p = Path(path)
+    if p.is_dir():
+        p = p / pub.file
+    if check_sha256 and (digest := sha256_of(p)) != pub.sha256:
+        raise ValueError(f"{p}: sha256 {digest} is not the published {name} weights' ({pub.sha256})")
+    net = pub.network()
+    load_strict(net, published_state(p), str(p))
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------- our encoder contract
+
+
+class PretrainedEncoder(nn.Module):
+    """One or several pretrained networks as the LR encoder: LR in [-1, 1] -> (x4 image in [-1, 1], features).
+
+    The features that condition the denoiser (`condition`) are each member's LR trunk features and each member's
+    x4 image, pixel-unshuffled to LR size (so the denoiser sees where the members disagree). The x4 image is
+    the members' images weighted per colour channel (`mix`, one row per member, initially 1/n each)."""
+
+    def __init__(self, names: tuple[str, ...], scale: int = 4) -> None:
+        super().__init__()
+        if scale != 4:
+            raise ValueError("the pretrained networks are x4 networks")
+        self.names, self.scale = names, scale
+        self.nets = nn.ModuleDict({n: PUBLISHED[n].network() for n in names})
+        if len(names) > 1:
+            self.mix = nn.Parameter(torch.full((len(names), 3), 1.0 / len(names)))
+
+    @staticmethod
+    def cond_channels(names: tuple[str, ...], scale: int = 4) -> int:
+        return sum(PUBLISHED[n].network.channels + 3 * scale * scale for n in names)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        x01 = (x + 1) / 2
+        outs, feats = [], []
+        for net in self.nets.values():
+            r = net.input_range
+            out, trunk = net(x01 * r)
+            outs.append(out / r)
+            feats.append(trunk)
+        if len(outs) == 1:
+            sr = outs[0]
+        else:
+            sr = sum(o * w[None, :, None, None] for o, w in zip(outs, self.mix.to(outs[0].dtype), strict=True))
+        # The members' images ride along for `condition`, after the trunks.
+        return sr.clamp(0, 1) * 2 - 1, [*feats, *outs]
+
+    def condition(self, sr: Tensor, feats: list[Tensor]) -> Tensor:
+        n = len(self.names)
+        images = [F.pixel_unshuffle(o * 2 - 1, self.scale) for o in feats[n:]]
+        return torch.cat([*feats[:n], *images], 1)
+
+    def load_published(self, folders: dict[str, str | Path], check_sha256: bool = True) -> None:
+        """Each member's published weights, from `folders[name]` (a file or the folder holding it)."""
+        for n in self.names:
+            self.nets[n] = load_published(n, folders[n], check_sha256)
