@@ -1,4 +1,5 @@
-"""Our checkpoint format: a directory with `model.safetensors` (weights) and `config.json`.
+"""Our checkpoint format: a directory with `model.safetensors` (weights) and `config.json` (and a `NOTICE` where
+the weights derive from pretrained networks of others).
 
 `config.json` holds the model configuration (network sizes, scale, schedule, input conventions),
 a name, provenance and training information. Loading never unpickles anything.
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.attribution import NOTICE, notice
 from model.config import ModelConfig
 from model.network import SRDiffNet
 
@@ -77,6 +79,8 @@ def save_checkpoint(path: str | Path, net: SRDiffNet, info: CheckpointInfo, dtyp
              for k, v in net.state_dict().items()}
     save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
     (out / CONFIG).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
+    if text := notice(info.config):  # weights derived from pretrained networks carry their licences
+        (out / NOTICE).write_text(text)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Model subcommands: verify-reference, import-upstream, repack, export, upscale."""
+"""Model subcommands: verify-reference, import-upstream, import-pretrained, repack, export, upscale."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="output checkpoint directory")
     p.add_argument("--name", help="model name recorded in the checkpoint (default: the file's stem)")
     p.set_defaults(func=cmd_import_upstream)
+
+    p = sub.add_parser("import-pretrained", help="a checkpoint whose encoder is published pretrained networks",
+                       description="Write a checkpoint whose encoder is one pretrained network (rfdn, rlfn, safmn) or "
+                       "several fused (rfdn+rlfn), with the published weights loaded strictly and checked by sha256, "
+                       "a fresh denoiser and a NOTICE of their licences. Served at steps=0 it is the networks "
+                       "themselves; train its denoiser with `samdiffsr train diffusion --rrdb` on it.")
+    p.add_argument("encoder", help="rfdn, rlfn, safmn, or several joined by '+'")
+    p.add_argument("output", help="output checkpoint directory")
+    p.add_argument("--weights", default="../shared/pretrained",
+                   help="folder with one sub-folder per network holding its published file (default: %(default)s)")
+    p.add_argument("--name", help="model name recorded in the checkpoint (default: samdiffsr-ENCODER)")
+    p.set_defaults(func=cmd_import_pretrained)
 
     p = sub.add_parser("repack", help="rewrite a checkpoint with its weights stored in another precision",
                        description="Rewrite a checkpoint (ours or an original .ckpt) in our format with its weights "
@@ -115,6 +127,25 @@ def cmd_import_upstream(args: argparse.Namespace) -> int:
     out = save_checkpoint(args.output, net, info)
     n = sum(p.numel() for p in net.parameters())
     print(f"imported {args.input} -> {out} ({n:,} parameters; config {info.config.to_dict()})")
+    return 0
+
+
+def cmd_import_pretrained(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from model.config import PRESETS
+    from model.published import import_pretrained
+
+    try:
+        # The denoiser's shape is the refiners' (configs/refine.yaml); served at steps=0 it is never run.
+        cfg = dataclasses.replace(PRESETS["small"], encoder=args.encoder, denoiser_space="lr", prediction="sample",
+                                  residual_base="rrdb", hidden_size=32, dim_mults=(1, 2))
+        folders = {n: Path(args.weights) / n for n in cfg.pretrained}
+        out = import_pretrained(args.output, cfg, folders, args.name or f"samdiffsr-{args.encoder}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"imported {args.encoder} ({', '.join(str(f) for f in folders.values())}) -> {out}")
     return 0
 
 

@@ -44,10 +44,7 @@ class ESA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         c1 = self.conv1(x)
         v = F.max_pool2d(self.conv2(c1), kernel_size=7, stride=3)
-        if self.full:
-            c3 = self.conv3_(F.relu(self.conv3(F.relu(self.conv_max(v)))))
-        else:
-            c3 = self.conv3(v)
+        c3 = self.conv3_(F.relu(self.conv3(F.relu(self.conv_max(v))))) if self.full else self.conv3(v)
         c3 = F.interpolate(c3, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return x * torch.sigmoid(self.conv4(c3 + self.conv_f(c1)))
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from model.attribution import builds_on, notice
 from model.config import ModelConfig
 from model.network import SRDiffNet
 from model.repository import ModelSource, RegistryError, check_source
@@ -83,6 +84,7 @@ class ServedModel:
             "backend": self.runtime.backend, "device": str(self.runtime.device), "sized_for": self.sized_for,
             "precision": getattr(self.runtime, "precision", "fp32"), "max_tiles_per_batch": self.upscaler.max_batch,
             "provenance": info.provenance,
+            **({"builds_on": builds_on(cfg), "notice": notice(cfg)} if cfg.pretrained else {}),
         }
 
 

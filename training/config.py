@@ -123,6 +123,9 @@ class RunSection(_Strict):
 class DiffusionSection(_Strict):
     # Stage 1 checkpoint (our format) whose RRDB is loaded and frozen.
     rrdb_checkpoint: Path | None = None
+    # For an encoder of pretrained networks (`model.encoder: rfdn`, `rfdn+rlfn`, ...) without a stage-1 checkpoint:
+    # the folder with one sub-folder per network holding its published weights (`../shared/pretrained`).
+    pretrained_dir: Path | None = None
     # False trains plain SRDiff (no structure modulation), for ablations.
     structure: bool = True
     # The encoder's learning rate in stage 2, as a fraction of optim.lr. 0 keeps it frozen, as SRDiff does;

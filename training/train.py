@@ -82,6 +82,13 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
         log.info("weights from %s", cfg.run.init)
     if stage == "diffusion":
         src = cfg.diffusion.rrdb_checkpoint
+        if src is None and mcfg.pretrained and cfg.diffusion.pretrained_dir is not None and cfg.run.init is None:
+            folders = {n: cfg.diffusion.pretrained_dir / n for n in mcfg.pretrained}
+            net.rrdb.load_published(folders)
+            net.rrdb.requires_grad_(cfg.diffusion.tunes_encoder)
+            log.info("encoder: the published %s weights from %s", "+".join(mcfg.pretrained),
+                     cfg.diffusion.pretrained_dir)
+            return net
         if src is None:
             if cfg.diffusion.tunes_encoder:
                 log.info("no diffusion.rrdb_checkpoint: the encoder trains with the denoiser (starting from %s "

@@ -1,0 +1,38 @@
+"""What a checkpoint built on pretrained networks owes them: attribution and licence texts (its NOTICE)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from model.config import ModelConfig
+from model.pretrained import PUBLISHED
+
+LICENCE_DIR = Path(__file__).parent / "licences"
+NOTICE = "NOTICE"
+
+
+def builds_on(cfg: ModelConfig) -> list[dict[str, Any]]:
+    """One entry per pretrained network in the model's encoder: what it is, where its weights come from, its
+    licence. Empty for a model of our own networks only."""
+    return [{"network": PUBLISHED[n].title, "paper": PUBLISHED[n].paper, "weights": PUBLISHED[n].source,
+             "sha256": PUBLISHED[n].sha256, "licence": PUBLISHED[n].licence} for n in cfg.pretrained]
+
+
+def licence_texts(name: str) -> list[tuple[str, str]]:
+    """(file name, text) of each licence file that came with network `name`'s weights."""
+    return [(f, (LICENCE_DIR / f"{name}-{f}").read_text()) for f in PUBLISHED[name].licence_files]
+
+
+def notice(cfg: ModelConfig) -> str:
+    """The NOTICE of a checkpoint whose encoder is made of pretrained networks ('' if none): attribution and the
+    full text of every licence they came with."""
+    if not cfg.pretrained:
+        return ""
+    parts = ["This model's weights are derived from the following pretrained networks, used under their licences.\n"]
+    for entry, name in zip(builds_on(cfg), cfg.pretrained, strict=True):
+        parts.append(f"{entry['network']}\n  paper: {entry['paper']}\n  weights: {entry['weights']}\n"
+                     f"  sha256: {entry['sha256']}\n  licence: {entry['licence']}\n")
+        for file, text in licence_texts(name):
+            parts.append(f"----- {name}: {file} -----\n{text.rstrip()}\n")
+    return "\n".join(parts)

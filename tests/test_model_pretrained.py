@@ -1,0 +1,117 @@
+"""The pretrained encoders (RFDN, RLFN, SAFMN): conformance with the published networks' outputs, strict loading,
+the checkpoints built on them and the licences they carry."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED
+from PIL import Image
+
+from model.attribution import NOTICE
+from model.checkpoint import load_checkpoint_dir
+from model.config import PRESETS, ModelConfig
+from model.pretrained import PUBLISHED, PretrainedEncoder, load_published, load_strict, published_state
+from model.published import import_pretrained, pretrained_net
+
+PRETRAINED = SHARED / "pretrained"
+REFERENCE = PRETRAINED / "reference"
+INPUTS = sorted(p.name for p in (REFERENCE / "lr").glob("*.png"))
+
+
+def _u8(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def networks() -> dict[str, torch.nn.Module]:
+    return {name: load_published(name, PRETRAINED / name) for name in PUBLISHED}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_each_network_matches_its_conformance_vectors_within_one_level(name: str, networks: dict) -> None:
+    """Whole image, fp32, through our encoder contract (LR in [-1, 1] -> x4 image in [-1, 1])."""
+    assert INPUTS, "no conformance inputs"
+    encoder = PretrainedEncoder((name,)).eval()
+    encoder.nets[name] = networks[name]
+    for file in INPUTS:
+        lr = torch.from_numpy(_u8(REFERENCE / "lr" / file)).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            sr, _ = encoder(lr * 2 - 1)
+        ours = np.round(((sr[0] + 1) / 2).permute(1, 2, 0).numpy() * 255).astype(np.int16)
+        expected = _u8(REFERENCE / name / file)
+        assert ours.shape == expected.shape
+        assert np.abs(ours - expected).max() <= 1, (name, file)
+
+
+def test_parameter_counts_are_the_published_ones(networks: dict) -> None:
+    for name, net in networks.items():
+        assert sum(p.numel() for p in net.parameters()) == PUBLISHED[name].parameters
+
+
+def test_loading_is_strict_and_names_what_does_not_match() -> None:
+    state = published_state(PRETRAINED / "rlfn" / PUBLISHED["rlfn"].file)
+    net = PUBLISHED["rlfn"].network()
+    missing = {k: v for k, v in state.items() if k != "conv_2.bias"}
+    with pytest.raises(ValueError, match=r"missing keys: conv_2\.bias"):
+        load_strict(net, missing, "rlfn")
+    with pytest.raises(ValueError, match=r"unexpected keys: extra\.weight"):
+        load_strict(net, {**state, "extra.weight": torch.zeros(1)}, "rlfn")
+    with pytest.raises(ValueError, match=r"wrong shapes: conv_1\.bias \(3,\)"):
+        load_strict(net, {**state, "conv_1.bias": torch.zeros(3)}, "rlfn")
+    with pytest.raises(ValueError, match="does not match"):  # another network's weights
+        load_strict(net, published_state(PRETRAINED / "rfdn" / PUBLISHED["rfdn"].file), "rfdn weights")
+
+
+def test_weights_that_are_not_the_published_file_are_refused(tmp_path: Path) -> None:
+    state = published_state(PRETRAINED / "rlfn" / PUBLISHED["rlfn"].file)
+    state["conv_1.bias"] = state["conv_1.bias"] + 1
+    torch.save(state, tmp_path / PUBLISHED["rlfn"].file)
+    with pytest.raises(ValueError, match="sha256"):
+        load_published("rlfn", tmp_path)
+    assert load_published("rlfn", tmp_path, check_sha256=False) is not None
+
+
+def test_encoder_names_and_fusions_are_validated() -> None:
+    base = PRESETS["tiny"]
+    assert dataclasses.replace(base, encoder="rfdn+rlfn").pretrained == ("rfdn", "rlfn")
+    for bad in ("rfdn+rfdn", "rfdn+rrdb", "srcnn", "rfdn+"):
+        with pytest.raises(ValueError, match="encoder must be one of"):
+            dataclasses.replace(base, encoder=bad)
+    with pytest.raises(ValueError, match="x4"):
+        dataclasses.replace(base, encoder="rlfn", scale=2)
+
+
+def test_a_checkpoint_on_a_pretrained_encoder_serves_the_network_at_steps_0_and_carries_its_notice(
+        tmp_path: Path, networks: dict) -> None:
+    cfg = dataclasses.replace(PRESETS["tiny"], encoder="rlfn", denoiser_space="lr", prediction="sample",
+                              residual_base="rrdb")
+    out = import_pretrained(tmp_path / "rlfn", cfg, {"rlfn": PRETRAINED / "rlfn"}, "rlfn-test")
+    text = (out / NOTICE).read_text()
+    assert "RLFN" in text and "MIT License" in text and PUBLISHED["rlfn"].sha256 in text
+    net, info = load_checkpoint_dir(out)
+    assert info.config.extras["default_steps"] == 0
+    lr = torch.rand(1, 3, 24, 20)
+    with torch.no_grad():
+        _, sr = net.encode(lr * 2 - 1)
+        direct, _ = networks["rlfn"](lr * 255)
+    assert torch.allclose((sr + 1) / 2 * 255, direct.clamp(0, 255), atol=1e-3)
+    shutil.rmtree(out)
+
+
+def test_a_fusion_starts_as_the_members_mean_and_conditions_on_every_member(networks: dict) -> None:
+    cfg = dataclasses.replace(PRESETS["tiny"], encoder="rfdn+rlfn", denoiser_space="lr")
+    net = pretrained_net(cfg, {n: PRETRAINED / n for n in cfg.pretrained})
+    lr = torch.rand(1, 3, 20, 24)
+    with torch.no_grad():
+        cond, sr = net.encode(lr * 2 - 1)
+        a, _ = networks["rfdn"](lr * 255)
+        b, _ = networks["rlfn"](lr * 255)
+    assert torch.allclose((sr + 1) / 2, ((a + b) / 2 / 255).clamp(0, 1), atol=1e-5)
+    assert cond.shape == (1, *ModelConfig.cond_shape(cfg, 20, 24))
+    assert cfg.cond_channels == 50 + 46 + 2 * 48
