@@ -18,3 +18,21 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, device: 
         a @ b
     sync()
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def cpu_summary() -> str:
+    """The CPU's model name and whether it has AVX-512 and bf16 (where `auto` precision can run bf16)."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    avx512 = "AVX-512" if "avx512f" in flags else "no AVX-512"
+    bf16 = "bf16" if {"avx512_bf16", "amx_bf16"} & flags else "no bf16"
+    return f"{name} ({avx512}, {bf16})"

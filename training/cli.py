@@ -1,12 +1,12 @@
-"""Training subcommands for the `samdiffsr` command: masks, eval and train."""
+"""Training subcommands for the `samdiffsr` command: masks, eval, train and fuse."""
 
 from __future__ import annotations
 
 import argparse
 
-from training import cli_eval, cli_masks, cli_train
+from training import cli_eval, cli_fuse, cli_masks, cli_train
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for module in (cli_masks, cli_eval, cli_train):
+    for module in (cli_masks, cli_eval, cli_train, cli_fuse):
         module.register(sub)

@@ -126,6 +126,9 @@ class DiffusionSection(_Strict):
     # For an encoder of pretrained networks (`model.encoder: rfdn`, `rfdn+rlfn`, ...) without a stage-1 checkpoint:
     # the folder with one sub-folder per network holding its published weights (`../shared/pretrained`).
     pretrained_dir: Path | None = None
+    # For a fusion of pretrained networks (`rfdn+rlfn`): fit their mixing weights by least squares on this many
+    # training patches before training (`training.fusion`); 0 starts from their plain mean.
+    fit_mix_patches: int = Field(default=0, ge=0)
     # False trains plain SRDiff (no structure modulation), for ablations.
     structure: bool = True
     # The encoder's learning rate in stage 2, as a fraction of optim.lr. 0 keeps it frozen, as SRDiff does;

@@ -53,6 +53,7 @@ from training.distributed import (
     pick_device,
     step_generator,
 )
+from training.fusion import fit_mix
 from training.objectives import DiffusionObjective, RRDBObjective, Stage, draw_timesteps, param_groups, trained_module
 from training.optim import EMA, lr_at
 from training.runlog import RunLog, plot_curves
@@ -85,9 +86,15 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
         if src is None and mcfg.pretrained and cfg.diffusion.pretrained_dir is not None and cfg.run.init is None:
             folders = {n: cfg.diffusion.pretrained_dir / n for n in mcfg.pretrained}
             net.rrdb.load_published(folders)
-            net.rrdb.requires_grad_(cfg.diffusion.tunes_encoder)
             log.info("encoder: the published %s weights from %s", "+".join(mcfg.pretrained),
                      cfg.diffusion.pretrained_dir)
+            if cfg.diffusion.fit_mix_patches and len(mcfg.pretrained) > 1:
+                fit_mix(net.rrdb, cfg.data.train_dir, cfg.data.cache_dir, cfg.diffusion.fit_mix_patches, seed=seed)
+            net.rrdb.requires_grad_(cfg.diffusion.tunes_encoder)
+            # A refiner starts as the identity over its encoder: x0 = 0, the encoder's image at any step count.
+            last = net.denoise_fn.final_conv[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
             return net
         if src is None:
             if cfg.diffusion.tunes_encoder:
