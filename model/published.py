@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from model.checkpoint import CheckpointInfo, save_checkpoint
 from model.config import ModelConfig
@@ -14,10 +15,19 @@ from model.network import SRDiffNet
 from model.pretrained import PUBLISHED, PretrainedEncoder
 
 
+def start_as_identity(net: SRDiffNet) -> None:
+    """Zero the denoiser's last layer: with x0 prediction over the encoder's image it predicts a zero residual, so
+    the model returns its encoder's image at any step count until it is trained."""
+    last = net.denoise_fn.final_conv[-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+
+
 def pretrained_net(cfg: ModelConfig, weights: Mapping[str, str | Path], seed: int = 0,
                    check_sha256: bool = True) -> SRDiffNet:
     """A network of `cfg` (whose encoder names pretrained networks) with each member's published weights from
-    `weights[name]` (the file, or the folder holding it) and a denoiser initialised from `seed`."""
+    `weights[name]` (the file, or the folder holding it) and a denoiser initialised from `seed`, its last layer
+    zero (`start_as_identity`)."""
     if not cfg.pretrained:
         raise ValueError(f"encoder {cfg.encoder!r} names no pretrained network ({', '.join(PUBLISHED)})")
     missing = [n for n in cfg.pretrained if n not in weights]
@@ -28,6 +38,7 @@ def pretrained_net(cfg: ModelConfig, weights: Mapping[str, str | Path], seed: in
     encoder = net.rrdb
     assert isinstance(encoder, PretrainedEncoder)
     encoder.load_published(dict(weights), check_sha256)
+    start_as_identity(net)
     return net.eval()
 
 
@@ -38,8 +49,8 @@ def import_pretrained(out: str | Path, cfg: ModelConfig, weights: Mapping[str, s
     net = pretrained_net(cfg, weights, seed)
     provenance = {"source": "samdiffsr import-pretrained",
                   "weights": {n: str(weights[n]) for n in cfg.pretrained}}
-    card = {"summary": f"{' + '.join(n.upper() for n in cfg.pretrained)} (published weights) at steps=0; "
-                       "its denoiser is untrained"}
+    card = {"summary": f"{' + '.join(n.upper() for n in cfg.pretrained)} (published weights); its denoiser is "
+                       "untrained and returns the encoder's image at any step count"}
     extras = {**cfg.extras, "default_steps": 0}
     cfg = dataclasses.replace(cfg, extras=extras)
     net.cfg = cfg

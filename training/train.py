@@ -41,6 +41,7 @@ from model.diffusion import make_schedule, timestep_plan
 from model.inputs import uses_up
 from model.loading import load_any
 from model.network import SRDiffNet
+from model.published import start_as_identity
 from model.upscale import default_steps
 from training.config import TrainConfig
 from training.data import PatchDataset, model_inputs, prepare_images, val_pairs
@@ -91,10 +92,7 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
             if cfg.diffusion.fit_mix_patches and len(mcfg.pretrained) > 1:
                 fit_mix(net.rrdb, cfg.data.train_dir, cfg.data.cache_dir, cfg.diffusion.fit_mix_patches, seed=seed)
             net.rrdb.requires_grad_(cfg.diffusion.tunes_encoder)
-            # A refiner starts as the identity over its encoder: x0 = 0, the encoder's image at any step count.
-            last = net.denoise_fn.final_conv[-1]
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+            start_as_identity(net)  # a refiner starts as its encoder's image at any step count
             return net
         if src is None:
             if cfg.diffusion.tunes_encoder:
