@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 from PIL import Image
 
-from conftest import SHARED
 from model.attribution import NOTICE
 from model.loading import load_any
 from model.pretrained import load_published
