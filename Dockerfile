@@ -114,6 +114,8 @@ RUN groupadd --system --gid 10001 samdiffsr \
 COPY checkpoints/default /opt/samdiffsr/checkpoints/default
 COPY checkpoints/real /opt/samdiffsr/checkpoints/real
 COPY checkpoints/fast /opt/samdiffsr/checkpoints/fast
+# Attribution of the third-party weights the shipped checkpoints build on (each checkpoint has its own NOTICE too).
+COPY NOTICE /opt/samdiffsr/NOTICE
 
 # HOME=/tmp: anything that caches under ~ writes to the (tmpfs) /tmp; the rest of the filesystem can be read-only.
 WORKDIR /tmp
