@@ -44,6 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="checkpoint directory or original .ckpt")
     p.add_argument("output", help="output checkpoint directory")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="default: fp16")
+    p.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a serving default in the config's extras, e.g. default_steps=0 or default_tile=256 "
+                   "(a JSON value; repeatable)")
+    p.add_argument("--card", type=Path, metavar="JSON",
+                   help="replace the model card (summary, validation) by this file's")
+    p.add_argument("--name", help="replace the model's name")
     p.set_defaults(func=cmd_repack)
 
     p = sub.add_parser("export", help="export a checkpoint's encoder and denoiser step to TorchScript / ONNX")
@@ -150,6 +156,9 @@ def cmd_import_pretrained(args: argparse.Namespace) -> int:
 
 
 def cmd_repack(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
     from model.checkpoint import CheckpointError, save_checkpoint
     from model.loading import load_any
 
@@ -158,7 +167,18 @@ def cmd_repack(args: argparse.Namespace) -> int:
         return 2
     try:
         net, info = load_any(args.input)
-    except (CheckpointError, FileNotFoundError, IsADirectoryError) as e:
+        extras = dict(info.config.extras)
+        for item in args.extra:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--extra {item!r}: expected KEY=VALUE")
+            extras[key] = json.loads(value)
+        info.config = net.cfg = dataclasses.replace(info.config, extras=extras)
+        if args.card:
+            info.card = json.loads(args.card.read_text())
+        if args.name:
+            info.name = args.name
+    except (CheckpointError, FileNotFoundError, IsADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = save_checkpoint(args.output, net, info, dtype=args.dtype)

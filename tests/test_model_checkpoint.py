@@ -145,3 +145,15 @@ def test_repack_stores_the_weights_in_half_precision(tmp_path: Path, tiny_checkp
             for p in (tiny_checkpoint, out))
     assert 0 < abs(a - b).mean() < 2e-3 and abs(a - b).max() < 0.1
     assert main(["repack", str(out), str(out)]) == 2
+
+
+def test_repack_sets_serving_defaults_card_and_name(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"summary": "a tiny model", "validation": {"bicubic": {"steps=0": 1.0}}}))
+    out = tmp_path / "shipped"
+    assert main(["repack", str(tiny_checkpoint), str(out), "--extra", "default_steps=0", "--extra",
+                 "default_tile=256", "--card", str(card), "--name", "tiny-shipped"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["extras"] == {"default_steps": 0, "default_tile": 256}
+    assert saved["card"]["summary"] == "a tiny model" and saved["name"] == "tiny-shipped"
+    assert main(["repack", str(tiny_checkpoint), str(tmp_path / "bad"), "--extra", "default_steps"]) == 2
