@@ -361,10 +361,13 @@ class PretrainedEncoder(nn.Module):
         # The members' images ride along for `condition`, after the trunks.
         return sr.clamp(0, 1) * 2 - 1, [*feats, *outs]
 
+    def member_images(self, feats: list[Tensor]) -> list[Tensor]:
+        """Each member's own x4 image in [0, 1], from `forward`'s features."""
+        return feats[len(self.names):]
+
     def condition(self, sr: Tensor, feats: list[Tensor]) -> Tensor:
-        n = len(self.names)
-        images = [F.pixel_unshuffle(o * 2 - 1, self.scale) for o in feats[n:]]
-        return torch.cat([*feats[:n], *images], 1)
+        images = [F.pixel_unshuffle(o * 2 - 1, self.scale) for o in self.member_images(feats)]
+        return torch.cat([*feats[:len(self.names)], *images], 1)
 
     def load_published(self, folders: dict[str, str | Path], check_sha256: bool = True) -> None:
         """Each member's published weights, from `folders[name]` (a file or the folder holding it)."""

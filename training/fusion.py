@@ -36,7 +36,7 @@ def fit_mix(encoder: PretrainedEncoder, train_dir: str | Path, cache_dir: str | 
         hr_c = hr[y * scale:(y + lr_patch) * scale, x * scale:(x + lr_patch) * scale]
         hr_t = torch.from_numpy(np.array(hr_c)).permute(2, 0, 1).double() / 255
         _, feats = encoder(lr_t * 2 - 1)
-        outs = torch.stack([o[0].double() for o in feats[n:]])  # members x 3 x H x W, in [0, 1]
+        outs = torch.stack([o[0].double() for o in encoder.member_images(feats)])  # members x 3 x H x W, in [0, 1]
         b = 8
         a = outs[..., b:-b, b:-b].flatten(2)  # members x 3 x P
         t = hr_t[..., b:-b, b:-b].flatten(1)  # 3 x P
