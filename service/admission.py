@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from model.config import ModelConfig
-from model.imaging import INPUT_FORMATS, check_frames
+from model.imaging import INPUT_FORMATS, ImageTooLargeError, check_frames
 from model.upscale import Upscaler
 from service.errors import Cancelled, ImageTooLarge, QueueFull
 
@@ -70,11 +70,14 @@ def probe(data: bytes, max_pixels: int | None = None) -> tuple[int, int, str, bo
 def estimate(upscaler: Upscaler, data: bytes, steps: int, ensemble: int = 1,
              max_pixels: int | None = None) -> Cost | None:
     """The request's tiles and peak bytes (upload, decoded image, canvas, encoding, active tiles); a self-ensemble
-    of `ensemble` members has that many times the tiles, canvases and float rows."""
+    of `ensemble` members has that many times the tiles, canvases and float rows. A header over `max_pixels` is
+    ImageTooLargeError at once (planning the tiles of a 150-megapixel claim took 8 s)."""
     head = probe(data, max_pixels)
     if head is None:
         return None
     w, h, mode, alpha = head
+    if max_pixels is not None and w * h > max_pixels:  # before planning: a plan's work grows with the claimed size
+        raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
     cfg = upscaler.runtime.config
     s = cfg.scale
     # EXIF may turn the image: plan both ways, count the larger.
