@@ -267,7 +267,7 @@ def main() -> int:
         metrics = httpx.get(f"{url}/metrics").text
         served_5xx: Counter[str] = Counter()
         for line in metrics.splitlines():
-            if line.startswith("samdiffsr_requests_total{") and 'status="5' in line:
+            if line.startswith("samdiffsr_requests_total{") and 'route="/v1/' in line and 'status="5' in line:
                 served_5xx[line.split('status="')[1][:3]] += int(float(line.split()[-1]))
         first = max(r for t, r in samples if t <= 60)
         last = max(r for t, r in samples if t >= samples[-1][0] - 60)
@@ -287,7 +287,7 @@ def main() -> int:
             print("admitted (200) by model: " + ", ".join(f"{m}: {n}" for m, n in by_model.items()))
         print(f"lost (no answer): {len(soak.lost)}" + (f" e.g. {soak.lost[:3]}" if soak.lost else ""))
         print(f"unexpected 5xx: {len(soak.unexpected)}" + (f" e.g. {soak.unexpected[:3]}" if soak.unexpected else ""))
-        print("5xx the server counted (samdiffsr_requests_total): " + (", ".join(
+        print("5xx the server counted on /v1/* (samdiffsr_requests_total): " + (", ".join(
             f"{k}: {v}" for k, v in sorted(served_5xx.items())) or "none"))
         print(f"redirects: {len(soak.redirects)}" + (f" e.g. {soak.redirects[:3]}" if soak.redirects else ""))
         print(f"RSS MB: start {rss_start:.0f}, peak {peak:.0f}, end {end_rss:.0f}; max in first minute {first:.0f}, "
