@@ -197,7 +197,9 @@ class JsonH11Protocol(H11Protocol):
       (h11's own limit only counts what is still incomplete, so 120 KB in one packet passed a 16 KB limit);
     - a head not complete `head_timeout_s` after the connection opened (or after the previous response) closes the
       connection, with 408 if part of it came (slowloris clients held connections for as long as they liked);
-    - a malformed request gets 400. The connection is closed in every case.
+    - a malformed request gets 400. The connection is closed in every case;
+    - at shutdown (SIGTERM) an idle kept-alive connection stays open while requests are still in progress, so a
+      request sent on it gets the app's answer (`503 shutting_down`) instead of a closed connection (`shutdown`).
 
     `configured` makes the subclass that uvicorn instantiates."""
 
