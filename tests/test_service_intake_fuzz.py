@@ -34,6 +34,8 @@ from service.registry import ServedModel, is_lossy, serve_model
 from service.settings import Settings
 from service.testing import LiveServer
 
+# Pillow warns of what damaged files hold (bad TIFF tags, EXIF, sizes near its bomb limit): expected here.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
 SEED = int(os.environ.get("INTAKE_FUZZ_SEED", "32"))
 CASES = int(os.environ.get("INTAKE_FUZZ_CASES", "3000"))
 RENDERED = 10  # decodable cases of each source also rendered and encoded
