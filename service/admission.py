@@ -13,17 +13,19 @@ import asyncio
 import io
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from PIL import Image
 
 from model.config import ModelConfig
-from model.imaging import check_frames
+from model.imaging import INPUT_FORMATS, ImageTooLargeError, check_frames
 from model.upscale import Upscaler
-from service.errors import ImageTooLarge, QueueFull
+from service.errors import Cancelled, ImageTooLarge, QueueFull
 
 MB = 1024 * 1024
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # decoded with 16 bits a sample (`model.imaging.DecodedImage`)
 
 
 @dataclass(frozen=True)
@@ -34,21 +36,31 @@ class Cost:
     steps: int
     memory: int  # bytes
     ensemble: int = 1
-    channels: int = 3  # of the output: 1 (grey) or 3 (colour), plus 1 with alpha
+    gray: bool = False
+    alpha: bool = False
+    wide: bool = False  # 16 bits a sample: a grey one without alpha stays 16-bit in a PNG
 
     @property
     def work(self) -> int:
         """Tile-steps: every tile is encoded once and stepped `steps` times."""
         return self.tiles * max(1, self.steps)
 
+    def result_bytes(self, scale: int, fmt: str = "png") -> int:
+        """The output's uncompressed size in `fmt`, as `service.pipeline` writes it: grey or RGB, plus alpha except
+        in JPEG, 16 bits a sample for a 16-bit grey image without alpha in PNG, else 8."""
+        channels = (1 if self.gray else 3) + (1 if self.alpha and fmt != "jpeg" else 0)
+        sample = 2 if self.wide and self.gray and not self.alpha and fmt == "png" else 1
+        return self.width * self.height * scale * scale * channels * sample
+
 
 def probe(data: bytes, max_pixels: int | None = None) -> tuple[int, int, str, bool] | None:
-    """(width, height, mode, has_alpha) from the header alone; None if Pillow cannot tell. An icon holding an
-    image over `max_pixels` raises ImageTooLargeError first (Pillow decodes an icon's largest frame to open it).
-    Blocking: call it off the event loop."""
+    """(width, height, mode, has_alpha) from the header alone, for the formats decoding accepts; None if Pillow
+    cannot tell. An icon holding an image over `max_pixels` raises ImageTooLargeError first (Pillow decodes an
+    icon's largest frame to open it), a truncated icon directory ImageDecodeError. Blocking: call it off the event
+    loop."""
     check_frames(data, max_pixels)
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as img:
             alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
             return img.width, img.height, img.mode, alpha
     except Exception:
@@ -58,11 +70,14 @@ def probe(data: bytes, max_pixels: int | None = None) -> tuple[int, int, str, bo
 def estimate(upscaler: Upscaler, data: bytes, steps: int, ensemble: int = 1,
              max_pixels: int | None = None) -> Cost | None:
     """The request's tiles and peak bytes (upload, decoded image, canvas, encoding, active tiles); a self-ensemble
-    of `ensemble` members has that many times the tiles, canvases and float rows."""
+    of `ensemble` members has that many times the tiles, canvases and float rows. A header over `max_pixels` is
+    ImageTooLargeError at once (planning the tiles of a 150-megapixel claim took 8 s)."""
     head = probe(data, max_pixels)
     if head is None:
         return None
     w, h, mode, alpha = head
+    if max_pixels is not None and w * h > max_pixels:  # before planning: a plan's work grows with the claimed size
+        raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
     cfg = upscaler.runtime.config
     s = cfg.scale
     # EXIF may turn the image: plan both ways, count the larger.
@@ -80,7 +95,7 @@ def estimate(upscaler: Upscaler, data: bytes, steps: int, ensemble: int = 1,
         + ensemble * 3 * th * s * grid.padded_width * s * 16  # float rows being blended
         + min(len(grid) * ensemble, upscaler.max_batch * 2) * active_tile_bytes(cfg, th, tw)
     )
-    return Cost(w, h, len(grid) * ensemble, steps, memory, ensemble, (1 if gray else 3) + (1 if alpha else 0))
+    return Cost(w, h, len(grid) * ensemble, steps, memory, ensemble, gray, alpha, mode in WIDE_MODES)
 
 
 def active_tile_bytes(cfg: ModelConfig, th: int, tw: int) -> int:
@@ -121,11 +136,11 @@ def check_time(cost: Cost, tile_step_s: float, left_s: float) -> None:
                             "steps or a smaller image, or the jobs API (POST /v1/jobs)")
 
 
-def check_result_size(cost: Cost, scale: int, max_bytes: int) -> None:
-    """413 when the output's uncompressed pixels (8 bits a channel) are more than `max_bytes`, the job store's size
-    (SAMDIFFSR_JOB_STORE_MAX_BYTES): such a result would most likely not fit, so the job is refused before any work
-    instead of failing after it."""
-    raw = cost.width * cost.height * scale * scale * cost.channels
+def check_result_size(cost: Cost, scale: int, max_bytes: int, fmt: str = "png") -> None:
+    """413 when the output's uncompressed pixels in `fmt` (`Cost.result_bytes`: its channels and bytes a sample) are
+    more than `max_bytes`, the job store's size (SAMDIFFSR_JOB_STORE_MAX_BYTES): such a result would most likely not
+    fit, so the job is refused before any work instead of failing after it."""
+    raw = cost.result_bytes(scale, fmt)
     if raw > max_bytes:
         raise ImageTooLarge(f"this {cost.width}x{cost.height} image's result is {raw:,} bytes uncompressed; the job "
                             f"store keeps results up to {max_bytes:,} bytes (SAMDIFFSR_JOB_STORE_MAX_BYTES): use "
@@ -166,12 +181,17 @@ class MemoryBudget:
         finally:
             self.leave(ticket)
 
-    async def acquire_waiting(self, nbytes: int, wait_s: float, poll_s: float = 0.02) -> Reservation:
-        """Reserve `nbytes`, waiting in line up to `wait_s` seconds for room; then QueueFull (503)."""
+    async def acquire_waiting(self, nbytes: int, wait_s: float, poll_s: float = 0.02,
+                              gone: Callable[[], Awaitable[bool]] | None = None) -> Reservation:
+        """Reserve `nbytes`, waiting in line up to `wait_s` seconds for room; then QueueFull (503). `gone` (e.g. a
+        request's `is_disconnected`) is asked at every poll: once it says the client has gone, the request leaves
+        the line at once with Cancelled (499), so nobody behind it waits for it."""
         ticket = self.enqueue(nbytes)
         deadline = time.monotonic() + wait_s
         try:
             while (granted := self.grant(ticket)) is None:
+                if gone is not None and await gone():
+                    raise Cancelled("the client disconnected while waiting for room in the memory budget")
                 if time.monotonic() >= deadline:
                     with self._lock:
                         raise self._full(nbytes)

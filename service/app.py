@@ -256,6 +256,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
                      "body `{\"error\": {\"code\", \"message\", \"request_id\"}}`."
                      + (" /v1/* requires `Authorization: Bearer <token>`." if settings.auth_token else "")),
         lifespan=lifespan,
+        redirect_slashes=False,  # a trailing slash is a JSON 404, never a redirect built from the Host header
     )
     app.state.service = service
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes,

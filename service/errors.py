@@ -69,7 +69,14 @@ class NotReady(Unavailable):
 
 
 class ShuttingDown(Unavailable):
+    """Draining after SIGTERM: the connection closes after this answer (`Connection: close`), so the client's next
+    request opens one to a server that is not going away."""
+
     code, kind = "shutting_down", "shutting_down"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, retry_after_s)
+        self.headers["Connection"] = "close"
 
 
 class WorkerStopped(Unavailable):

@@ -23,7 +23,7 @@ from torch import Tensor
 from model.imaging import DecodedImage, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
 from model.upscale import Upscaler, ensemble_flips
 from service import pipeline
-from service.admission import check_limits, check_result_size, check_time, estimate
+from service.admission import Cost, check_limits, check_result_size, check_time, estimate
 from service.batcher import Job
 from service.errors import ImageTooLarge, InvalidImage, InvalidParameter, MissingImage, UnsupportedMediaType
 from service.metrics import Metrics
@@ -119,18 +119,17 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
     rid = request_id_of(request.scope) or ""
 
     settings = service.settings
-    try:  # from the header, before decoding; off the event loop (an icon's header check reads its frames)
-        cost = await run_in_threadpool(estimate, model.upscaler, data, steps, params.ensemble, settings.max_pixels)
-    except ImageTooLargeError as e:
-        raise ImageTooLarge(str(e)) from e
+    # From the header, before decoding; off the event loop (an icon's header check reads its frames).
+    cost = await run_in_threadpool(measure, model.upscaler, data, steps, params.ensemble, settings.max_pixels)
     reservation = None
     if cost is not None:
         check_limits(cost, settings.max_request_work, service.budget.limit)
         if max_result_bytes is not None:
-            check_result_size(cost, cfg.scale, max_result_bytes)
+            check_result_size(cost, cfg.scale, max_result_bytes, fmt)
         left = timeout_s - (time.perf_counter() - t_start)
         check_time(cost, service.batcher.tile_step_s(model.id), left)
-        reservation = await service.budget.acquire_waiting(cost.memory, min(settings.admission_wait_s, left))
+        reservation = await service.budget.acquire_waiting(cost.memory, min(settings.admission_wait_s, left),
+                                                           gone=request.is_disconnected)
     try:
         prep = await run_in_threadpool(decode_and_prepare, model.upscaler, data, settings.max_pixels)
         del data
@@ -205,7 +204,21 @@ async def read_upload(request: Request, query: UpscaleParams | None) -> tuple[by
     return data, params
 
 
+def measure(upscaler: Upscaler, data: bytes, steps: int, ensemble: int, max_pixels: int) -> Cost | None:
+    """The request's cost from the image header (`service.admission.estimate`), None where the header says too
+    little; a header over the limits is ImageTooLarge (413), a malformed one (a truncated icon directory)
+    InvalidImage (400). Blocking: run it in a thread."""
+    try:
+        return estimate(upscaler, data, steps, ensemble, max_pixels)
+    except ImageTooLargeError as e:
+        raise ImageTooLarge(str(e)) from e
+    except ImageDecodeError as e:
+        raise InvalidImage(str(e)) from e
+
+
 def decode_and_prepare(upscaler: Upscaler, data: bytes, max_pixels: int) -> pipeline.Prepared:
+    """The decoded image and its tile grid; an undecodable image is InvalidImage (400), one over `max_pixels`
+    ImageTooLarge (413). Blocking: run it in a thread."""
     try:
         image = decode_image(data, max_pixels=max_pixels)
     except ImageTooLargeError as e:

@@ -20,6 +20,7 @@ from service.errors import error_body
 from service.metrics import Metrics
 
 access_log = logging.getLogger("samdiffsr.access")
+log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
@@ -41,7 +42,13 @@ def route_of(scope: Scope) -> str:
 
 class RequestContextMiddleware:
     """Gives every request an id (from a valid X-Request-Id header, or a new one), echoes it in
-    the response, counts the request in the metrics and writes one access log line."""
+    the response, counts the request in the metrics and writes one access log line.
+
+    An exception no handler took (a bug) is answered here, inside the request's context: `500 internal_error` in
+    the JSON error shape with the request's X-Request-Id, logged once with its traceback, and the connection stays
+    usable (Starlette's outermost handler answered without the id and re-raised, and uvicorn then dropped the
+    connection). Only when the response had already started is the exception passed on (the connection is cut:
+    nothing else can end a response half sent)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -56,10 +63,12 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         start = time.perf_counter()
         status, model = 500, ""
+        started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, model
+            nonlocal status, model, started
             if message["type"] == "http.response.start":
+                started = True
                 status = message["status"]
                 model = dict(message.get("headers", [])).get(b"x-model", b"").decode("latin-1")
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
@@ -68,6 +77,16 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unhandled error", extra={"request_id": rid})
+            self.metrics.error("internal")
+            body = json.dumps(error_body("internal_error", f"internal error: {type(exc).__name__}", rid)).encode()
+            await send_with_id({"type": "http.response.start", "status": 500,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode())]})
+            await send_with_id({"type": "http.response.body", "body": body})
         finally:
             elapsed = time.perf_counter() - start
             path = route_of(scope)
@@ -178,7 +197,9 @@ class JsonH11Protocol(H11Protocol):
       (h11's own limit only counts what is still incomplete, so 120 KB in one packet passed a 16 KB limit);
     - a head not complete `head_timeout_s` after the connection opened (or after the previous response) closes the
       connection, with 408 if part of it came (slowloris clients held connections for as long as they liked);
-    - a malformed request gets 400. The connection is closed in every case.
+    - a malformed request gets 400. The connection is closed in every case;
+    - at shutdown (SIGTERM) an idle kept-alive connection stays open while requests are still in progress, so a
+      request sent on it gets the app's answer (`503 shutting_down`) instead of a closed connection (`shutdown`).
 
     `configured` makes the subclass that uvicorn instantiates."""
 
@@ -190,6 +211,7 @@ class JsonH11Protocol(H11Protocol):
         return type(cls.__name__, (cls,), {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s})
 
     def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def, override]
+        self._draining = False
         super().connection_made(transport)
         self._await_head()
 
@@ -207,6 +229,33 @@ class JsonH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """The server is shutting down (SIGTERM). uvicorn closes idle kept-alive connections at once, so a request
+        a client sends on one while other requests still drain found it closed. Here an idle connection stays open
+        while any connection has a request in progress, and a request sent on it meanwhile is answered (the app's
+        `503 shutting_down`) before the connection closes; it closes once no request is in progress. A connection
+        with a request in progress closes after its response, as in uvicorn."""
+        self._draining = True
+        if self.cycle is None or self.cycle.response_complete:
+            self._close_when_quiet()
+        else:
+            super().shutdown()
+
+    def _close_when_quiet(self) -> None:
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return  # closed already, or a request came: its response closes the connection
+        busy = any(getattr(c, "cycle", None) is not None and not c.cycle.response_complete
+                   for c in self.connections if c is not self)
+        if busy:
+            self.loop.call_later(0.05, self._close_when_quiet)
+        else:
+            super().shutdown()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._draining and self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # answered while shutting down: the connection closes after the response
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -136,16 +136,27 @@ class Registry:
         return list(self.models)
 
     def get(self, model_id: str) -> ServedModel:
+        """The served model `model_id` (GET /v1/models/{id}); UnknownModel (404) listing the served ids, where `auto`
+        is none: it is a choice made per upload (`choose`), not a model with a card."""
         try:
             return self.models[model_id]
         except KeyError:
-            raise UnknownModel(f"unknown model {model_id!r}; the models are: "
-                               f"{', '.join([*self.models, AUTO])}") from None
+            ids = ", ".join(self.models)
+            if model_id == AUTO:
+                raise UnknownModel(f"{AUTO!r} is not a model but a choice made per upload (a real-world model for "
+                                   f"JPEG and lossy WebP uploads, else a clean one): use it as a request's "
+                                   f"`model`; the models are: {ids}") from None
+            raise UnknownModel(f"unknown model {model_id!r}; the models are: {ids}") from None
 
     def choose(self, requested: str | None, lossy: bool) -> ServedModel:
-        """The model for a request: the one it names, else the default; `auto` by the upload's kind."""
+        """The model for a request: the one it names, else the default; `auto` by the upload's kind. An unknown name
+        is UnknownModel (404) listing what a request may name: the ids and `auto`."""
         name = requested or self.default
-        return self.get(name) if name != AUTO else pick_auto(list(self.models.values()), lossy)
+        if name == AUTO:
+            return pick_auto(list(self.models.values()), lossy)
+        if name not in self.models:
+            raise UnknownModel(f"unknown model {name!r}; the models are: {', '.join([*self.models, AUTO])}")
+        return self.models[name]
 
 
 def pick_auto(models: list[ServedModel], lossy: bool) -> ServedModel:

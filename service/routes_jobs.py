@@ -122,7 +122,7 @@ def job_info(store: JobStore, rec: JobRecord) -> JobInfo:
 def add_job_routes(app: FastAPI, store: JobStore, auth: list[Any]) -> None:
     """Mount /v1/jobs on `app`; `auth` is the bearer-token dependency list of /v1/*."""
     service = store.service
-    router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=auth)
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=auth, redirect_slashes=False)
     not_found = openapi_errors(401) | {404: {"description": "Unknown job id."},
                                        410: {"description": "The job has expired (code job_expired)."}}
 

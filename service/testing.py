@@ -1,5 +1,5 @@
 """Run a real server on loopback (tests, benchmarks): uvicorn in a background thread (`LiveServer`), or
-`samdiffsr serve` in a subprocess (`ServerProcess`)."""
+`samdiffsr serve` in a subprocess (`ServerProcess`); `KeptAlive`, one HTTP/1.1 connection for several requests."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+import h11
 import httpx
 import uvicorn
 
@@ -117,3 +119,77 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+
+
+@dataclass
+class Answer:
+    """One response read by `KeptAlive`: status, headers (lower-case names; the last of repeated ones), body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class KeptAlive:
+    """One HTTP/1.1 connection to `url` for several requests (h11), so a test can tell whether the server kept it
+    open: `request` raises ConnectionError when the server closed or reset it instead of answering."""
+
+    def __init__(self, url: str, timeout: float = 60.0, host: str | None = None) -> None:
+        addr, port = url.removeprefix("http://").split(":")
+        self.host = host or f"{addr}:{port}"
+        self.sock = socket.create_connection((addr, int(port)), timeout=timeout)
+        self.conn = h11.Connection(our_role=h11.CLIENT)
+
+    def __enter__(self) -> KeptAlive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, method: str, target: str, body: bytes = b"", headers: Iterable[tuple[str, str]] = ()) -> None:
+        """Send one request (all of it)."""
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        given = list(headers)
+        names = {k.lower() for k, _ in given}
+        head = ([] if "host" in names else [("Host", self.host)]) + given
+        if "content-length" not in names and "transfer-encoding" not in names:
+            head.append(("Content-Length", str(len(body))))
+        out = self.conn.send(h11.Request(method=method, target=target, headers=head))
+        if body:
+            out += self.conn.send(h11.Data(data=body))
+        out += self.conn.send(h11.EndOfMessage())
+        self.sock.sendall(out)
+
+    def receive(self) -> Answer:
+        """Read one response; ConnectionError if the connection ends first."""
+        status, head, body = 0, {}, bytearray()
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise ConnectionError(f"malformed response: {e}") from e
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(self.sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                head = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return Answer(status, head, bytes(body))
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("the server closed the connection before answering")
+
+    def request(self, method: str, target: str, body: bytes = b"", headers: Iterable[tuple[str, str]] = ()) -> Answer:
+        """Send a request and read its response on this connection."""
+        self.send(method, target, body, headers)
+        return self.receive()
+
+    @property
+    def closing(self) -> bool:
+        """The server said it closes the connection after its last response (Connection: close)."""
+        return self.conn.their_state is h11.MUST_CLOSE or self.conn.our_state is h11.MUST_CLOSE
