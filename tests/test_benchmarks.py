@@ -3,6 +3,7 @@ are taken on demand, so a refactor must not leave them broken until then. Nothin
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -79,3 +80,21 @@ def test_tiling_bench_prints_fixed_and_snug_rows(tiny_checkpoint: Path) -> None:
                  "--sides", "20,40", "--steps", "1")
     rows = [line for line in out.splitlines() if line.startswith("| 16 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["fixed", "snug"] and rows[0].endswith("| 1.00 |"), out
+
+
+def test_quality_cost_bench_prints_quality_and_cost_side_by_side(tiny_checkpoint: Path, photo: Path,
+                                                                 tmp_path: Path) -> None:
+    val = tmp_path / "val"
+    val.mkdir()
+    from PIL import Image
+
+    Image.open(photo).convert("RGB").crop((0, 0, 64, 48)).save(val / "a.png")
+    out = _bench("quality_cost_bench.py", f"base={tiny_checkpoint}:0", f"ens={tiny_checkpoint}:0:2", "--val", str(val),
+                 "--degradations", "bicubic,jpeg75", "--size", "24", "--repeats", "1", "--threads", "1",
+                 "--csv", str(tmp_path / "q.csv"), "--plot", str(tmp_path / "q.png"))
+    rows = [line for line in out.splitlines() if line.startswith(("| base |", "| ens |"))]
+    assert len(rows) == 2 and rows[0].endswith("| 1.00x |"), out
+    assert "| ens | 0 | 2 |" in rows[1] and "AVX-512" in out, out
+    with (tmp_path / "q.csv").open() as f:
+        assert {"label", "s_per_mp", "bicubic_psnr_y", "jpeg75_gain"} <= set(next(csv.reader(f)))
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
