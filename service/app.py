@@ -211,6 +211,9 @@ class ModelCard(BaseModel):
     reproducible: bool
     ready: bool
     provenance: dict[str, Any]
+    builds_on: list[dict[str, Any]] | None = Field(None, description="The pretrained networks whose published "
+                                                   "weights the model is derived from: paper, weights, licence.")
+    notice: str | None = Field(None, description="Their attribution and licence texts (the checkpoint's NOTICE).")
 
 
 class ModelList(BaseModel):

@@ -249,3 +249,27 @@ def test_auto_prefers_the_model_sized_for_the_replicas_device(models_dir, tmp_pa
     with LiveServer(Settings(models=f"gpu={gpu},default={models_dir / 'default'}", **BASE)) as srv, \
             httpx.Client(base_url=srv.url, timeout=60) as c:
         assert upload(c, png(img)).headers["x-model"] == "default"  # nothing sized for the CPU: as before
+
+
+def test_a_model_on_pretrained_weights_serves_their_notice_with_its_card(tmp_path: Path, photo: Path) -> None:
+    """A checkpoint built on published weights (RLFN) carries their NOTICE; the service returns it in the card."""
+    import dataclasses
+
+    from conftest import SHARED
+
+    from model.config import PRESETS
+    from model.published import import_pretrained
+
+    cfg = dataclasses.replace(PRESETS["tiny"], encoder="rlfn", denoiser_space="lr", prediction="sample",
+                              residual_base="rrdb", extras={"default_tile": 32})
+    import_pretrained(tmp_path / "rlfn", cfg, {"rlfn": SHARED / "pretrained" / "rlfn"}, "tiny-rlfn")
+    with LiveServer(Settings(checkpoint=tmp_path / "rlfn", **BASE)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=120) as c:
+        card = c.get("/v1/models/rlfn").json()
+        assert [b["licence"] for b in card["builds_on"]] == ["MIT"]
+        assert "RLFN" in card["builds_on"][0]["network"] and "Kong" in card["builds_on"][0]["paper"]
+        assert card["notice"] == (tmp_path / "rlfn" / "NOTICE").read_text()
+        assert "Permission is hereby granted" in card["notice"]
+        data = png(Image.open(photo).convert("RGB").crop((0, 0, 40, 30)))
+        r = upload(c, data, seed=1)
+        assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (160, 120)
