@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint docs bench bench-load masks default-model fast-model real-model ablations arch-ablations clean system-deps image image-test
+.PHONY: venv run test lint docs bench bench-load masks default-model fast-model real-model encoder-compare rrdb-model rlfb-model rrdb-real-model ablations arch-ablations clean system-deps image image-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,45 +57,65 @@ bench: $(STAMP)
 bench-load: $(STAMP)
 	$(BIN)/python bench/load_bench.py $(ARGS)
 
-# The shipped model, end to end (docs/model-card.md): stand-in masks -> SPE maps -> stage 1 (RRDB) -> stage 2 with
-# structure modulation. Stage 2 is a campaign over sessions: stop it with SIGTERM (it checkpoints) and run
-# `make default-model` again to resume exactly (finished steps are skipped). Then
-# `cp $(RUNS)/default-diffusion/checkpoint/* checkpoints/default/` ships it.
+# The shipped models (docs/model-card.md) stand on pretrained networks whose published weights are in PRETRAINED
+# (loaded strictly, checked by sha256). fast-model: RLFN alone. default-model: RFDN + RLFN fused by least squares
+# with the refiner trained over them (configs/refine.yaml). real-model: the same tuned on the real degradation
+# (configs/refine-real.yaml). The trainings are campaigns: SIGTERM checkpoints, the same command resumes exactly;
+# `samdiffsr repack RUN/checkpoint checkpoints/ID --dtype fp32 --extra default_steps=N --extra default_tile=256
+# --card configs/cards/ID.json` ships a run (the served defaults and card measured as the model card says).
 CORPUS ?= ../shared/data/corpus-hr
 RUNS ?= runs
+PRETRAINED ?= ../shared/pretrained
+masks: $(STAMP)
+	$(BIN)/samdiffsr masks generate $(CORPUS)/train $(RUNS)/masks/train-json --backend felzenszwalb --no-progress
+	$(BIN)/samdiffsr masks embed $(CORPUS)/train $(RUNS)/masks/train-json $(RUNS)/masks/train-spe --no-progress
+
+fast-model: $(STAMP)
+	$(BIN)/samdiffsr import-pretrained rlfn $(RUNS)/fast-rlfn --weights $(PRETRAINED)
+	$(BIN)/samdiffsr repack $(RUNS)/fast-rlfn checkpoints/fast --dtype fp32 --extra default_steps=0 \
+	  --extra default_tile=256 --card configs/cards/fast.json --name samdiffsr-fast
+
+default-model: masks
+	$(BIN)/samdiffsr train diffusion --config configs/refine.yaml --out $(RUNS)/refine-default \
+	  --spe-dir $(RUNS)/masks/train-spe --set diffusion.pretrained_dir=$(PRETRAINED)
+
+real-model: masks
+	$(BIN)/samdiffsr train diffusion --config configs/refine-real.yaml --out $(RUNS)/refine-real \
+	  --spe-dir $(RUNS)/masks/train-spe --set diffusion.pretrained_dir=$(PRETRAINED)
+
+# The equal-budget comparison of the pretrained encoders under the refiner (docs/model-card.md).
+encoder-compare: masks
+	PATH=$(BIN):$$PATH bash bench/encoder_compare.sh 15 $(RUNS)/compare
+
+# The first generation's recipes (docs/research-notes.md), no longer shipped: the RRDB model from scratch (stage 1,
+# then stage 2 with structure modulation), its real-world fine-tune, and the RLFB model.
 TRAIN_CONFIG ?= configs/default.yaml
 RRDB_STEPS ?= 6000
 DIFFUSION_STEPS ?= 200000
 RRDB_SETTINGS := --set data.hr_patch=128 --set optim.decay_every=2000 --set optim.decay_start=0 --set optim.ema=0 --set run.threads=1
 STAGE2 := $(BIN)/samdiffsr train diffusion --config $(TRAIN_CONFIG) --rrdb $(RUNS)/default-rrdb/checkpoint \
 	--spe-dir $(RUNS)/masks/train-spe
-masks: $(STAMP)
-	$(BIN)/samdiffsr masks generate $(CORPUS)/train $(RUNS)/masks/train-json --backend felzenszwalb --no-progress
-	$(BIN)/samdiffsr masks embed $(CORPUS)/train $(RUNS)/masks/train-json $(RUNS)/masks/train-spe --no-progress
-
-default-model: masks
+rrdb-model: masks
 	$(BIN)/samdiffsr train rrdb --config $(TRAIN_CONFIG) --out $(RUNS)/default-rrdb $(RRDB_SETTINGS) --steps $(RRDB_STEPS)
 	$(STAGE2) --out $(RUNS)/default-diffusion --steps $(DIFFUSION_STEPS)
 
-# The efficient model (checkpoints/fast, configs/fast.yaml): RLFB encoder and LR-space denoiser trained together
-# from scratch, one stage. A campaign over sessions like the default's; `samdiffsr repack $(RUNS)/fast/checkpoint
-# checkpoints/fast --dtype fp16` ships it, then its config.json gets back its card (docs/model-card.md).
-fast-model: masks
+# The first generation's efficient model (configs/fast.yaml): RLFB encoder and LR-space denoiser trained together.
+rlfb-model: masks
 	$(BIN)/samdiffsr train diffusion --config configs/fast.yaml --out $(RUNS)/fast --spe-dir $(RUNS)/masks/train-spe
 
-# The architecture ablation at equal budget (docs/model-card.md): four arms (RRDB or RLFB encoder x HR- or
+# The first generation's architecture ablation at equal budget (docs/research-notes.md): four arms (RRDB or RLFB encoder x HR- or
 # LR-space denoiser), 16 minutes on one core each, two at a time, then the same evaluation of each.
 arch-ablations: masks
 	PATH=$(BIN):$$PATH bash bench/ablation.sh $(RUNS)/ablation
 
-# The real-world model (checkpoints/real, docs/model-card.md): the default's network fine-tuned on patches degraded
-# by the `real` pipeline (configs/real.yaml). Resumes exactly when run again; then
-# `cp $(RUNS)/real/checkpoint/* checkpoints/real/` ships it.
-real-model: masks
-	$(BIN)/samdiffsr train diffusion --config configs/real.yaml --out $(RUNS)/real --rrdb checkpoints/default \
-	  --spe-dir $(RUNS)/masks/train-spe --set run.init=checkpoints/default
+# The first generation's real-world model (configs/real.yaml): the RRDB model (rrdb-model) fine-tuned on patches
+# degraded by the `real` pipeline.
+rrdb-real-model: masks
+	$(BIN)/samdiffsr train diffusion --config configs/real.yaml --out $(RUNS)/real \
+	  --rrdb $(RUNS)/default-diffusion/checkpoint --spe-dir $(RUNS)/masks/train-spe \
+	  --set run.init=$(RUNS)/default-diffusion/checkpoint
 
-# Ablations at equal budget (docs/model-card.md): stage 2 from the same stage-1 encoder for ABLATION_STEPS steps,
+# The first generation's ablations at equal budget (docs/research-notes.md): stage 2 from the same stage-1 encoder for ABLATION_STEPS steps,
 # one run per prediction target x residual base, and the shipped setting without structure modulation; then
 # each is evaluated on centre crops of the validation photos.
 ABLATION_STEPS ?= 800
