@@ -72,9 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ensemble", type=int, default=1,
-                   help="self-ensemble of 1, 2, 4 or 8 members: also upscale the image's mirror (2), all its flips (4) "
-                   "or those with their tiles transposed too (8) and average them, for that many times the work and "
-                   "a higher PSNR (default 1: off)")
+                   help="self-ensemble of 1, 2 or 4 members: also upscale the image's mirror (2) or all its flips (4) "
+                   "and average them, for 2x or 4x the work and a higher PSNR (default 1: off)")
     p.add_argument("--tile", type=int, help="LR tile size (default: the checkpoint's extras.default_tile, else 64)")
     p.add_argument("--overlap", type=int, default=8, help="LR overlap between tiles")
     p.add_argument("--snug-tiles", action=argparse.BooleanOptionalAction, default=True,

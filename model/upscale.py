@@ -21,13 +21,10 @@ from model.tiling import TileGrid, extract_tiles, pad_to, plan_tiles, stitch
 
 DEFAULT_STEPS = 20
 DEFAULT_TILE = 64
-# Self-ensemble members: (vertical flip, horizontal flip, transpose). The first n are used for `ensemble=n`. Flips
-# keep every tile's shape, so the members of an image share its tile grid (and, in the service, calls); the
-# transposed members (`ensemble=8`) transpose each tile on its way into the network and back, on a grid of square
-# tiles (`Upscaler.plan(..., ensemble=8)`), so that they share it too.
-Member = tuple[bool, bool, bool]
-FLIPS: tuple[Member, ...] = tuple((v, h, t) for t in (False, True) for v in (False, True) for h in (False, True))
-ENSEMBLES = (1, 2, 4, 8)
+# Self-ensemble members: (vertical, horizontal) flips. The first n are used for `ensemble=n`; flips keep every
+# tile's shape, so the members of an image share its tile grid (and, in the service, calls).
+FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True, False), (True, True))
+ENSEMBLES = (1, 2, 4)
 
 
 def default_steps(cfg: ModelConfig) -> int:
@@ -51,24 +48,17 @@ def default_sampler(cfg: ModelConfig) -> SamplerName:
     return cfg.extras.get("default_sampler", "ddim")
 
 
-def ensemble_flips(n: int) -> tuple[Member, ...]:
-    """The members of an `n`-member self-ensemble (1: the image alone, 2: and its mirror, 4: all four flips, 8: and
-    each of them with its tiles transposed)."""
+def ensemble_flips(n: int) -> tuple[tuple[bool, bool], ...]:
+    """The flips of an `n`-member self-ensemble (1: the image alone, 2: and its mirror, 4: all four flips)."""
     if n not in ENSEMBLES:
         raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))}, got {n}")
     return FLIPS[:n]
 
 
-def flip(a: np.ndarray, member: Member) -> np.ndarray:
-    """An (H, W, ...) array flipped vertically and/or horizontally as `member` says (a view; each flip is its own
-    inverse). A member's transposition is of its tiles (`transpose_tiles`), not of the image."""
-    vertical, horizontal = member[:2]
+def flip(a: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
+    """An (H, W, ...) array flipped vertically and/or horizontally (a view; each flip is its own inverse)."""
+    vertical, horizontal = flips
     return a[::-1 if vertical else 1, ::-1 if horizontal else 1]
-
-
-def transpose_tiles(tiles: Tensor | None, member: Member) -> Tensor | None:
-    """(N, C, H, W) tiles transposed (H and W swapped) where `member` transposes; its own inverse."""
-    return tiles if tiles is None or not member[2] else tiles.transpose(-1, -2).contiguous()
 
 
 class Upscaler:
@@ -88,24 +78,19 @@ class Upscaler:
         self.runtime = runtime
         self.tile, self.overlap, self.max_batch, self.fit, self.grow = tile, overlap, max_batch, fit, grow
 
-    def plan(self, height: int, width: int, ensemble: int = 1) -> TileGrid:
-        """The tile grid of an LR image; square tiles for an ensemble whose members transpose them."""
+    def plan(self, height: int, width: int) -> TileGrid:
         cfg = self.runtime.config
         if not self.tile:
             m = cfg.lr_multiple
             return plan_tiles(height, width, -(-max(height, width) // m) * m, 0, cfg.scale, m)
-        grid = plan_tiles(height, width, self.tile, self.overlap, cfg.scale, cfg.lr_multiple, self.fit, self.grow)
-        if any(f[2] for f in ensemble_flips(ensemble)) and grid.tile_shape[0] != grid.tile_shape[1]:
-            grid = plan_tiles(height, width, max(grid.tile_shape), self.overlap, cfg.scale, cfg.lr_multiple)
-        return grid
+        return plan_tiles(height, width, self.tile, self.overlap, cfg.scale, cfg.lr_multiple, self.fit, self.grow)
 
-    def prepare(self, rgb: np.ndarray, with_up: bool | None = None,
-                ensemble: int = 1) -> tuple[TileGrid, Tensor, Tensor | None]:
+    def prepare(self, rgb: np.ndarray, with_up: bool | None = None) -> tuple[TileGrid, Tensor, Tensor | None]:
         """(H, W, 3) RGB in [0, 1] -> the tile grid, encoder-input tiles and up(LR) tiles (both in [-1, 1]).
 
         up(LR) is None unless sampling uses it (`model.inputs.uses_up`) or `with_up` asks for it."""
         cfg = self.runtime.config
-        grid = self.plan(*rgb.shape[:2], ensemble=ensemble)
+        grid = self.plan(*rgb.shape[:2])
         img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
         # Pad first, so that up(LR) sees the same borders whatever the tiling, and images smaller than
         # bicubic's reflection padding (e.g. 1x1) work.
@@ -132,31 +117,30 @@ class Upscaler:
     ) -> np.ndarray:
         """(H, W, 3) float RGB in [0, 1] -> (scale*H, scale*W, 3). `steps=0` is the encoder's own x4 output.
 
-        `ensemble` > 1 upscales the image's flips too (`ensemble_flips`; with 8, each also with its tiles
-        transposed) and averages them flipped back: about `ensemble` times the work for a higher PSNR. Member m's
-        tile j draws its noise as tile m * n_tiles + j, as in the service."""
+        `ensemble` > 1 upscales the image's flips too (`ensemble_flips`) and averages them flipped back: about
+        `ensemble` times the work for a higher PSNR. Member m's tile j draws its noise as tile m * n_tiles + j,
+        as in the service."""
         steps = default_steps(self.runtime.config) if steps is None else steps
         sampler = sampler or default_sampler(self.runtime.config)
         members = []
         for m, f in enumerate(ensemble_flips(ensemble)):
-            one = self._upscale_one(np.ascontiguousarray(flip(rgb, f)), steps, sampler, eta, seed, on_step, m, f,
-                                    ensemble)
+            one = self._upscale_one(np.ascontiguousarray(flip(rgb, f)), steps, sampler, eta, seed, on_step, m)
             members.append(flip(one, f))
         return members[0] if ensemble == 1 else np.mean(members, axis=0, dtype=np.float32)
 
     def _upscale_one(self, rgb: np.ndarray, steps: int, sampler: SamplerName, eta: float, seed: int,
-                     on_step: Callable[[int], None] | None, member: int, flips: Member, ensemble: int) -> np.ndarray:
+                     on_step: Callable[[int], None] | None, member: int) -> np.ndarray:
         rt, cfg = self.runtime, self.runtime.config
-        grid, lr_tiles, up_tiles = self.prepare(rgb, ensemble=ensemble)
+        grid, lr_tiles, up_tiles = self.prepare(rgb)
         out = []
         for start in range(0, len(grid), self.max_batch):
             idx = range(start, min(start + self.max_batch, len(grid)))
-            cond, sr = rt.encode(transpose_tiles(lr_tiles[idx.start:idx.stop], flips))
-            up = None if up_tiles is None else transpose_tiles(up_tiles[idx.start:idx.stop], flips)
+            cond, sr = rt.encode(lr_tiles[idx.start:idx.stop])
+            up = None if up_tiles is None else up_tiles[idx.start:idx.stop]
             noise_idx = [member * len(grid) + i for i in idx]
             tracks = start_tracks(cfg, cond, sr, up, noise_idx, steps, sampler, eta, seed)
             sample(rt.denoise, rt.schedule, tracks, on_step, cfg.prediction)
-            out.append(transpose_tiles(track_images(tracks, cfg, cpu=False), flips))  # stitched where they are
+            out.append(track_images(tracks, cfg, cpu=False))  # stitched where they are, copied out once
         return self.assemble(grid, torch.cat(out))
 
     def upscale(self, image: DecodedImage, steps: int | None = None, sampler: SamplerName | None = None,

@@ -54,9 +54,8 @@ class UpscaleParams(BaseModel):
                                                    "original sampler).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Noise seed; default random. The seed used "
                              "is returned in X-Seed; the same image, seed and parameters give the same bytes.")
-    ensemble: int = Field(1, ge=1, le=8, description="Self-ensemble members: 1 (off), 2 (the image and its "
-                          "mirror), 4 (all four flips) or 8 (each also with its tiles transposed), averaged; 2x, 4x "
-                          "or 8x the work for a higher PSNR.")
+    ensemble: int = Field(1, ge=1, le=4, description="Self-ensemble members: 1 (off), 2 (the image and its "
+                          "mirror) or 4 (all four flips), averaged; 2x or 4x the work for a higher PSNR.")
     output_format: Literal["png", "jpeg", "jpg", "webp"] = Field("png", description="Output image format.")
     quality: int = Field(95, ge=1, le=100, description="Quality of lossy formats (jpeg, webp).")
 

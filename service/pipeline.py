@@ -20,7 +20,7 @@ from torch import Tensor
 from model.imaging import DecodedImage, encode_pixels, quantize, resize_alpha
 from model.inputs import lr_inputs, uses_up
 from model.tiling import TileGrid, blend_ramps, pad_to
-from model.upscale import Member, Upscaler, ensemble_flips, flip
+from model.upscale import Upscaler, ensemble_flips, flip
 
 Shape = tuple[int, int]
 MARGIN = 4  # LR context around a tile for its up(LR): bicubic reaches 2 pixels, so the tile is exact
@@ -174,28 +174,11 @@ class ImageTiles:
         return self.canvas
 
 
-class TransposedTiles:
-    """An ensemble member whose (square) tiles are transposed on their way into the network and back."""
-
-    def __init__(self, tiles: ImageTiles) -> None:
-        self.tiles, self.n_tiles, self.tile_shape = tiles, tiles.n_tiles, tiles.tile_shape
-
-    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor | None]:
-        lr, up = self.tiles.inputs(idx)
-        return lr.transpose(-1, -2).contiguous(), None if up is None else up.transpose(-1, -2).contiguous()
-
-    def put(self, i: int, sr: Tensor) -> None:
-        self.tiles.put(i, sr.transpose(-1, -2))
-
-    def result(self) -> Canvas:
-        return self.tiles.result()
-
-
 class EnsembleTiles:
     """A self-ensemble's tiles (`model.upscale.ensemble_flips`): member m's tile j is tile m * n + j, so its
     noise is the CLI's; the result is the members' canvases flipped back and averaged, in the first one."""
 
-    def __init__(self, members: list[ImageTiles | TransposedTiles], flips: tuple[Member, ...]) -> None:
+    def __init__(self, members: list[ImageTiles], flips: tuple[tuple[bool, bool], ...]) -> None:
         self.members, self.flips = members, flips
         self.per_member = members[0].n_tiles  # flips keep the grid: every member has the same tiles
         self.n_tiles, self.tile_shape = self.per_member * len(members), members[0].tile_shape
@@ -230,11 +213,8 @@ class Prepared:
         if ensemble == 1:
             return ImageTiles(self.upscaler, self.image, self.grid, fmt)
         flips = ensemble_flips(ensemble)
-        grid = self.upscaler.plan(self.image.height, self.image.width, ensemble)  # square tiles where transposed
-        members: list[ImageTiles | TransposedTiles] = []
-        for f in flips:
-            tiles = ImageTiles(self.upscaler, replace(self.image, rgb=flip(self.image.rgb, f)), grid, fmt)
-            members.append(TransposedTiles(tiles) if f[2] else tiles)
+        members = [ImageTiles(self.upscaler, replace(self.image, rgb=flip(self.image.rgb, f)), self.grid, fmt)
+                   for f in flips]
         return EnsembleTiles(members, flips)
 
     @property

@@ -28,8 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=8, help="tile overlap in LR pixels (default: 8)")
     p.add_argument("--max-batch", type=int, default=16, help="tiles sampled together (default: 16)")
     p.add_argument("--ensemble", type=int, default=1,
-                   help="self-ensemble members: 1, 2 (and the mirror), 4 (all flips) or 8 (and their tiles "
-                   "transposed) (default: 1)")
+                   help="self-ensemble members: 1, 2 (and the mirror) or 4 (all flips) (default: 1)")
     p.add_argument("--hr-crop", type=int, default=0,
                    help="centre-crop HR images to at most NxN first, to keep CPU runs short (default: 0 = off)")
     p.add_argument("--max-images", type=int, default=0, help="only the first N images by name (default: all)")
