@@ -313,7 +313,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
         "/v1/upscale", dependencies=auth, tags=["upscale"], response_class=Response,
         openapi_extra=_upscale_openapi(query=True),
         responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}, "description": (
-            "The image at exactly 4x. Headers: X-Request-Id, X-Model (the model that answered), X-Seed (the seed "
+            "The image at exactly 4x. Headers: Content-Disposition (a file name: the upload's stem + _x4), "
+            "X-Request-Id, X-Model (the model that answered), X-Seed (the seed "
             "used), X-Steps, X-Sampler, X-Tiles, X-Image-Size (WxH), X-Denoiser-Calls / X-Shared-Calls "
             "(denoiser calls that advanced this request / also advanced others), Server-Timing (decode, queue, "
             "sample, encode, total, in ms).")},
@@ -341,6 +342,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
             "X-Image-Size": f"{out.width}x{out.height}", "X-Denoiser-Calls": str(job.calls),
             "X-Shared-Calls": str(job.shared_calls),
             "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in timing.items()),
+            "Content-Disposition": intake.content_disposition(intake.result_filename(acc.upload_name, fmt)),
         }
         return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
 
