@@ -55,7 +55,7 @@ from service.jobs import JobStore
 from service.metrics import Metrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, request_id_of
 from service.page import add_page
-from service.registry import Registry, ServedModel, load_models, serve_model
+from service.registry import AUTO, Registry, ServedModel, load_models, serve_model
 from service.routes_jobs import add_job_routes
 from service.settings import Settings
 
@@ -213,10 +213,18 @@ class ModelCard(BaseModel):
     provenance: dict[str, Any]
 
 
+class AutoChoice(BaseModel):
+    """Which model `model=auto` gives an upload, by its kind."""
+
+    lossy: str = Field(description="The id of the model a JPEG or lossy WebP upload gets.")
+    other: str = Field(description="The id of the model any other upload gets.")
+
+
 class ModelList(BaseModel):
     default: str = Field(description="The model of requests that name none: an id, or auto (a real-world model "
                          "for JPEG and lossy WebP uploads, otherwise a model sized for this replica's device "
                          "(a GPU model on a GPU) or else the default model).")
+    auto: AutoChoice = Field(description="What `model=auto` picks on this server, by the upload's kind.")
     models: list[ModelCard]
 
 
@@ -301,7 +309,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
     async def models() -> ModelList:
         """The served models, with their cards, and which one a request gets by default."""
         reg = loaded()
-        return ModelList(default=reg.default, models=[card(m) for m in reg.models.values()])
+        auto = AutoChoice(lossy=reg.choose(AUTO, lossy=True).id, other=reg.choose(AUTO, lossy=False).id)
+        return ModelList(default=reg.default, auto=auto, models=[card(m) for m in reg.models.values()])
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard, dependencies=auth, tags=["models"],
              responses=openapi_errors(401, 404, 503))
