@@ -190,9 +190,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from model.runtime import resolve_device
     from model.upscale import ensemble_flips
 
-    src, dst = Path(args.input), Path(args.output)
+    src = Path(args.input)
     try:  # every user error fails here, before any image is decoded
-        pairs = plan_outputs(src, dst)
+        pairs = plan_outputs(src, args.output)
         if not pairs:
             raise UsageError(f"no images in {src}")
         inputs = [p for p, _ in pairs]
@@ -213,7 +213,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     expected = {p: tiles(p, header_size(p)) for p in inputs}
     summary, t0, n = Summary(), time.perf_counter(), len(pairs)
-    with tqdm(total=sum(expected.values()), unit="tile", disable=args.quiet, dynamic_ncols=True) as bar:
+    first = "image 1 of {n}" if n > 1 else inputs[0].name[:40]
+    with tqdm(total=sum(expected.values()), unit="tile", desc=first.format(n=n), disable=args.quiet,
+              dynamic_ncols=True) as bar:
         for i, (path_in, path_out) in enumerate(pairs, 1):
             upscaler, steps = loaded[chosen[path_in].id]
             bar.set_description(f"image {i} of {n}" if n > 1 else path_in.name[:40])

@@ -37,9 +37,11 @@ class Candidate:
     fits_device: bool
 
 
-def plan_outputs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
+def plan_outputs(src: Path, output: str | Path) -> list[tuple[Path, Path]]:
     """(input, output) pairs; output folders checked or made now. A folder of inputs writes `<stem>.png` files into
-    `dst` (made if missing); one input writes `dst`, or `dst/<stem>.png` where `dst` is a folder (or ends in /)."""
+    `output` (made if missing); one input writes `output`, or `output/<stem>.png` where `output` is a folder or a
+    name ending in / (made if missing)."""
+    dst = Path(output)
     if not src.exists():
         raise UsageError(f"{src} does not exist")
     if src.is_dir():
@@ -47,7 +49,7 @@ def plan_outputs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
             raise UsageError(f"{dst} is a file; the output of a folder of images is a folder")
         _make_folder(dst)
         return [(p, dst / f"{p.stem}.png") for p in list_images(src)]
-    if dst.is_dir() or str(dst).endswith(("/", os.sep)):
+    if dst.is_dir() or str(output).endswith(("/", os.sep)):
         _make_folder(dst)
         return [(src, dst / f"{src.stem}.png")]
     try:

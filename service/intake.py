@@ -8,10 +8,10 @@ errors.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Callable
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
