@@ -217,13 +217,15 @@ async def read_upload(request: Request, query: UpscaleParams | None,
         form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
         try:
             fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
-            check_names([k for k in form if k != "image"], allowed, "form")
+            check_names(list(fields), allowed, "form")  # a file under another name: missing_image below
             params = _params(query, request, fields, "form")
             extra = {k: str(v) for k, v in request.query_params.items() if k in allowed}
             extra.update({k: v for k, v in fields.items() if k in allowed})
             image = form.get("image")
             if not isinstance(image, UploadFile):
-                raise MissingImage("no image: send it as the multipart file field 'image'")
+                other = [k for k, v in form.items() if isinstance(v, UploadFile)]
+                got = f" (the file came as {other[0]!r})" if other else ""
+                raise MissingImage(f"no image: send it as the multipart file field 'image'{got}")
             part_type = (image.content_type or "application/octet-stream").split(";")[0].strip().lower()
             if not (part_type.startswith("image/") or part_type == "application/octet-stream"):
                 raise UnsupportedMediaType(f"the 'image' part has type {part_type!r}; expected image/*")
