@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     from training import cli as training_cli
 
     parser = argparse.ArgumentParser(prog="samdiffsr", description="SAM-DiffSR x4 diffusion super-resolution")
-    parser.add_argument("--version", action="version", version=f"samdiffsr {version()}")
+    parser.add_argument("--version", action="version", version=f"samdiffsr {version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (model_cli, training_cli, service_cli):
         module.register(sub)
