@@ -73,9 +73,9 @@ class ServedModel:
         """The public card: what it is, what it was trained on, how it is served."""
         info, cfg = self.runtime.info, self.runtime.config
         tr = info.training
-        summary = info.card.get("summary") or (
-            f"{info.name}: x{cfg.scale}, trained on {tr.get('images', '?')} photos with "
-            f"{self.degradation} degradations" if tr else f"{info.name}: x{cfg.scale}")
+        summary = info.card.get("summary") or (  # its id names it: no internal name here
+            f"x{cfg.scale}, trained on {tr.get('images', '?')} photos with {self.degradation} degradations"
+            if tr else f"x{cfg.scale}")
         return {
             "id": self.id, "name": info.name, "summary": summary, "degradation": self.degradation,
             "scale": cfg.scale, "parameters": self.parameters, "training": tr,
