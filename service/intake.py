@@ -181,8 +181,9 @@ def check_names(names: list[str], allowed: frozenset[str], where: str) -> None:
     known = FIELDS | allowed
     unknown = sorted({n for n in names if n not in known})
     if unknown:
-        raise InvalidParameter(f"unknown {where} {'field' if len(unknown) == 1 else 'fields'} "
-                               f"{', '.join(map(repr, unknown))}; the {where} fields are: {', '.join(sorted(known))}")
+        noun = "form field" if where == "form" else "query parameter"
+        raise InvalidParameter(f"unknown {noun}{'' if len(unknown) == 1 else 's'} {', '.join(map(repr, unknown))}; "
+                               f"the {noun}s are: {', '.join(sorted(known))}")
 
 
 def _params(query: UpscaleParams | None, request: Request, fields: dict[str, str], where: str) -> UpscaleParams:

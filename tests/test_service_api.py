@@ -306,7 +306,7 @@ def test_unknown_fields_and_query_parameters_are_422_naming_them(client, photo_i
     assert "unknown form fields 'sed', 'stpes'" in err["message"]
     err = assert_error(client.post("/v1/upscale", content=data, headers={"content-type": "image/png"},
                                    params={"modle": "default"}), 422, "invalid_parameter")
-    assert "unknown query field 'modle'" in err["message"]
+    assert "unknown query parameter 'modle'" in err["message"]
     assert_error(client.post("/v1/jobs", files=files, params={"bicubc": "true"}), 422, "invalid_parameter")
     r = client.post("/v1/upscale", files=files, data={"steps": "0"})
     assert r.status_code == 200  # still serving; the known fields work
