@@ -2,25 +2,32 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# This machine's CPU build of torch; on a GPU host: make TORCH_SPEC='torch' (a CUDA build).
+# The CPU build of torch that the development machine uses; on a GPU host: make TORCH_SPEC='torch' (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 MODELS_DIR ?= checkpoints
 HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 
 .PHONY: venv run test lint docs bench bench-load masks default-model fast-model real-model encoder-compare rrdb-model rlfb-model rrdb-real-model ablations arch-ablations clean system-deps image image-test
 
-$(STAMP): pyproject.toml
+# Serving needs torch and the package's own dependencies; training, tests, lint and docs add the extras.
+$(SERVE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $(SERVE_STAMP)
+
+$(STAMP): $(SERVE_STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[train,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-# Serves every checkpoint in MODELS_DIR (checkpoints/: default, real) by its directory's name.
-run: $(STAMP)
+# Serves every checkpoint in MODELS_DIR (checkpoints/: default, real, fast) by its directory's name; installs only
+# what serving needs (`make venv` or `make test` add the training and development extras).
+run: $(SERVE_STAMP)
 	$(BIN)/samdiffsr serve --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)

@@ -293,7 +293,10 @@ print("%dx%d" % struct.unpack(">II", b[16:24]) if b[:8] == b"\x89PNG\r\n\x1a\n" 
     [ "$code" = 200 ] || die "/metrics answered $code"
     grep -E '^samdiffsr_(images_total|model_info|requests_total\{.*/v1/upscale.*status="200")' "$out/metrics.txt" \
         | sed 's/^/[image]   /' >&2
-    grep -qE '^samdiffsr_images_total 1(\.0)?$' "$out/metrics.txt" || die "/metrics does not count the upscaled image"
+    # One series per served model (label model); the photo went to one of them (tests/test_deploy_metrics.py runs
+    # these patterns against a real /metrics).
+    grep -qE '^samdiffsr_images_total\{model="[^"]+"\} 1(\.0)?$' "$out/metrics.txt" \
+        || die "/metrics does not count the upscaled image"
     grep -qE '^samdiffsr_model_info\{.*device="cpu".*\} 1(\.0)?$' "$out/metrics.txt" || die "/metrics: no model_info on cpu"
 
     # ---- the image's HEALTHCHECK command, run in the container as the image's user

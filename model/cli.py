@@ -6,6 +6,10 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.upscale import Upscaler
 
 CONFORMANCE_GROUP = "samdiffsr.conformance"
 # Tensors of a reference directory that are inputs; every other tensor is an expected output.
@@ -62,11 +66,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="image file or folder")
     p.add_argument("output", help="output file (extension picks the format) or folder (PNG files)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", help="the model's id in --models-dir, as the service names it (default: "
-                       "default); see `samdiffsr serve` and GET /v1/models")
+    which.add_argument("--model", default="auto",
+                       help="the model's id in --models-dir, as the service names it, or auto (the default, the "
+                       "service's rule: a model trained on real-world degradations for JPEG and lossy WebP "
+                       "files, else a clean one); see docs/models.md")
     which.add_argument("--checkpoint", help="a checkpoint directory or original .ckpt instead of --model")
-    p.add_argument("--models-dir", type=Path, default=Path("checkpoints"),
-                   help="where --model looks (default: checkpoints, as SAMDIFFSR_MODELS_DIR)")
+    p.add_argument("--models-dir", type=Path,
+                   help="where --model looks (default: SAMDIFFSR_MODELS_DIR, else ./checkpoints, else the "
+                   "checkpoints folder this package was installed from)")
     p.add_argument("--steps", type=int, help="denoiser steps (default: the checkpoint's default)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the checkpoint's default (ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
@@ -85,6 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the network's precision (default auto: the measured default for the device)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no line per image, no summary; "
+                   "errors only")
     p.set_defaults(func=cmd_upscale)
 
 
@@ -203,61 +212,87 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _jobs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
-    from model.imaging import list_images
+def _load(path: Path, args: argparse.Namespace) -> tuple[Upscaler, int]:
+    """One model's upscaler as the options ask, and its steps (checked against its timesteps)."""
+    from model.diffusion import timestep_plan
+    from model.runtime import load_runtime
+    from model.sizing import SNUG_GROW, choose_batch
+    from model.upscale import Upscaler, default_steps, default_tile
 
-    if src.is_dir():
-        files = list_images(src)
-        dst.mkdir(parents=True, exist_ok=True)
-        return [(p, dst / f"{p.stem}.png") for p in files]
-    if dst.is_dir():
-        return [(src, dst / f"{src.stem}.png")]
-    return [(src, dst)]
+    runtime = load_runtime(path, args.backend, args.device, precision=args.precision)
+    tile = args.tile or default_tile(runtime.config)
+    batch = choose_batch(runtime, (tile, tile), args.batch).batch
+    upscaler = Upscaler(runtime, tile=tile, overlap=args.overlap, max_batch=batch,
+                        grow=SNUG_GROW if args.snug_tiles else 1.0)
+    steps = default_steps(runtime.config) if args.steps is None else args.steps
+    timestep_plan(runtime.config.timesteps, steps)
+    return upscaler, steps
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
+    import time
+
     from tqdm import tqdm
 
     from model.checkpoint import CheckpointError
-    from model.diffusion import timestep_plan
-    from model.imaging import ImageDecodeError, decode_image, format_for, save_image
-    from model.repository import find
-    from model.runtime import load_runtime
-    from model.sizing import SNUG_GROW, choose_batch
-    from model.upscale import Upscaler, default_steps, default_tile, ensemble_flips
+    from model.files import Candidate, Summary, UsageError, choose_models, header_size, plan_outputs
+    from model.imaging import ImageDecodeError, decode_image, save_image
+    from model.repository import default_models_dir
+    from model.runtime import resolve_device
+    from model.upscale import ensemble_flips
 
-    src, dst = Path(args.input), Path(args.output)
-    if not src.exists():
-        print(f"error: {src} does not exist", file=sys.stderr)
-        return 2
-    try:  # bad options fail before any image is decoded
-        if not src.is_dir() and not dst.is_dir():
-            format_for(dst)
-        checkpoint = args.checkpoint or find(args.model or "default", args.models_dir)
-        runtime = load_runtime(checkpoint, args.backend, args.device, precision=args.precision)
-        tile = args.tile or default_tile(runtime.config)
-        batch = choose_batch(runtime, (tile, tile), args.batch).batch
-        upscaler = Upscaler(runtime, tile=tile, overlap=args.overlap, max_batch=batch,
-                            grow=SNUG_GROW if args.snug_tiles else 1.0)
-        steps = default_steps(runtime.config) if args.steps is None else args.steps
-        timestep_plan(runtime.config.timesteps, steps)
+    src = Path(args.input)
+    try:  # every user error fails here, before any image is decoded
+        pairs = plan_outputs(src, args.output)
+        if not pairs:
+            raise UsageError(f"no images in {src}")
+        inputs = [p for p, _ in pairs]
         ensemble_flips(args.ensemble)
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        device = resolve_device(args.device)
+        if args.checkpoint:
+            one = Candidate(Path(args.checkpoint).stem, Path(args.checkpoint), "", False)
+            chosen = dict.fromkeys(inputs, one)
+        else:
+            chosen = choose_models(inputs, args.model, args.models_dir or default_models_dir(), device.type)
+        loaded = {c.id: _load(c.path, args) for c in dict.fromkeys(chosen.values())}
+    except (UsageError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    failed = 0
-    for path_in, path_out in _jobs(src, dst):
-        try:
-            image = decode_image(path_in)
-        except ImageDecodeError as e:
-            print(f"skipping {path_in}: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        grid = upscaler.plan(image.height, image.width)
-        calls = sum(steps for _ in range(0, len(grid), batch)) * args.ensemble
-        with tqdm(total=calls, desc=path_in.name, unit="step") as bar:
+
+    def tiles(path: Path, size: tuple[int, int] | None) -> int:
+        return 0 if size is None else len(loaded[chosen[path].id][0].plan(*size)) * args.ensemble
+
+    expected = {p: tiles(p, header_size(p)) for p in inputs}
+    summary, t0, n = Summary(), time.perf_counter(), len(pairs)
+    first = "image 1 of {n}" if n > 1 else inputs[0].name[:40]
+    with tqdm(total=sum(expected.values()), unit="tile", desc=first.format(n=n), disable=args.quiet,
+              dynamic_ncols=True) as bar:
+        for i, (path_in, path_out) in enumerate(pairs, 1):
+            upscaler, steps = loaded[chosen[path_in].id]
+            bar.set_description(f"image {i} of {n}" if n > 1 else path_in.name[:40])
+            try:
+                image = decode_image(path_in)
+            except (ImageDecodeError, OSError) as e:
+                bar.write(f"skipping {path_in}: {e}", file=sys.stderr)
+                summary.failed += 1
+                bar.total -= expected[path_in]
+                continue
+            bar.total += tiles(path_in, (image.height, image.width)) - expected[path_in]
+            bar.refresh()
             out = upscaler.upscale(image, steps=steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
-                                   on_step=lambda _n: bar.update(1), ensemble=args.ensemble)
-        save_image(out, path_out, quality=args.quality)
-        print(f"{path_in} ({image.width}x{image.height}) -> {path_out} ({out.width}x{out.height})")
-    return 1 if failed else 0
+                                   ensemble=args.ensemble, on_tiles=bar.update)
+            try:
+                save_image(out, path_out, quality=args.quality)
+            except OSError as e:
+                bar.write(f"error: cannot write {path_out}: {e.strerror or e}", file=sys.stderr)
+                summary.failed += 1
+                continue
+            summary.images += 1
+            summary.output_pixels += out.width * out.height
+            if not args.quiet:
+                bar.write(f"{path_in} ({image.width}x{image.height}) -> {path_out} ({out.width}x{out.height}, "
+                          f"model {chosen[path_in].id})")
+    summary.seconds = time.perf_counter() - t0
+    if not args.quiet:
+        print(summary.line())
+    return 1 if summary.failed else 0

@@ -5,10 +5,14 @@ Sources, in order of precedence (`sources`):
 1. explicit `ID=DIR` pairs (`SAMDIFFSR_MODELS`, `--model ID=DIR`): exactly those, in that order;
 2. one checkpoint (`SAMDIFFSR_CHECKPOINT`, `--checkpoint DIR`): a registry of one, its id the directory's name;
 3. a models directory (`SAMDIFFSR_MODELS_DIR`, default `checkpoints/`): every checkpoint directory in it, by name.
+
+`samdiffsr upscale` looks in `default_models_dir()`: the variable, else `checkpoints/` here, else the shipped
+`checkpoints/` of the source tree the package runs from (a clone installed with `make venv`), from any folder.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,8 @@ from pathlib import Path
 from model.checkpoint import CONFIG, CheckpointInfo, read_info
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MODELS_DIR_ENV = "SAMDIFFSR_MODELS_DIR"
+MODELS_DIR = Path("checkpoints")
 RESERVED = ("auto",)  # the service's per-request choice (service/registry.py)
 
 
@@ -82,6 +88,24 @@ def check_source(src: ModelSource) -> CheckpointInfo | None:
         return read_info(src.path)
     except (OSError, ValueError) as e:
         raise RegistryError(f"model {src.id!r}: {src.path} is not a checkpoint: {e}") from e
+
+
+def shipped_models_dir() -> Path | None:
+    """The `checkpoints/` folder of the source tree this package was imported from, if there is one (an editable
+    install of a clone; a wheel ships no checkpoints)."""
+    here = Path(__file__).resolve().parent.parent / MODELS_DIR
+    return here if here.is_dir() else None
+
+
+def default_models_dir(environ: dict[str, str] | None = None) -> Path:
+    """Where models are found when no folder is named: SAMDIFFSR_MODELS_DIR; else `checkpoints/` in the working
+    folder where it exists; else the shipped one (`shipped_models_dir`); else `checkpoints/` (missing)."""
+    env = os.environ if environ is None else environ
+    if env.get(MODELS_DIR_ENV):
+        return Path(env[MODELS_DIR_ENV])
+    if MODELS_DIR.is_dir():
+        return MODELS_DIR
+    return shipped_models_dir() or MODELS_DIR
 
 
 def find(model_id: str, models_dir: Path) -> Path:

@@ -114,22 +114,26 @@ class Upscaler:
     def upscale_rgb(
         self, rgb: np.ndarray, steps: int | None = None, sampler: SamplerName | None = None, eta: float = 0.0,
         seed: int = 0, on_step: Callable[[int], None] | None = None, ensemble: int = 1,
+        on_tiles: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """(H, W, 3) float RGB in [0, 1] -> (scale*H, scale*W, 3). `steps=0` is the encoder's own x4 output.
 
         `ensemble` > 1 upscales the image's flips too (`ensemble_flips`) and averages them flipped back: about
         `ensemble` times the work for a higher PSNR. Member m's tile j draws its noise as tile m * n_tiles + j,
-        as in the service."""
+        as in the service. `on_step(n)` follows each denoiser call of n tiles, `on_tiles(n)` each batch of n tiles
+        finished (every member's count)."""
         steps = default_steps(self.runtime.config) if steps is None else steps
         sampler = sampler or default_sampler(self.runtime.config)
         members = []
         for m, f in enumerate(ensemble_flips(ensemble)):
-            one = self._upscale_one(np.ascontiguousarray(flip(rgb, f)), steps, sampler, eta, seed, on_step, m)
+            one = self._upscale_one(np.ascontiguousarray(flip(rgb, f)), steps, sampler, eta, seed, on_step, m,
+                                    on_tiles)
             members.append(flip(one, f))
         return members[0] if ensemble == 1 else np.mean(members, axis=0, dtype=np.float32)
 
     def _upscale_one(self, rgb: np.ndarray, steps: int, sampler: SamplerName, eta: float, seed: int,
-                     on_step: Callable[[int], None] | None, member: int) -> np.ndarray:
+                     on_step: Callable[[int], None] | None, member: int,
+                     on_tiles: Callable[[int], None] | None = None) -> np.ndarray:
         rt, cfg = self.runtime, self.runtime.config
         grid, lr_tiles, up_tiles = self.prepare(rgb)
         out = []
@@ -141,10 +145,13 @@ class Upscaler:
             tracks = start_tracks(cfg, cond, sr, up, noise_idx, steps, sampler, eta, seed)
             sample(rt.denoise, rt.schedule, tracks, on_step, cfg.prediction)
             out.append(track_images(tracks, cfg, cpu=False))  # stitched where they are, copied out once
+            if on_tiles is not None:
+                on_tiles(len(idx))
         return self.assemble(grid, torch.cat(out))
 
     def upscale(self, image: DecodedImage, steps: int | None = None, sampler: SamplerName | None = None,
                 eta: float = 0.0, seed: int = 0, on_step: Callable[[int], None] | None = None,
-                ensemble: int = 1) -> DecodedImage:
+                ensemble: int = 1, on_tiles: Callable[[int], None] | None = None) -> DecodedImage:
         """Upscale a decoded image to exactly `scale` times its size (alpha upscaled separately)."""
-        return self.to_image(image, self.upscale_rgb(image.rgb, steps, sampler, eta, seed, on_step, ensemble))
+        rgb = self.upscale_rgb(image.rgb, steps, sampler, eta, seed, on_step, ensemble, on_tiles)
+        return self.to_image(image, rgb)

@@ -6,6 +6,9 @@ import argparse
 import gc
 import sys
 from collections.abc import Sequence
+from importlib import metadata
+
+DISTRIBUTION = "sam-diffsr-serve"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,10 +17,20 @@ def build_parser() -> argparse.ArgumentParser:
     from training import cli as training_cli
 
     parser = argparse.ArgumentParser(prog="samdiffsr", description="SAM-DiffSR x4 diffusion super-resolution")
+    parser.add_argument("--version", action="version", version=f"samdiffsr {version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (model_cli, training_cli, service_cli):
         module.register(sub)
     return parser
+
+
+def version() -> str:
+    """The installed package's version ("unknown" where it is not installed, e.g. run from a bare checkout)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,7 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
     """The console script and `python -m samdiffsr`: `main`, then the process ends."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     # Frozen objects are left out of the collection at interpreter exit, which otherwise walks every object torch
     # made: 0.2 s of a 2 s `samdiffsr upscale` on 2 CPU cores (docs/benchmarks.md). Not in `main`, which tests call.
     gc.freeze()

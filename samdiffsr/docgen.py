@@ -106,9 +106,14 @@ def _walk(parser: argparse.ArgumentParser, name: str,
 def cli_reference() -> str:
     from samdiffsr.cli import build_parser
 
+    root = build_parser()
     out = [GENERATED, "", "# Command-line reference", "",
            "Every command of `samdiffsr`, with its options (`samdiffsr COMMAND --help` prints the same).", ""]
-    for name, help_, parser in _walk(build_parser(), "samdiffsr")[1:]:
+    top = [f"| {', '.join(f'`{o}`' for o in a.option_strings)} | {_cell(a.help or '')} |" for a in root._actions
+           if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    if top:
+        out += ["| option of `samdiffsr` | meaning |", "| --- | --- |", *top, ""]
+    for name, help_, parser in _walk(root, "samdiffsr")[1:]:
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         out += [f"## `{name}`", "", _cell(parser.description or help_), ""]
         if subs:

@@ -2,7 +2,8 @@
 
 `estimate` reads only the header (size, mode) and plans the tiles the request would get. A request
 that could never fit (more work than `max_request_work` tile-steps, or more memory than the whole
-budget) is refused with 413 and a message saying the limit and how to get under it. `MemoryBudget`
+budget, or more time than its deadline even on an idle server) is refused with 413 and a message saying the
+limit and how to get under it; one that only today's load would make late gets 503 with Retry-After. `MemoryBudget`
 counts the estimated bytes of the requests admitted and not yet finished; a request that does not fit
 next to them gets 503 queue_full with Retry-After.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -106,8 +108,12 @@ def active_tile_bytes(cfg: ModelConfig, th: int, tw: int) -> int:
     return 4 * (4 * 3 * th * tw * cfg.scale**2 + c * h * w)
 
 
-def check_limits(cost: Cost, max_work: int, budget_bytes: int) -> None:
-    """413 for a request that can never fit, saying the limit and how to get under it."""
+def check_limits(cost: Cost, max_work: int, budget_bytes: int, max_pixels: int | None = None) -> None:
+    """413 for a request that can never fit, saying the limit and how to get under it: pixels first (the limit a
+    user knows), then work, then memory."""
+    if max_pixels is not None and cost.width * cost.height > max_pixels:
+        raise ImageTooLarge(f"image is {cost.width}x{cost.height} = {cost.width * cost.height:,} pixels; the limit "
+                            f"(SAMDIFFSR_MAX_PIXELS) is {max_pixels:,}")
     if cost.work > max_work:
         fewer = max_work // cost.tiles - (1 if max_work // cost.tiles >= 1 else 0)
         steps_hint = f"use steps <= {fewer}, or " if fewer >= 1 and cost.steps > fewer else ""
@@ -126,14 +132,36 @@ def check_limits(cost: Cost, max_work: int, budget_bytes: int) -> None:
             "or fewer")
 
 
-def check_time(cost: Cost, tile_step_s: float, left_s: float) -> None:
-    """413 for a request that could not finish before its deadline even with the worker to itself: its
-    tile-steps at the fastest pace of the model's recent denoiser calls (a lower bound of its time)."""
-    least = cost.work * tile_step_s
-    if least > left_s:
-        raise ImageTooLarge(f"this request needs {cost.work:,} tile-steps, at least {least:,.1f} s at this server's "
-                            f"pace, and its deadline (SAMDIFFSR_REQUEST_TIMEOUT_S) leaves {left_s:,.1f} s: use fewer "
-                            "steps or a smaller image, or the jobs API (POST /v1/jobs)")
+def check_time(cost: Cost, pace: Pace, left_s: float, backlog_s: float = 0.0, retry_after_s: int = 1,
+               job_timeout_s: float | None = None) -> None:
+    """Refuse a request that would miss its deadline, by its tile-steps at the model's pace (`Pace`):
+
+    - 413 when even an idle server could not make it (its work at the best pace seen): no retry helps; the message
+      points to the jobs API where its longer deadline (`job_timeout_s`, None: not offered) would do;
+    - 503 with Retry-After when only today's load is the cause: the work queued ahead (`backlog_s`) or a slower
+      recent pace (other work on the machine). Retry-After: the seconds until the backlog has drained enough."""
+    idle = cost.work * pace.idle_s
+    if idle > left_s:
+        jobs = (f", or the jobs API (POST /v1/jobs, whose deadline SAMDIFFSR_JOB_TIMEOUT_S is {job_timeout_s:,.0f} s)"
+                if job_timeout_s is not None and idle <= job_timeout_s else "")
+        raise ImageTooLarge(f"this request needs {cost.work:,} tile-steps, at least {idle:,.1f} s even with this "
+                            f"server idle, and its deadline (SAMDIFFSR_REQUEST_TIMEOUT_S) leaves {left_s:,.1f} s: use "
+                            f"fewer steps or a smaller image{jobs}")
+    loaded = cost.work * pace.recent_s + backlog_s
+    if loaded > left_s:
+        wait = max(retry_after_s, math.ceil(loaded - left_s))
+        raise QueueFull(f"the server is busy: with the work queued ahead ({backlog_s:,.1f} s) this request would "
+                        f"take about {loaded:,.1f} s, and its deadline leaves {left_s:,.1f} s; retry in {wait} s",
+                        retry_after_s=wait)
+
+
+@dataclass(frozen=True)
+class Pace:
+    """Seconds per tile-step of a model: the best seen since start (an idle server's), and the best of the recent
+    denoiser calls (today's)."""
+
+    idle_s: float
+    recent_s: float
 
 
 def check_result_size(cost: Cost, scale: int, max_bytes: int, fmt: str = "png") -> None:

@@ -55,7 +55,7 @@ from service.jobs import JobStore
 from service.metrics import Metrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, request_id_of
 from service.page import add_page
-from service.registry import Registry, ServedModel, load_models, serve_model
+from service.registry import AUTO, Registry, ServedModel, load_models, serve_model
 from service.routes_jobs import add_job_routes
 from service.settings import Settings
 
@@ -216,10 +216,18 @@ class ModelCard(BaseModel):
     notice: str | None = Field(None, description="Their attribution and licence texts (the checkpoint's NOTICE).")
 
 
+class AutoChoice(BaseModel):
+    """Which model `model=auto` gives an upload, by its kind."""
+
+    lossy: str = Field(description="The id of the model a JPEG or lossy WebP upload gets.")
+    other: str = Field(description="The id of the model any other upload gets.")
+
+
 class ModelList(BaseModel):
     default: str = Field(description="The model of requests that name none: an id, or auto (a real-world model "
                          "for JPEG and lossy WebP uploads, otherwise a model sized for this replica's device "
                          "(a GPU model on a GPU) or else the default model).")
+    auto: AutoChoice = Field(description="What `model=auto` picks on this server, by the upload's kind.")
     models: list[ModelCard]
 
 
@@ -305,7 +313,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
     async def models() -> ModelList:
         """The served models, with their cards, and which one a request gets by default."""
         reg = loaded()
-        return ModelList(default=reg.default, models=[card(m) for m in reg.models.values()])
+        auto = AutoChoice(lossy=reg.choose(AUTO, lossy=True).id, other=reg.choose(AUTO, lossy=False).id)
+        return ModelList(default=reg.default, auto=auto, models=[card(m) for m in reg.models.values()])
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard, dependencies=auth, tags=["models"],
              responses=openapi_errors(401, 404, 503))
@@ -317,7 +326,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
         "/v1/upscale", dependencies=auth, tags=["upscale"], response_class=Response,
         openapi_extra=_upscale_openapi(query=True),
         responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}, "description": (
-            "The image at exactly 4x. Headers: X-Request-Id, X-Model (the model that answered), X-Seed (the seed "
+            "The image at exactly 4x. Headers: Content-Disposition (a file name: the upload's stem + _x4), "
+            "X-Request-Id, X-Model (the model that answered), X-Seed (the seed "
             "used), X-Steps, X-Sampler, X-Tiles, X-Image-Size (WxH), X-Denoiser-Calls / X-Shared-Calls "
             "(denoiser calls that advanced this request / also advanced others), Server-Timing (decode, queue, "
             "sample, encode, total, in ms).")},
@@ -345,6 +355,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
             "X-Image-Size": f"{out.width}x{out.height}", "X-Denoiser-Calls": str(job.calls),
             "X-Shared-Calls": str(job.shared_calls),
             "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in timing.items()),
+            "Content-Disposition": intake.content_disposition(intake.result_filename(acc.upload_name, fmt)),
         }
         return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
 

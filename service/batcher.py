@@ -36,6 +36,7 @@ from torch import Tensor
 
 from model.runtime import Runtime
 from model.sampler import SamplerName, Track, start_tracks, step_tracks, track_images
+from service.admission import Pace
 from service.errors import Cancelled, ServiceError, ShuttingDown, WorkerError
 from service.metrics import Metrics
 from service.pipeline import TensorTiles, Tiles
@@ -95,6 +96,7 @@ class Batcher:
         self._holding: set[Job] = set()  # jobs with tracks (worker thread only)
         self._padding: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
         self._pace: dict[str, deque[float]] = {}  # model -> seconds per tile-step of recent calls (tile_step_s)
+        self._best_pace: dict[str, float] = {}  # model -> the fewest seconds per tile-step since start (pace)
 
     # ------------------------------------------------------------------ public API (any thread)
 
@@ -118,6 +120,19 @@ class Batcher:
         """The first model's runtime (the only one when a single runtime was given)."""
         return next(iter(self.runtimes.values()))
 
+    def pace(self, model: str) -> Pace:
+        """`model`'s seconds per tile-step: the best since start (an idle server's) and the recent best
+        (`tile_step_s`); 0 before any call."""
+        recent = self.tile_step_s(model)
+        return Pace(min(self._best_pace.get(model, recent), recent), recent)
+
+    def backlog_s(self) -> float:
+        """Seconds of work queued or in progress (tile-steps left at each model's recent pace): how long a new
+        request would wait behind it at most."""
+        with self._cv:
+            left = self.scheduler.work_left()
+        return sum(n * self.tile_step_s(model) for model, n in left.items())
+
     def tile_step_s(self, model: str) -> float:
         """The fastest a tile-step of `model` went in its last `PACE_CALLS` denoiser calls (a call's time over the
         tiles it could hold): a lower bound of a request's time, whatever else is queued (0 before any call)."""
@@ -126,6 +141,7 @@ class Batcher:
 
     def _record_pace(self, model: str, seconds: float) -> None:
         self._pace.setdefault(model, deque(maxlen=PACE_CALLS)).append(seconds)
+        self._best_pace[model] = min(self._best_pace.get(model, seconds), seconds)
 
     @property
     def batch_limit(self) -> int:

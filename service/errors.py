@@ -139,12 +139,15 @@ def openapi_errors(*statuses: int) -> dict[int | str, dict]:
         408: "The body did not arrive within SAMDIFFSR_REQUEST_TIMEOUT_S (code request_timeout); the "
              "connection is closed.",
         413: "Body over SAMDIFFSR_MAX_UPLOAD_BYTES (code payload_too_large; rejected while streaming), "
-             "or image over SAMDIFFSR_MAX_PIXELS, SAMDIFFSR_MAX_REQUEST_WORK or SAMDIFFSR_MEMORY_BUDGET_MB "
-             "(code image_too_large; estimated from the header, before decoding).",
+             "or image over SAMDIFFSR_MAX_PIXELS, SAMDIFFSR_MAX_REQUEST_WORK or SAMDIFFSR_MEMORY_BUDGET_MB, "
+             "checked in that order, or more work than its deadline allows even on an idle server (code "
+             "image_too_large; estimated from the header, before decoding).",
         415: "Body is neither multipart/form-data nor an image/* (or application/octet-stream) body.",
-        422: "Invalid or missing parameter (code invalid_parameter / missing_image).",
+        422: "Invalid, missing or unknown parameter (code invalid_parameter, naming the unknown form fields or query "
+             "parameters / missing_image).",
         500: "The worker failed on this request (code worker_error); other requests are not affected.",
-        503: "Queue full or memory budget taken (queue_full), model not ready (not_ready), shutting down "
+        503: "Queue full, memory budget taken, or the work queued ahead would make this request miss its deadline "
+             "(queue_full), model not ready (not_ready), shutting down "
              "(shutting_down), out of accelerator memory (out_of_memory) or batching worker stopped "
              "(worker_stopped). Retry after the Retry-After header's seconds.",
         504: "The request's deadline (SAMDIFFSR_REQUEST_TIMEOUT_S) passed (code timeout).",

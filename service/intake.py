@@ -8,10 +8,11 @@ errors.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from fastapi import Request
@@ -91,18 +92,23 @@ class Accepted:
     t_start: float  # time.perf_counter() values
     t_decoded: float
     deadline: float  # time.monotonic() value
+    upload_name: str | None = None  # the multipart file's name, if it had one
+    extra: dict[str, str] = field(default_factory=dict)  # the `allowed` fields beyond UpscaleParams' (see `accept`)
 
 
 async def accept(service: Service, request: Request, params: UpscaleParams | None, timeout_s: float,
                  wrap_tiles: Callable[[pipeline.Tiles], pipeline.Tiles] | None = None,
-                 max_result_bytes: int | None = None) -> Accepted:
+                 max_result_bytes: int | None = None, allowed: frozenset[str] = frozenset()) -> Accepted:
     """Read, validate, check the cost of, decode and queue an upload; `timeout_s` counts from now (the
     request's start). `params=None` reads the query parameters here (form fields win over them).
     `wrap_tiles` may wrap the image's tiles before they are queued (the jobs API counts finished ones).
-    `max_result_bytes`: 413 before decoding when the output's uncompressed size (its bound) is larger."""
+    `max_result_bytes`: 413 before decoding when the output's uncompressed size (its bound) is larger.
+    `allowed`: names of fields the endpoint takes beyond UpscaleParams (returned in `Accepted.extra`); any other
+    unknown field or query parameter is a 422."""
     t_start = time.perf_counter()
     service.check_accepting()
-    data, params = await read_upload(request, params)
+    upload = await read_upload(request, params, allowed)
+    data, params = upload.data, upload.params
     assert service.batcher is not None
     model = service.registry.choose(params.model, is_lossy(data))  # UnknownModel: 404 with the list
     cfg = model.runtime.config
@@ -122,12 +128,13 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
     # From the header, before decoding; off the event loop (an icon's header check reads its frames).
     cost = await run_in_threadpool(measure, model.upscaler, data, steps, params.ensemble, settings.max_pixels)
     reservation = None
-    if cost is not None:
-        check_limits(cost, settings.max_request_work, service.budget.limit)
+    if cost is not None:  # the fixed limits first, then the time it would take
+        check_limits(cost, settings.max_request_work, service.budget.limit, settings.max_pixels)
         if max_result_bytes is not None:
             check_result_size(cost, cfg.scale, max_result_bytes, fmt)
         left = timeout_s - (time.perf_counter() - t_start)
-        check_time(cost, service.batcher.tile_step_s(model.id), left)
+        check_time(cost, service.batcher.pace(model.id), left, service.batcher.backlog_s(), settings.retry_after_s,
+                   settings.job_timeout_s if settings.job_timeout_s > timeout_s else None)
         reservation = await service.budget.acquire_waiting(cost.memory, min(settings.admission_wait_s, left),
                                                            gone=request.is_disconnected)
     try:
@@ -146,7 +153,7 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
     if reservation is not None:
         job.future.add_done_callback(reservation.release)
     return Accepted(prep, job, model, steps, sampler, seed, params.ensemble, fmt, params.quality, rid, t_start,
-                    t_decoded, deadline)
+                    t_decoded, deadline, upload.name, upload.extra)
 
 
 def render(upscaler: Upscaler, acc: Accepted, result: Tensor | pipeline.Canvas,
@@ -164,36 +171,71 @@ def render(upscaler: Upscaler, acc: Accepted, result: Tensor | pipeline.Canvas,
     return out, body
 
 
+FIELDS = frozenset(UpscaleParams.model_fields)
+
+
+def check_names(names: list[str], allowed: frozenset[str], where: str) -> None:
+    """422 naming the fields (or query parameters) that are neither UpscaleParams' nor `allowed`: a misspelt
+    `stpes` must not silently get the default."""
+    known = FIELDS | allowed
+    unknown = sorted({n for n in names if n not in known})
+    if unknown:
+        noun = "form field" if where == "form" else "query parameter"
+        raise InvalidParameter(f"unknown {noun}{'' if len(unknown) == 1 else 's'} {', '.join(map(repr, unknown))}; "
+                               f"the {noun}s are: {', '.join(sorted(known))}")
+
+
 def _params(query: UpscaleParams | None, request: Request, fields: dict[str, str], where: str) -> UpscaleParams:
     """Query parameters overridden by form fields, validated once (an invalid query value that a form
     field replaces is no error)."""
     given = query.model_dump(exclude_unset=True) if query is not None else dict(request.query_params)
+    given = {k: v for k, v in given.items() if k in FIELDS}
     try:
-        return UpscaleParams.model_validate({**given, **fields})
+        return UpscaleParams.model_validate({**given, **{k: v for k, v in fields.items() if k in FIELDS}})
     except ValidationError as e:
         raise InvalidParameter(validation_message(e.errors(), where)) from e
 
 
-async def read_upload(request: Request, query: UpscaleParams | None) -> tuple[bytes, UpscaleParams]:
+@dataclass
+class Upload:
+    """An upload read from its request: the image bytes, the parameters, the file's name, the allowed extras."""
+
+    data: bytes
+    params: UpscaleParams
+    name: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+async def read_upload(request: Request, query: UpscaleParams | None,
+                      allowed: frozenset[str] = frozenset()) -> Upload:
     """The image bytes and the parameters (form fields override query parameters; `query=None`: read
-    them from the request)."""
+    them from the request). Unknown fields and query parameters: 422 (`check_names`)."""
+    check_names(list(request.query_params), allowed, "query")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    name = None
     if ctype == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
         try:
             fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
+            check_names(list(fields), allowed, "form")  # a file under another name: missing_image below
             params = _params(query, request, fields, "form")
+            extra = {k: str(v) for k, v in request.query_params.items() if k in allowed}
+            extra.update({k: v for k, v in fields.items() if k in allowed})
             image = form.get("image")
             if not isinstance(image, UploadFile):
-                raise MissingImage("no image: send it as the multipart file field 'image'")
+                other = [k for k, v in form.items() if isinstance(v, UploadFile)]
+                got = f" (the file came as {other[0]!r})" if other else ""
+                raise MissingImage(f"no image: send it as the multipart file field 'image'{got}")
             part_type = (image.content_type or "application/octet-stream").split(";")[0].strip().lower()
             if not (part_type.startswith("image/") or part_type == "application/octet-stream"):
                 raise UnsupportedMediaType(f"the 'image' part has type {part_type!r}; expected image/*")
+            name = image.filename
             data = await image.read()
         finally:
             await form.close()
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
         params = _params(query, request, {}, "query")
+        extra = {k: str(v) for k, v in request.query_params.items() if k in allowed}
         data = await request.body()
     else:
         raise UnsupportedMediaType(
@@ -201,7 +243,20 @@ async def read_upload(request: Request, query: UpscaleParams | None) -> tuple[by
             "'image' (curl -F image=@photo.jpg) or the raw image with Content-Type image/*")
     if not data:
         raise MissingImage("the image is empty")
-    return data, params
+    return Upload(data, params, name, extra)
+
+
+def result_filename(upload_name: str | None, fmt: str, fallback: str = "image") -> str:
+    """The result's file name: the upload's stem (letters, digits, '.', '_', '-' kept) + `_x4` + the format's
+    extension (`photo.jpg` -> `photo_x4.png`); `fallback` where the upload had no usable name."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", (upload_name or "").rsplit("/", 1)[-1].rsplit("\\", 1)[-1])
+    stem = stem.rsplit(".", 1)[0].strip("._")[:100] or fallback
+    return f"{stem}_x4.{'jpg' if fmt == 'jpeg' else fmt}"
+
+
+def content_disposition(filename: str) -> str:
+    """The Content-Disposition of a result: shown in place, saved under `filename` (`result_filename`)."""
+    return f'inline; filename="{filename}"'
 
 
 def measure(upscaler: Upscaler, data: bytes, steps: int, ensemble: int, max_pixels: int) -> Cost | None:

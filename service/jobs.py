@@ -73,6 +73,7 @@ class JobRecord:
     input_size: tuple[int, int]
     n_tiles: int
     want_bicubic: bool
+    upload_name: str | None = None  # the uploaded file's name, for the result's (intake.result_filename)
     created_wall: float = field(default_factory=time.time)
     created: float = field(default_factory=time.monotonic)
     status: JobStatus = "queued"  # live status comes from `JobStore.status`
@@ -158,7 +159,8 @@ class JobStore:
                         model=acc.model.id,
                         steps=acc.steps, sampler=acc.sampler, seed=acc.seed, ensemble=acc.ensemble, fmt=acc.fmt,
                         quality=acc.quality,
-                        input_size=(img.width, img.height), n_tiles=acc.job.n_tiles, want_bicubic=bicubic)
+                        input_size=(img.width, img.height), n_tiles=acc.job.n_tiles, want_bicubic=bicubic,
+                        upload_name=acc.upload_name)
         with self._lock:
             self._jobs[rec.id] = rec
         acc.job.future.add_done_callback(lambda fut: self._pool.submit(self._finish, rec, fut))

@@ -3,10 +3,10 @@
 Where they come from is `model.repository.sources` (`SAMDIFFSR_MODELS`, else `SAMDIFFSR_CHECKPOINT`, else every
 checkpoint in `SAMDIFFSR_MODELS_DIR`).
 
-The default (`SAMDIFFSR_DEFAULT_MODEL`) is `auto`: per request, a model trained on real-world degradations for a
-lossy upload (JPEG, lossy WebP), else a clean one: the first sized for this replica's device (a checkpoint's
-`extras.device`: a GPU model on a CUDA replica, `model.upscale.sized_for`), else the model with id `default`,
-else the first (measured on the validation photos: docs/models.md). It can also be one id. Loading is all or
+The default (`SAMDIFFSR_DEFAULT_MODEL`) is `auto`: per request, the rule of `model.choice` (shared with
+`samdiffsr upscale`): a model trained on real-world degradations for a lossy upload (JPEG, lossy WebP), else a
+clean one sized for this replica's device (a checkpoint's `extras.device`, `model.upscale.sized_for`), else the
+model with id `default`, else the first. It can also be one id. Loading is all or
 nothing: a bad source stops the start-up with a message that names it.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from model.attribution import builds_on, notice
+from model.choice import AUTO, degradation_of, is_lossy, pick_auto
 from model.config import ModelConfig
 from model.network import SRDiffNet
 from model.repository import ModelSource, RegistryError, check_source
@@ -26,7 +27,7 @@ from model.sizing import Sizing
 from model.upscale import Upscaler, default_sampler, default_steps, sized_for
 from service.errors import ServiceError
 
-AUTO = "auto"
+__all__ = ["AUTO", "Registry", "ServedModel", "UnknownModel", "is_lossy", "load_models", "pick_auto", "serve_model"]
 
 
 class UnknownModel(ServiceError):
@@ -57,7 +58,7 @@ class ServedModel:
     @property
     def degradation(self) -> str:
         """What its training inputs were: `bicubic` (clean) or `real` (JPEG, noise, blur)."""
-        return str(self.runtime.info.training.get("degradation", "bicubic"))
+        return degradation_of(self.runtime.info.training)
 
     @property
     def sized_for(self) -> str | None:
@@ -73,9 +74,9 @@ class ServedModel:
         """The public card: what it is, what it was trained on, how it is served."""
         info, cfg = self.runtime.info, self.runtime.config
         tr = info.training
-        summary = info.card.get("summary") or (
-            f"{info.name}: x{cfg.scale}, trained on {tr.get('images', '?')} photos with "
-            f"{self.degradation} degradations" if tr else f"{info.name}: x{cfg.scale}")
+        summary = info.card.get("summary") or (  # its id names it: no internal name here
+            f"x{cfg.scale}, trained on {tr.get('images', '?')} photos with {self.degradation} degradations"
+            if tr else f"x{cfg.scale}")
         return {
             "id": self.id, "name": info.name, "summary": summary, "degradation": self.degradation,
             "scale": cfg.scale, "parameters": self.parameters, "training": tr,
@@ -157,31 +158,6 @@ class Registry:
         if name not in self.models:
             raise UnknownModel(f"unknown model {name!r}; the models are: {', '.join([*self.models, AUTO])}")
         return self.models[name]
-
-
-def pick_auto(models: list[ServedModel], lossy: bool) -> ServedModel:
-    """`auto`'s choice: for a lossy upload a model trained on real-world degradations, else a clean one; among
-    those, the first sized for the device it runs on (a GPU model on a CUDA replica); else the model with id
-    `default`; else the first."""
-    if lossy:
-        real = [m for m in models if m.degradation == "real"]
-        if real:
-            return next((m for m in real if m.fits_device), real[0])
-    fitting = [m for m in models if m.fits_device and m.degradation != "real"]
-    if fitting:
-        return fitting[0]
-    return next((m for m in models if m.id == "default"), models[0])
-
-
-def is_lossy(data: bytes) -> bool:
-    """A JPEG, or a WebP whose image is VP8 (lossy) rather than VP8L, from the first bytes."""
-    if data[:3] == b"\xff\xd8\xff":
-        return True
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        head = data[12:4096]
-        lossy, lossless = head.find(b"VP8 "), head.find(b"VP8L")
-        return lossy >= 0 and (lossless < 0 or lossy < lossless)
-    return False
 
 
 def load_models(srcs: list[ModelSource], backend: str, device: str, threads: int | None,

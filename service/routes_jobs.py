@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from model.imaging import MEDIA_TYPES
 from service import intake
-from service.errors import ErrorDetail, openapi_errors
+from service.errors import ErrorDetail, InvalidParameter, openapi_errors
 from service.intake import UpscaleParams
 from service.jobs import FINAL, CountingTiles, JobNotDone, JobRecord, JobStatus, JobStore
 
@@ -31,6 +32,19 @@ class JobOptions(BaseModel):
 
     bicubic: bool = Field(False, description="Also keep the plain bicubic x4 of the input (the up(LR) the "
                           "model starts from), at GET /v1/jobs/{id}/bicubic, for before/after comparisons.")
+
+
+JOB_FIELDS = frozenset(JobOptions.model_fields)
+
+
+def job_options(query: JobOptions, fields: dict[str, str]) -> JobOptions:
+    """The job's options: query parameters, overridden by form fields of the same names (422 if invalid)."""
+    if not fields:
+        return query
+    try:
+        return JobOptions.model_validate({**query.model_dump(exclude_unset=True), **fields})
+    except ValidationError as e:
+        raise InvalidParameter(intake.validation_message(e.errors(), "form")) from e
 
 
 class JobUrls(BaseModel):
@@ -119,6 +133,20 @@ def job_info(store: JobStore, rec: JobRecord) -> JobInfo:
         error=rec.error, urls=_urls(rec))
 
 
+def not_done(info: JobInfo, what: str, retry_after_s: int) -> JobNotDone:
+    """409 for a job still queued or running: its progress in the message and X-Job-Progress (the fraction done),
+    and Retry-After: the time it still needs at its pace so far (`retry_after_s` until it has made progress), at
+    most a minute."""
+    p = info.progress
+    done = f"{p.steps_done} of {p.steps_total} denoiser steps" if p.steps_total else \
+        f"{p.tiles_done} of {p.tiles_total} tiles"
+    left = info.timings.total_s * (1 - p.fraction) / p.fraction if p.fraction > 0 else retry_after_s
+    wait = min(60, max(1, math.ceil(left)))
+    return JobNotDone(f"the job is {info.status} ({p.fraction:.0%} done: {done}); fetch its {what} once its status is "
+                      f"succeeded, in about {wait} s", headers={"Retry-After": str(wait),
+                                                                 "X-Job-Progress": f"{p.fraction:.4f}"})
+
+
 def add_job_routes(app: FastAPI, store: JobStore, auth: list[Any]) -> None:
     """Mount /v1/jobs on `app`; `auth` is the bearer-token dependency list of /v1/*."""
     service = store.service
@@ -137,7 +165,8 @@ def add_job_routes(app: FastAPI, store: JobStore, auth: list[Any]) -> None:
         its events, and fetch the result when the status is `succeeded`."""
         keep = store.settings.job_store_max_bytes // (2 if options.bicubic else 1)  # the result, and its bicubic
         acc = await intake.accept(service, request, params, store.settings.job_timeout_s, wrap_tiles=CountingTiles,
-                                  max_result_bytes=keep)
+                                  max_result_bytes=keep, allowed=JOB_FIELDS)
+        options = job_options(options, acc.extra)
         rec = store.add(acc, bicubic=options.bicubic)
         response.headers["Location"] = _urls(rec).status
         response.headers["X-Model"] = rec.model
@@ -154,18 +183,21 @@ def add_job_routes(app: FastAPI, store: JobStore, auth: list[Any]) -> None:
             if status in FINAL and status != "succeeded":
                 msg = f"the job {status}" + (f": {rec.error.message}" if rec.error else "")
                 raise JobNotDone(msg + f"; it has no {what}")
-            raise JobNotDone(f"the job is {status}; fetch its {what} once its status is succeeded")
+            raise not_done(job_info(store, rec), what, store.settings.retry_after_s)
         assert rec.output_size is not None
         w, h = rec.output_size
-        ext = "jpg" if rec.fmt == "jpeg" else rec.fmt
-        name = f"{rec.id}{'-bicubic' if what == 'bicubic image' else ''}.{ext}"
+        name = intake.result_filename(rec.upload_name, rec.fmt, fallback=rec.id)
+        if what == "bicubic image":
+            name = name.replace("_x4.", "_x4-bicubic.")
         return Response(data, media_type=MEDIA_TYPES[rec.fmt], headers={
             "X-Model": rec.model, "X-Seed": str(rec.seed), "X-Steps": str(rec.steps), "X-Sampler": rec.sampler,
             "X-Ensemble": str(rec.ensemble), "X-Tiles": str(rec.n_tiles), "X-Image-Size": f"{w}x{h}",
-            "Content-Disposition": f'inline; filename="{name}"'})
+            "Content-Disposition": intake.content_disposition(name)})
 
     image_responses = {200: {"content": {m: {} for m in MEDIA_TYPES.values()}, "description": "The image."},
-                       409: {"description": "Not finished yet, or it failed or was cancelled (job_not_done)."},
+                       409: {"description": "Not finished yet (job_not_done; Retry-After: about the seconds it "
+                             "still needs; X-Job-Progress: the fraction done, also in the message), or it failed "
+                             "or was cancelled (job_not_done, no Retry-After)."},
                        **not_found}
 
     @router.get("/{job_id}/result", response_class=Response, responses=image_responses)

@@ -172,6 +172,13 @@ class Scheduler:
     def pending_tiles(self) -> int:
         return sum(r.n_tiles - s.next_tile for r, s in self._state.items())
 
+    def work_left(self) -> dict[str, int]:
+        """Tile-steps not yet done, by model: tiles not yet encoded at their full steps, active ones' steps left."""
+        out: dict[str, int] = defaultdict(int)
+        for r, s in self._state.items():
+            out[r.model] += (r.n_tiles - s.next_tile) * max(1, r.steps) + sum(s.active.values())
+        return dict(out)
+
     def started(self, req: Request) -> bool:
         s = self._state.get(req)
         return s is not None and s.next_tile > 0

@@ -295,6 +295,65 @@ def test_invalid_form_field_and_missing_image_are_422(client, photo_img):
     assert_error(client.get("/v1/nothing"), 404, "not_found")
 
 
+def test_unknown_fields_and_query_parameters_are_422_naming_them(client, photo_img):
+    """A misspelt parameter is refused, not silently replaced by its default; the server goes on serving."""
+    data = png(crop(photo_img, 12, 10))
+    files = {"image": ("a.png", data, "image/png")}
+    err = assert_error(client.post("/v1/upscale", files=files, data={"stpes": "0"}), 422, "invalid_parameter")
+    assert "unknown form field 'stpes'" in err["message"] and "steps" in err["message"]
+    err = assert_error(client.post("/v1/upscale", files=files, data={"stpes": "0", "sed": "1"}), 422,
+                       "invalid_parameter")
+    assert "unknown form fields 'sed', 'stpes'" in err["message"]
+    err = assert_error(client.post("/v1/upscale", content=data, headers={"content-type": "image/png"},
+                                   params={"modle": "default"}), 422, "invalid_parameter")
+    assert "unknown query parameter 'modle'" in err["message"]
+    assert_error(client.post("/v1/jobs", files=files, params={"bicubc": "true"}), 422, "invalid_parameter")
+    r = client.post("/v1/upscale", files=files, data={"steps": "0"})
+    assert r.status_code == 200  # still serving; the known fields work
+    assert r.headers["content-disposition"] == 'inline; filename="a_x4.png"'
+    raw = client.post("/v1/upscale", content=data, headers={"content-type": "image/png"},
+                      params={"steps": 0, "output_format": "jpg"})
+    assert raw.headers["content-disposition"] == 'inline; filename="image_x4.jpg"'
+
+
+def test_the_pixel_limit_is_checked_before_the_time_it_would_take(server, client, photo_img):
+    """An image over SAMDIFFSR_MAX_PIXELS gets the pixel limit as its reason, even where its time would also be
+    too long (before: "needs N tile-steps, at least 320 s")."""
+    batcher = server.service.batcher
+    saved = dict(batcher._pace), dict(batcher._best_pace)
+    try:
+        batcher._best_pace["tiny"] = 10.0  # 10 s a tile-step: any image is too slow
+        batcher._pace["tiny"] = deque([10.0], maxlen=PACE_CALLS)
+        err = assert_error(upload(client, png(crop(photo_img, 70, 60))), 413, "image_too_large")
+        assert "4,200 pixels" in err["message"] and "SAMDIFFSR_MAX_PIXELS" in err["message"], err
+        assert "tile-steps" not in err["message"]
+    finally:
+        batcher._pace.clear(), batcher._pace.update(saved[0])
+        batcher._best_pace.clear(), batcher._best_pace.update(saved[1])
+
+
+def test_refused_by_time_413_when_even_idle_503_when_only_load(tiny_checkpoint, photo_img):
+    """413 (pointing to the jobs API) when even an idle server would miss the deadline; 503 with Retry-After
+    when only today's pace or the work queued ahead is the cause."""
+    settings = Settings(checkpoint=tiny_checkpoint, **{**BASE, "request_timeout_s": 10.0, "retry_after_s": 2})
+    data = png(crop(photo_img, 40, 40))  # 9 tiles x 2 steps = 18 tile-steps
+    with LiveServer(settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        batcher = srv.service.batcher
+        batcher._best_pace["tiny"] = 1.0  # 18 s even idle, against a deadline of 10 s
+        batcher._pace["tiny"] = deque([1.0], maxlen=PACE_CALLS)
+        err = assert_error(upload(c, data), 413, "image_too_large")
+        assert "even with this server idle" in err["message"] and "POST /v1/jobs" in err["message"], err
+        batcher._best_pace["tiny"] = 0.01  # 0.18 s idle, but 18 s at today's pace: 8 s too many
+        r = upload(c, data)
+        err = assert_error(r, 503, "queue_full")
+        assert "busy" in err["message"] and 7 <= int(r.headers["retry-after"]) <= 9, (err, r.headers)
+        batcher._pace["tiny"] = deque([0.01], maxlen=PACE_CALLS)
+        assert upload(c, data).status_code == 200  # at the idle pace it is served
+        m = scrape(srv.url)
+        assert sample(m, "samdiffsr_errors_total", kind="image_too_large") == 1
+        assert sample(m, "samdiffsr_errors_total", kind="queue_full") == 1
+
+
 def test_bearer_token_auth(tiny_checkpoint, photo_img):
     with LiveServer(Settings(checkpoint=tiny_checkpoint, auth_token="s3cret", **BASE)) as srv:
         data = png(crop(photo_img, 12, 10))

@@ -75,6 +75,7 @@ def test_submit_poll_and_fetch_the_same_bytes_as_the_synchronous_endpoint(server
     result = client.get(f"/v1/jobs/{job_id}/result")
     assert result.status_code == 200 and result.headers["content-type"] == "image/png"
     assert result.headers["x-seed"] == "5" and result.headers["x-image-size"] == "112x80"
+    assert result.headers["content-disposition"] == 'inline; filename="in_x4.png"'  # the upload's name
     sync = client.post("/v1/upscale", files={"image": ("in.png", data, "image/png")}, params={"seed": 5})
     assert sync.status_code == 200 and result.content == sync.content  # byte-identical
 
@@ -114,12 +115,16 @@ def test_cancel_mid_run_frees_the_batch(server, client, photo_img):
     while client.get(f"/v1/jobs/{job_id}").json()["progress"]["steps_done"] == 0:
         assert time.monotonic() < end, "the job never started"
         time.sleep(POLL_S)
-    assert_error(client.get(f"/v1/jobs/{job_id}/result"), 409, "job_not_done")
+    early = client.get(f"/v1/jobs/{job_id}/result")
+    err = assert_error(early, 409, "job_not_done")
+    assert 1 <= int(early.headers["retry-after"]) <= 60 and 0 < float(early.headers["x-job-progress"]) < 1
+    assert "% done: " in err["message"] and "of 900 denoiser steps" in err["message"], err
     info = client.delete(f"/v1/jobs/{job_id}").json()
     assert info["status"] == "cancelled" and 0 < info["progress"]["fraction"] < 1
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
-    err = assert_error(client.get(f"/v1/jobs/{job_id}/result"), 409, "job_not_done")
-    assert "cancelled" in err["message"]
+    late = client.get(f"/v1/jobs/{job_id}/result")
+    err = assert_error(late, 409, "job_not_done")
+    assert "cancelled" in err["message"] and "retry-after" not in late.headers  # no retry helps
     end = time.monotonic() + 30
     while sample(scrape(server.url), "samdiffsr_tiles_in_flight") != 0:  # its tiles left the batch
         assert time.monotonic() < end, "the cancelled job's tiles are still sampled"

@@ -123,7 +123,9 @@ def test_upscale_a_photo_on_the_finished_page(server, browser, image_file):
     sizes = driver.execute_script("return ['after', 'before'].map(id => { const i = document.getElementById(id);"
                                   "return [i.naturalWidth, i.naturalHeight, i.complete]; })")
     assert sizes == [[4 * w, 4 * h, True], [4 * w, 4 * h, True]]
-    assert f"{4 * w}×{4 * h}" in driver.find_element(By.ID, "result-text").text
+    text = driver.find_element(By.ID, "result-text").text
+    assert f"{w}×{h} → {4 * w}×{4 * h} in " in text and " s; model " in text, text
+    assert driver.find_element(By.ID, "download").text == "Download chelsea_x4.png"
     assert "ensemble of 2" in driver.find_element(By.ID, "result-text").text
     set_value(driver, "slider", "30")  # the before/after slider moves the split
     assert driver.execute_script("return document.getElementById('after').style.clipPath") == "inset(0px 0px 0px 30%)"
@@ -183,11 +185,11 @@ def test_pick_a_model_that_is_not_the_default(models_dir, browser, image_file):
         until(driver, "document.getElementById('model-select').options.length === 3", "both models and auto")
         options = driver.execute_script("return [...document.getElementById('model-select').options]"
                                         ".map(o => [o.value, o.text])")
-        assert [v for v, _ in options] == ["auto", "default", "real"]
-        assert "a tiny model for JPEGs" in options[2][1]
+        assert options == [["auto", "auto"], ["default", "default"], ["real", "real"]]  # ids, short: no overflow
         assert driver.execute_script("return document.getElementById('model-select').value") == "auto"
         set_value(driver, "model-select", "real")
-        assert "real-world" in driver.find_element(By.ID, "model-card").text
+        card = driver.find_element(By.ID, "model-card").text
+        assert card.startswith("real: a tiny model for JPEGs") and "real-world" in card
         set_value(driver, "seed", "3")
         driver.find_element(By.ID, "file").send_keys(str(image_file))
         driver.find_element(By.ID, "submit").click()
@@ -205,3 +207,74 @@ def test_pick_a_model_that_is_not_the_default(models_dir, browser, image_file):
                              timeout=WAIT_S)
         assert real.headers["x-model"] == "real" and default.headers["x-model"] == "default"
         assert page_bytes == real.content != default.content
+
+
+def overflow(driver: WebDriver) -> int:
+    """How many CSS pixels the document is wider than the window (0: no horizontal scrollbar)."""
+    return driver.execute_script("return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+
+
+@pytest.fixture(scope="module")
+def wordy_models(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two tiny models with summaries as long as the shipped ones' (what widened the page before)."""
+    import json
+
+    root = tmp_path_factory.mktemp("wordy")
+    for name in ("default", "real"):
+        shutil.copytree(models_dir / name, root / name)
+        cfg = json.loads((root / name / "config.json").read_text())
+        cfg.setdefault("card", {})["summary"] = ("for JPEGs and noisy photos (web, phones, messengers); trained on "
+                                                 "220 photos with blur, noise and JPEG at qualities 30 to 95")
+        (root / name / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_the_page_fits_the_window_without_horizontal_scrolling(wordy_models, browser, image_file, width):
+    """At a desktop's and a phone's width nothing is wider than the window: the form, the model's card, the
+    result and its before/after viewer."""
+    driver, _ = browser
+    size = driver.get_window_size()
+    with LiveServer(Settings(models_dir=wordy_models, **SETTINGS)) as srv:
+        try:
+            driver.set_window_size(width, 900)
+            assert driver.execute_script("return window.innerWidth") <= width
+            driver.get(srv.url + "/")
+            until(driver, "document.getElementById('model-select').options.length === 3", "the models")
+            assert overflow(driver) == 0, f"the page is {overflow(driver)} px wider than the window at {width} px"
+            set_value(driver, "steps", "0")
+            driver.find_element(By.ID, "file").send_keys(str(image_file))
+            driver.find_element(By.ID, "submit").click()
+            until(driver, "!document.getElementById('result').hidden", "the result")
+            shown = driver.execute_script("const r = document.getElementById('after').getBoundingClientRect();"
+                                          "return [r.left, r.right, document.documentElement.clientWidth]")
+            assert shown[0] >= 0 and shown[1] <= shown[2], f"the result is outside the window: {shown}"
+            assert overflow(driver) == 0, f"with a result, the page is {overflow(driver)} px too wide at {width} px"
+        finally:
+            driver.set_window_size(size["width"], size["height"])
+
+
+def test_auto_shows_which_model_the_chosen_file_gets(models_dir, browser, image_file, tmp_path):
+    """With `auto`, the page names (by id) the model the server will give the chosen file: `real` for a JPEG,
+    `default` for a PNG; and that model answers."""
+    driver, _ = browser
+    jpeg = tmp_path / "chelsea.jpg"
+    Image.open(image_file).save(jpeg, quality=80)
+    with LiveServer(Settings(models_dir=models_dir, **SETTINGS)) as srv:
+        listed = httpx.get(srv.url + "/v1/models").json()
+        assert listed["default"] == "auto" and listed["auto"] == {"lossy": "real", "other": "default"}
+        driver.get(srv.url + "/")
+        until(driver, "document.getElementById('model-select').options.length === 3", "the models")
+        card = driver.find_element(By.ID, "model-card").text
+        assert "JPEG and lossy WebP images go to real, other images to default" in card, card
+        assert "tiny-" not in card  # ids, not the checkpoints' internal names
+        for path, model in ((jpeg, "real"), (image_file, "default")):
+            driver.find_element(By.ID, "file").send_keys(str(path))
+            until(driver, f"document.getElementById('model-card').dataset.model === '{model}'", f"the model {model}")
+            card = driver.find_element(By.ID, "model-card").text
+            assert card.startswith(f"auto: this {'lossy' if model == 'real' else 'lossless'}"), card
+            assert f"goes to {model}." in card and "tiny-" not in card, card
+        set_value(driver, "steps", "0")
+        driver.find_element(By.ID, "submit").click()
+        until(driver, "!document.getElementById('result').hidden", "the result")
+        assert "model default" in driver.find_element(By.ID, "result-text").text

@@ -58,18 +58,32 @@ async function api(path, options = {}) {
 }
 
 let models = [];
+let auto = null;  // {lossy, other}: the ids `auto` picks on this server (GET /v1/models)
+let lossy = null;  // whether the chosen file is a JPEG or a lossy WebP (null: no file)
+let shown = null;  // the id of the model whose steps the slider shows
+
+// Whether a file is a JPEG or a lossy WebP, from its first bytes: the test of model/choice.py's is_lossy,
+// which the server's `auto` applies to the upload.
+async function isLossy(f) {
+  const b = new Uint8Array(await f.slice(0, 4096).arrayBuffer());
+  if (b[0] === 0xff && b[1] === 0xd8 && b[2] === 0xff) return true;
+  const text = String.fromCharCode(...b);
+  if (text.slice(0, 4) !== "RIFF" || text.slice(8, 12) !== "WEBP") return false;
+  const vp8 = text.indexOf("VP8 ", 12);
+  const vp8l = text.indexOf("VP8L", 12);
+  return vp8 >= 0 && (vp8l < 0 || vp8 < vp8l);
+}
 
 async function loadModel() {
   try {
     const list = await (await api("/v1/models")).json();
     models = list.models;
+    auto = list.auto || null;
     const select = $("model-select");
     const keep = select.value;
-    select.replaceChildren(...models.map((m) => new Option(`${m.id}: ${m.summary}`, m.id)));
-    if (list.default === "auto") {
-      select.prepend(new Option("auto: the real-world model for JPEG and lossy WebP, else the default", "auto"));
-    }
-    select.value = models.some((m) => m.id === keep) || keep === "auto" ? keep : list.default;
+    select.replaceChildren(...models.map((m) => new Option(m.id, m.id)));
+    if (auto) select.prepend(new Option("auto", "auto"));
+    select.value = models.some((m) => m.id === keep) || (keep === "auto" && auto) ? keep : list.default;
     $("model").textContent = `${models.length} model${models.length === 1 ? "" : "s"} on ` +
       `${models[0].device} (${models[0].backend}).`;
     showModel(true);
@@ -81,15 +95,30 @@ async function loadModel() {
   updateSteps();
 }
 
-function showModel(resetSteps) {
+// The model a request would get: the one selected, or with `auto` the one for the chosen file's kind.
+function target() {
   const id = $("model-select").value;
-  const m = models.find((x) => x.id === id) || models.find((x) => x.default) || models[0];
+  if (id !== "auto" || !auto) return models.find((x) => x.id === id) || models[0];
+  return models.find((x) => x.id === (lossy ? auto.lossy : auto.other)) || models[0];
+}
+
+function showModel(resetSteps) {
+  const m = target();
   if (!m) return;
+  if (resetSteps || m.id !== shown) $("steps").value = m.default_steps;
   $("steps").max = m.max_steps;
-  if (resetSteps) $("steps").value = m.default_steps;
+  shown = m.id;
   const inputs = m.degradation === "real" ? "real-world (JPEG, noise, blur)" : "clean";
-  $("model-card").textContent = `${m.name}: trained on ${inputs} inputs, ${(m.parameters / 1e6).toFixed(2)} M ` +
-    `parameters; default ${m.default_steps} ${m.default_sampler} steps.`;
+  const card = `${m.id}: ${m.summary}. Trained on ${inputs} inputs; ${(m.parameters / 1e6).toFixed(2)} M ` +
+    `parameters; default ${m.default_steps} ${m.default_sampler} step${m.default_steps === 1 ? "" : "s"}.`;
+  let text = card;
+  if ($("model-select").value === "auto" && auto) {
+    text = lossy === null
+      ? `auto: JPEG and lossy WebP images go to ${auto.lossy}, other images to ${auto.other}.`
+      : `auto: this ${lossy ? "lossy (JPEG or WebP)" : "lossless"} image goes to ${m.id}. ${card}`;
+  }
+  $("model-card").textContent = text;
+  $("model-card").dataset.model = m.id;
   updateSteps();
 }
 
@@ -98,7 +127,7 @@ function updateSteps() {
   $("steps-value").textContent = n === 0 ? "0 (fidelity: the encoder's output, fastest)" : String(n);
 }
 
-function choose(f) {
+async function choose(f) {
   if (!f) return;
   file = f;
   showError("");
@@ -110,6 +139,13 @@ function choose(f) {
   $("thumb").src = url;
   $("thumb").hidden = false;
   $("submit").disabled = false;
+  lossy = null;
+  let kind = false;
+  try { kind = await isLossy(f); } catch (e) { /* unreadable: the server will say */ }
+  if (file === f) {
+    lossy = kind;
+    showModel(false);
+  }
 }
 
 function setBusy(busy) {
@@ -200,12 +236,16 @@ async function showResult(info) {
   await Promise.all([loaded($("after"), after), loaded($("before"), before)]);
   const ext = info.params.output_format === "jpeg" ? "jpg" : info.params.output_format;
   const base = file.name.replace(/\.[^.]*$/, "") || "image";
+  const name = `${base}_x4.${ext}`;
   $("download").href = after;
-  $("download").download = `${base}_x4.${ext}`;
+  $("download").download = name;
+  $("download").textContent = `Download ${name}`;
+  const [iw, ih] = info.input_size;
   const [w, h] = info.output_size;
   const ensemble = info.params.ensemble > 1 ? `, ensemble of ${info.params.ensemble}` : "";
-  $("result-text").textContent = `${w}×${h}, model ${info.params.model}, ${info.params.steps} steps, ` +
-    `seed ${info.params.seed}${ensemble}`;
+  const steps = `${info.params.steps} step${info.params.steps === 1 ? "" : "s"}`;
+  $("result-text").textContent = `${iw}×${ih} → ${w}×${h} in ${info.timings.total_s.toFixed(1)} s; ` +
+    `model ${info.params.model}, ${steps}, seed ${info.params.seed}${ensemble}`;
   $("result").hidden = false;
 }
 
