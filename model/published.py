@@ -51,7 +51,8 @@ def import_pretrained(out: str | Path, cfg: ModelConfig, weights: Mapping[str, s
                   "weights": {n: str(weights[n]) for n in cfg.pretrained}}
     card = {"summary": f"{' + '.join(n.upper() for n in cfg.pretrained)} (published weights); its denoiser is "
                        "untrained and returns the encoder's image at any step count"}
-    extras = {**cfg.extras, "default_steps": 0}
+    # 256-px LR tiles: measured on the validation photos, these networks lose nothing to them (docs/model-card.md).
+    extras = {"default_tile": 256, **cfg.extras, "default_steps": 0}
     cfg = dataclasses.replace(cfg, extras=extras)
     net.cfg = cfg
     return save_checkpoint(out, net, CheckpointInfo(config=cfg, name=name, provenance=provenance, card=card))

@@ -95,7 +95,7 @@ def test_a_checkpoint_on_a_pretrained_encoder_serves_the_network_at_steps_0_and_
     text = (out / NOTICE).read_text()
     assert "RLFN" in text and "MIT License" in text and PUBLISHED["rlfn"].sha256 in text
     net, info = load_checkpoint_dir(out)
-    assert info.config.extras["default_steps"] == 0
+    assert info.config.extras["default_steps"] == 0 and info.config.extras["default_tile"] == 256
     lr = torch.rand(1, 3, 24, 20)
     with torch.no_grad():
         _, sr = net.encode(lr * 2 - 1)
