@@ -79,7 +79,8 @@ def estimate(upscaler: Upscaler, data: bytes, steps: int, ensemble: int = 1,
         return None
     w, h, mode, alpha = head
     if max_pixels is not None and w * h > max_pixels:  # before planning: a plan's work grows with the claimed size
-        raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
+        raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels; the limit (SAMDIFFSR_MAX_PIXELS) is "
+                                 f"{max_pixels:,}")
     cfg = upscaler.runtime.config
     s = cfg.scale
     # EXIF may turn the image: plan both ways, count the larger.
