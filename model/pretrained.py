@@ -325,6 +325,8 @@ def load_published(name: str, path: str | Path, check_sha256: bool = True) -> nn
 
 # ----------------------------------------------------------------------------- our encoder contract
 
+MIN_SIDE = 16  # the smallest input side the ESA blocks take (15), rounded up
+
 
 class PretrainedEncoder(nn.Module):
     """One or several pretrained networks as the LR encoder: LR in [-1, 1] -> (x4 image in [-1, 1], features).
@@ -347,13 +349,18 @@ class PretrainedEncoder(nn.Module):
         return sum(PUBLISHED[n].network.channels + 3 * scale * scale for n in names)
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        x01 = (x + 1) / 2
+        h, w = x.shape[-2:]
+        # ESA's unpadded strided convolution and pooling need 15 pixels a side: smaller inputs (a thin image's
+        # tiles) are padded by repeating their edges, and everything is cropped back.
+        pad_h, pad_w = max(0, MIN_SIDE - h), max(0, MIN_SIDE - w)
+        x01 = F.pad((x + 1) / 2, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else (x + 1) / 2
+        s = self.scale
         outs, feats = [], []
         for net in self.nets.values():
             r = net.input_range
             out, trunk = net(x01 * r)
-            outs.append(out / r)
-            feats.append(trunk)
+            outs.append(out[..., : h * s, : w * s] / r)
+            feats.append(trunk[..., :h, :w])
         if len(outs) == 1:
             sr = outs[0]
         else:

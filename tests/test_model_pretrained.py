@@ -115,3 +115,19 @@ def test_a_fusion_starts_as_the_members_mean_and_conditions_on_every_member(netw
     assert torch.allclose((sr + 1) / 2, ((a + b) / 2 / 255).clamp(0, 1), atol=1e-5)
     assert cond.shape == (1, *ModelConfig.cond_shape(cfg, 20, 24))
     assert cfg.cond_channels == 50 + 46 + 2 * 48
+
+
+def test_inputs_smaller_than_the_attention_needs_are_padded_and_cropped_back(networks: dict) -> None:
+    """ESA needs 15 px a side; a 4x40 tile (a thin image's) is padded by its edges, and its output cropped back."""
+    encoder = PretrainedEncoder(("rfdn", "rlfn")).eval()
+    for name in ("rfdn", "rlfn"):
+        encoder.nets[name] = networks[name]
+    for h, w in ((1, 1), (4, 40), (14, 15)):
+        with torch.no_grad():
+            sr, feats = encoder(torch.rand(1, 3, h, w) * 2 - 1)
+        assert sr.shape == (1, 3, 4 * h, 4 * w) and feats[0].shape[-2:] == (h, w)
+    x = torch.rand(1, 3, 24, 20) * 2 - 1  # large enough: no padding, the networks' own answer
+    with torch.no_grad():
+        sr, _ = encoder(x)
+        direct = (networks["rfdn"]((x + 1) / 2 * 255)[0] + networks["rlfn"]((x + 1) / 2 * 255)[0]) / 2 / 255
+    assert torch.allclose((sr + 1) / 2, direct.clamp(0, 1), atol=1e-5)
