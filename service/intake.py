@@ -48,8 +48,8 @@ class UpscaleParams(BaseModel):
                               "default: the service's default model. The response's X-Model says which answered.")
     steps: int | None = Field(None, ge=0, description="Denoiser steps (0 to the model's max_steps); default: "
                               "the model's default_steps (GET /v1/models). 0 is the fidelity mode: the "
-                              "encoder's own x4 output, the fastest; the shipped models score highest at their "
-                              "default of 1; more steps add generated detail.")
+                              "encoder's own x4 output, the fastest; each model's default scores highest there "
+                              "(0 for default and fast, 1 for real); more steps add generated detail.")
     sampler: Literal["ddim", "ddpm"] | None = Field(None, description="ddim (deterministic, default) or "
                                                    "ddpm (ancestral; with steps = max_steps exactly the "
                                                    "original sampler).")
