@@ -142,7 +142,7 @@ build() {
         args=(--isolation chroot --format docker --layers --force-rm
               --build-arg VARIANT=cpu --build-arg "CPU_BASE_IMAGE=$BASE_IMAGE" --build-arg "CUDA_BASE_IMAGE=$BASE_IMAGE")
         if [ -n "$wheels" ]; then
-            log "torch from this machine's wheels: $wheels (bind-mounted at /tmp/wheels)"
+            log "torch from the host's local wheels: $wheels (bind-mounted at /tmp/wheels)"
             args+=(--volume "$wheels:/tmp/wheels:ro" --build-arg TORCH_WHEELS=/tmp/wheels)
         else
             log "no local torch wheel found: torch comes from the Dockerfile's TORCH_CPU_INDEX_URL"
