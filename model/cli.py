@@ -146,15 +146,10 @@ def cmd_import_upstream(args: argparse.Namespace) -> int:
 
 
 def cmd_import_pretrained(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from model.config import PRESETS
-    from model.published import import_pretrained
+    from model.published import import_pretrained, refiner_config
 
     try:
-        # The denoiser's shape is the refiners' (configs/refine.yaml); served at steps=0 it is never run.
-        cfg = dataclasses.replace(PRESETS["small"], encoder=args.encoder, denoiser_space="lr", prediction="sample",
-                                  residual_base="rrdb", hidden_size=32, dim_mults=(1, 2))
+        cfg = refiner_config(args.encoder)  # served at steps=0, its denoiser is never run
         folders = {n: Path(args.weights) / n for n in cfg.pretrained}
         out = import_pretrained(args.output, cfg, folders, args.name or f"samdiffsr-{args.encoder}")
     except (ValueError, FileNotFoundError) as e:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from model.checkpoint import CheckpointInfo, save_checkpoint
-from model.config import ModelConfig
+from model.config import PRESETS, ModelConfig
 from model.network import SRDiffNet
 from model.pretrained import PUBLISHED, PretrainedEncoder
 
@@ -42,6 +43,21 @@ def pretrained_net(cfg: ModelConfig, weights: Mapping[str, str | Path], seed: in
     return net.eval()
 
 
+def refiner_config(encoder: str) -> ModelConfig:
+    """The shape of the refiners over pretrained encoders (configs/refine.yaml): an LR-space U-Net of width 32,
+    multipliers 1-2, predicting the residual over the encoder's image."""
+    return dataclasses.replace(PRESETS["small"], encoder=encoder, denoiser_space="lr", prediction="sample",
+                               residual_base="rrdb", hidden_size=32, dim_mults=(1, 2))
+
+
+def save_untrained(out: str | Path, net: SRDiffNet, name: str, card: dict[str, Any],
+                   provenance: dict[str, Any]) -> Path:
+    """Save a network on pretrained encoders whose denoiser is untrained: served at steps=0 (its encoders' image)
+    in 256-px LR tiles (measured on the validation photos, these networks lose nothing to them; docs/model-card.md)."""
+    net.cfg = dataclasses.replace(net.cfg, extras={"default_tile": 256, **net.cfg.extras, "default_steps": 0})
+    return save_checkpoint(out, net, CheckpointInfo(config=net.cfg, name=name, provenance=provenance, card=card))
+
+
 def import_pretrained(out: str | Path, cfg: ModelConfig, weights: Mapping[str, str | Path], name: str,
                       seed: int = 0) -> Path:
     """Write a checkpoint of `cfg` with the published encoder weights (and its NOTICE): the starting point of a
@@ -51,8 +67,4 @@ def import_pretrained(out: str | Path, cfg: ModelConfig, weights: Mapping[str, s
                   "weights": {n: str(weights[n]) for n in cfg.pretrained}}
     card = {"summary": f"{' + '.join(n.upper() for n in cfg.pretrained)} (published weights); its denoiser is "
                        "untrained and returns the encoder's image at any step count"}
-    # 256-px LR tiles: measured on the validation photos, these networks lose nothing to them (docs/model-card.md).
-    extras = {"default_tile": 256, **cfg.extras, "default_steps": 0}
-    cfg = dataclasses.replace(cfg, extras=extras)
-    net.cfg = cfg
-    return save_checkpoint(out, net, CheckpointInfo(config=cfg, name=name, provenance=provenance, card=card))
+    return save_untrained(out, net, name, card, provenance)

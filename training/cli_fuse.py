@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -26,15 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from model.checkpoint import CheckpointInfo, save_checkpoint
-    from model.config import PRESETS
-    from model.published import pretrained_net
+    from model.published import pretrained_net, refiner_config, save_untrained
     from training.fusion import fit_mix
 
     try:
-        cfg = dataclasses.replace(PRESETS["small"], encoder=args.encoder, denoiser_space="lr", prediction="sample",
-                                  residual_base="rrdb", hidden_size=32, dim_mults=(1, 2),
-                                  extras={"default_steps": 0})
+        cfg = refiner_config(args.encoder)
         if len(cfg.pretrained) < 2:
             raise ValueError(f"{args.encoder!r}: a fusion needs two or more pretrained networks")
         net = pretrained_net(cfg, {n: args.weights / n for n in cfg.pretrained})
@@ -44,8 +39,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         return 2
     card = {"summary": f"{' + '.join(n.upper() for n in cfg.pretrained)} (published weights), fused by "
                        "least squares, at steps=0"}
-    info = CheckpointInfo(config=cfg, name=args.name or f"samdiffsr-{args.encoder}", card=card,
-                          provenance={"source": "samdiffsr fuse", "patches": args.patches, "mix": mix.tolist()})
-    out = save_checkpoint(args.output, net, info)
+    out = save_untrained(args.output, net, args.name or f"samdiffsr-{args.encoder}", card,
+                         {"source": "samdiffsr fuse", "patches": args.patches, "mix": mix.tolist()})
     print(f"fused {args.encoder} -> {out}; mix (member x RGB) {[[round(v, 4) for v in r] for r in mix.tolist()]}")
     return 0
