@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ def builds_on(cfg: ModelConfig) -> list[dict[str, Any]]:
              "sha256": PUBLISHED[n].sha256, "licence": PUBLISHED[n].licence} for n in cfg.pretrained]
 
 
-def licence_texts(name: str) -> list[tuple[str, str]]:
-    """(file name, text) of each licence file that came with network `name`'s weights."""
-    return [(f, (LICENCE_DIR / f"{name}-{f}").read_text()) for f in PUBLISHED[name].licence_files]
+@functools.cache
+def licence_texts(name: str) -> tuple[tuple[str, str], ...]:
+    """(file name, text) of each licence file that came with network `name`'s weights (read once: model cards
+    are answered per request)."""
+    return tuple((f, (LICENCE_DIR / f"{name}-{f}").read_text()) for f in PUBLISHED[name].licence_files)
 
 
 def notice(cfg: ModelConfig) -> str:

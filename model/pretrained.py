@@ -364,7 +364,8 @@ class PretrainedEncoder(nn.Module):
         if len(outs) == 1:
             sr = outs[0]
         else:
-            sr = sum(o * w[None, :, None, None] for o, w in zip(outs, self.mix.to(outs[0].dtype), strict=True))
+            mix = self.mix.to(outs[0].dtype)
+            sr = sum(o * weight[None, :, None, None] for o, weight in zip(outs, mix, strict=True))
         # The members' images ride along for `condition`, after the trunks.
         return sr.clamp(0, 1) * 2 - 1, [*feats, *outs]
 
