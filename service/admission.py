@@ -109,12 +109,9 @@ def active_tile_bytes(cfg: ModelConfig, th: int, tw: int) -> int:
     return 4 * (4 * 3 * th * tw * cfg.scale**2 + c * h * w)
 
 
-def check_limits(cost: Cost, max_work: int, budget_bytes: int, max_pixels: int | None = None) -> None:
-    """413 for a request that can never fit, saying the limit and how to get under it: pixels first (the limit a
-    user knows), then work, then memory."""
-    if max_pixels is not None and cost.width * cost.height > max_pixels:
-        raise ImageTooLarge(f"image is {cost.width}x{cost.height} = {cost.width * cost.height:,} pixels; the limit "
-                            f"(SAMDIFFSR_MAX_PIXELS) is {max_pixels:,}")
+def check_limits(cost: Cost, max_work: int, budget_bytes: int) -> None:
+    """413 for a request that can never fit, saying the limit and how to get under it: work, then memory (the
+    pixel limit, the one a user knows, `estimate` has checked from the header before planning)."""
     if cost.work > max_work:
         fewer = max_work // cost.tiles - (1 if max_work // cost.tiles >= 1 else 0)
         steps_hint = f"use steps <= {fewer}, or " if fewer >= 1 and cost.steps > fewer else ""

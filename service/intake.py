@@ -129,7 +129,7 @@ async def accept(service: Service, request: Request, params: UpscaleParams | Non
     cost = await run_in_threadpool(measure, model.upscaler, data, steps, params.ensemble, settings.max_pixels)
     reservation = None
     if cost is not None:  # the fixed limits first, then the time it would take
-        check_limits(cost, settings.max_request_work, service.budget.limit, settings.max_pixels)
+        check_limits(cost, settings.max_request_work, service.budget.limit)
         if max_result_bytes is not None:
             check_result_size(cost, cfg.scale, max_result_bytes, fmt)
         left = timeout_s - (time.perf_counter() - t_start)
