@@ -30,13 +30,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-import service.batcher
 import service.pipeline
+import service.runner
 from model.imaging import decode_image
 from model.runtime import load_runtime
 from model.sizing import choose_batch
 from model.upscale import Upscaler
-from service.batcher import Batcher, BatcherConfig
+from service.batcher import Batcher, SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT.parent / "shared" / "data" / "corpus-hr" / "val" / "skimage-coffee.png"
@@ -99,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     calls: dict[str, int] = defaultdict(int)
     timed(rt, "encode", "network: encoder", seconds, sync, calls)
     timed(rt, "denoise", "network: denoiser", seconds, sync, calls)
-    timed(service.batcher, "start_tracks", "start_tracks (start noise)", seconds)
-    timed(service.batcher, "track_images", "track_images (copy out)", seconds)
+    timed(service.runner, "start_tracks", "start_tracks (start noise)", seconds)
+    timed(service.runner, "track_images", "track_images (copy out)", seconds)
     timed(service.pipeline.Canvas, "add", "Canvas.add (blend in)", seconds)
     timed(service.pipeline.ImageTiles, "inputs", "ImageTiles.inputs (cut tiles)", seconds)
     pngs = crops(args.photo, args.n, args.size)
 
-    batcher = Batcher(rt, BatcherConfig(max_batch_tiles=sizing.batch, max_queue=args.n,
+    batcher = Batcher(rt, SchedulerConfig(max_batch_tiles=sizing.batch, max_queue=args.n,
                                         reproducible=bool(args.repro)))
     batcher.start()
 

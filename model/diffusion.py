@@ -177,13 +177,18 @@ def ddim_step(
     return x_prev
 
 
+def check_steps(steps: int, num_timesteps: int) -> int:
+    """`steps` if a sampler can take that many denoiser calls (0 to `num_timesteps`), else ValueError."""
+    if not 0 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in 0..{num_timesteps}, got {steps}")
+    return steps
+
+
 def timestep_plan(num_timesteps: int, steps: int) -> list[int]:
     """Descending timesteps for a sampler with `steps` denoiser calls (evenly spaced, ending at 0).
 
     `steps=0` is the empty plan: no denoiser call, the encoder's own x4 output (the fidelity mode)."""
-    if not 0 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in 0..{num_timesteps}, got {steps}")
-    if steps == 0:
+    if check_steps(steps, num_timesteps) == 0:
         return []
     plan = np.linspace(num_timesteps - 1, 0, steps).round().astype(int)
     return [int(t) for t in plan]

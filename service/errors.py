@@ -153,3 +153,12 @@ def openapi_errors(*statuses: int) -> dict[int | str, dict]:
         504: "The request's deadline (SAMDIFFSR_REQUEST_TIMEOUT_S) passed (code timeout).",
     }
     return {s: {"model": ErrorBody, "description": text[s]} for s in statuses}
+
+
+def validation_message(errors: list[dict], where: str) -> str:
+    """pydantic's errors as one line: `field: message; ...` (`where` names a field-less error's place)."""
+    parts = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "body")]
+        parts.append(f"{'.'.join(loc) or where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)

@@ -1,44 +1,51 @@
-"""One upscale request from its HTTP body to its image, shared by `POST /v1/upscale` and `POST /v1/jobs`.
+"""One upscale request from its HTTP body to the engine, shared by `POST /v1/upscale` and `POST /v1/jobs`.
 
-`accept` checks the service is accepting, reads the upload and its parameters, validates them, decodes
-and tiles the image and queues it on the batcher; `render` turns the batcher's SR tiles into the encoded
-output image. Both endpoints therefore take the same inputs, enforce the same limits and raise the same
-errors.
+`accept` checks the service is accepting, reads the upload and its parameters, validates them, checks what
+the image would cost, decodes and tiles it and submits it to the engine (`service.batcher`). It needs only a
+`Door` of the service, not the service. Both endpoints therefore take the same inputs, enforce the same
+limits and raise the same errors; `service.results` turns the engine's answer into the image.
 """
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Annotated, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from torch import Tensor
 
-from model.imaging import DecodedImage, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
+from model.diffusion import check_steps
+from model.imaging import ImageDecodeError, ImageTooLargeError, decode_image
 from model.upscale import Upscaler, ensemble_flips
 from service import pipeline
-from service.admission import Cost, check_limits, check_result_size, check_time, estimate
-from service.batcher import Job
-from service.errors import ImageTooLarge, InvalidImage, InvalidParameter, MissingImage, UnsupportedMediaType
+from service.admission import Cost, MemoryBudget, check_limits, check_result_size, check_time, estimate
+from service.batcher import Batcher
+from service.errors import (
+    ImageTooLarge,
+    InvalidImage,
+    InvalidParameter,
+    MissingImage,
+    UnsupportedMediaType,
+    validation_message,
+)
 from service.metrics import Metrics
 from service.middleware import request_id_of
-from service.registry import ServedModel, is_lossy
-
-if TYPE_CHECKING:
-    from service.app import Service
+from service.registry import Registry, ServedModel, is_lossy
+from service.settings import Settings
+from service.submission import Submission
 
 MAX_SEED = 2**63 - 1
+StepCount = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 0})]  # its upper bound is the model's
 
 
 class UpscaleParams(BaseModel):
-    """Parameters of /v1/upscale, as query parameters or as multipart form fields (form wins)."""
+    """Parameters of /v1/upscale, as query parameters or as multipart form fields (form wins). `steps` and
+    `ensemble` are checked once, by the model's own rules, in `accept` (the schema states their bounds)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -46,7 +53,7 @@ class UpscaleParams(BaseModel):
                               "real-world model for JPEG and lossy WebP uploads, otherwise a model sized for this "
                               "replica's device (a GPU model on a GPU) or else the default model; "
                               "default: the service's default model. The response's X-Model says which answered.")
-    steps: int | None = Field(None, ge=0, description="Denoiser steps (0 to the model's max_steps); default: "
+    steps: StepCount | None = Field(None, description="Denoiser steps (0 to the model's max_steps); default: "
                               "the model's default_steps (GET /v1/models). 0 is the fidelity mode: the "
                               "encoder's own x4 output, the fastest; each model's default scores highest there "
                               "(0 for default and fast, 1 for real); more steps add generated detail.")
@@ -55,8 +62,9 @@ class UpscaleParams(BaseModel):
                                                    "original sampler).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Noise seed; default random. The seed used "
                              "is returned in X-Seed; the same image, seed and parameters give the same bytes.")
-    ensemble: int = Field(1, ge=1, le=4, description="Self-ensemble members: 1 (off), 2 (the image and its "
-                          "mirror) or 4 (all four flips), averaged; 2x or 4x the work for a higher PSNR.")
+    ensemble: int = Field(1, json_schema_extra={"minimum": 1, "maximum": 4}, description="Self-ensemble "
+                          "members: 1 (off), 2 (the image and its mirror) or 4 (all four flips), averaged; 2x or "
+                          "4x the work for a higher PSNR.")
     output_format: Literal["png", "jpeg", "jpg", "webp"] = Field("png", description="Output image format.")
     quality: int = Field(95, ge=1, le=100, description="Quality of lossy formats (jpeg, webp).")
 
@@ -76,11 +84,22 @@ def upscale_openapi(query: bool = False) -> dict:
 
 
 @dataclass
-class Accepted:
-    """An upload decoded, tiled and queued on the batcher."""
+class Door:
+    """What taking an upload needs of the service (`service.lifecycle.Service` fills the registry and the engine
+    when it starts)."""
 
-    prep: pipeline.Prepared
-    job: Job
+    settings: Settings
+    metrics: Metrics
+    budget: MemoryBudget
+    check_accepting: Callable[[], None]
+    registry: Registry = field(default_factory=Registry)
+    engine: Batcher | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An upload's parameters with every default filled in."""
+
     model: ServedModel
     steps: int
     sampler: str
@@ -89,86 +108,74 @@ class Accepted:
     fmt: str  # png | jpeg | webp
     quality: int
     request_id: str
+    upload_name: str | None = None  # the multipart file's name, if it had one
+
+
+@dataclass
+class Accepted:
+    """An upload decoded, tiled and submitted to the engine."""
+
+    params: Resolved
+    prep: pipeline.Prepared
+    submission: Submission
     t_start: float  # time.perf_counter() values
     t_decoded: float
     deadline: float  # time.monotonic() value
-    upload_name: str | None = None  # the multipart file's name, if it had one
     extra: dict[str, str] = field(default_factory=dict)  # the `allowed` fields beyond UpscaleParams' (see `accept`)
 
 
-async def accept(service: Service, request: Request, params: UpscaleParams | None, timeout_s: float,
-                 wrap_tiles: Callable[[pipeline.Tiles], pipeline.Tiles] | None = None,
+async def accept(door: Door, request: Request, params: UpscaleParams | None, timeout_s: float,
                  max_result_bytes: int | None = None, allowed: frozenset[str] = frozenset()) -> Accepted:
-    """Read, validate, check the cost of, decode and queue an upload; `timeout_s` counts from now (the
+    """Read, validate, check the cost of, decode and submit an upload; `timeout_s` counts from now (the
     request's start). `params=None` reads the query parameters here (form fields win over them).
-    `wrap_tiles` may wrap the image's tiles before they are queued (the jobs API counts finished ones).
     `max_result_bytes`: 413 before decoding when the output's uncompressed size (its bound) is larger.
     `allowed`: names of fields the endpoint takes beyond UpscaleParams (returned in `Accepted.extra`); any other
     unknown field or query parameter is a 422."""
     t_start = time.perf_counter()
-    service.check_accepting()
+    door.check_accepting()
     upload = await read_upload(request, params, allowed)
-    data, params = upload.data, upload.params
-    assert service.batcher is not None
-    model = service.registry.choose(params.model, is_lossy(data))  # UnknownModel: 404 with the list
+    data, given = upload.data, upload.params
+    engine = door.engine
+    assert engine is not None
+    model = door.registry.choose(given.model, is_lossy(data))  # UnknownModel: 404 with the list
     cfg = model.runtime.config
-    steps = model.steps if params.steps is None else params.steps
-    if steps > cfg.timesteps:
-        raise InvalidParameter(f"steps must be in 0..{cfg.timesteps}, got {steps}")
     try:
-        ensemble_flips(params.ensemble)
+        steps = check_steps(model.steps if given.steps is None else given.steps, cfg.timesteps)
+        ensemble_flips(given.ensemble)
     except ValueError as e:
         raise InvalidParameter(str(e)) from None
-    sampler = params.sampler or model.sampler
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
-    fmt = "jpeg" if params.output_format == "jpg" else params.output_format
-    rid = request_id_of(request.scope) or ""
+    p = Resolved(model, steps, given.sampler or model.sampler,
+                 given.seed if given.seed is not None else secrets.randbits(63), given.ensemble,
+                 "jpeg" if given.output_format == "jpg" else given.output_format, given.quality,
+                 request_id_of(request.scope) or "", upload.name)
 
-    settings = service.settings
+    settings = door.settings
     # From the header, before decoding; off the event loop (an icon's header check reads its frames).
-    cost = await run_in_threadpool(measure, model.upscaler, data, steps, params.ensemble, settings.max_pixels)
+    cost = await run_in_threadpool(measure, model.upscaler, data, steps, p.ensemble, settings.max_pixels)
     reservation = None
     if cost is not None:  # the fixed limits first, then the time it would take
-        check_limits(cost, settings.max_request_work, service.budget.limit)
+        check_limits(cost, settings.max_request_work, door.budget.limit)
         if max_result_bytes is not None:
-            check_result_size(cost, cfg.scale, max_result_bytes, fmt)
+            check_result_size(cost, cfg.scale, max_result_bytes, p.fmt)
         left = timeout_s - (time.perf_counter() - t_start)
-        check_time(cost, service.batcher.pace(model.id), left, service.batcher.backlog_s(), settings.retry_after_s,
+        check_time(cost, engine.pace(model.id), left, engine.backlog_s(), settings.retry_after_s,
                    settings.job_timeout_s if settings.job_timeout_s > timeout_s else None)
-        reservation = await service.budget.acquire_waiting(cost.memory, min(settings.admission_wait_s, left),
-                                                           gone=request.is_disconnected)
+        reservation = await door.budget.acquire_waiting(cost.memory, min(settings.admission_wait_s, left),
+                                                        gone=request.is_disconnected)
     try:
         prep = await run_in_threadpool(decode_and_prepare, model.upscaler, data, settings.max_pixels)
         del data
         t_decoded = time.perf_counter()
         deadline = time.monotonic() + timeout_s - (t_decoded - t_start)
-        tiles = prep.tiles(fmt, params.ensemble)
-        tiles = tiles if wrap_tiles is None else wrap_tiles(tiles)
-        job = service.batcher.submit_tiles(tiles, steps=steps, sampler=sampler, seed=seed,
-                                           deadline=deadline, request_id=rid, model=model.id)
+        sub = engine.submit_tiles(prep.tiles(p.fmt, p.ensemble), steps=steps, sampler=p.sampler, seed=p.seed,
+                                  deadline=deadline, request_id=p.request_id, model=model.id)
     except BaseException:
         if reservation is not None:
             reservation.release()
         raise
     if reservation is not None:
-        job.future.add_done_callback(reservation.release)
-    return Accepted(prep, job, model, steps, sampler, seed, params.ensemble, fmt, params.quality, rid, t_start,
-                    t_decoded, deadline, upload.name, upload.extra)
-
-
-def render(upscaler: Upscaler, acc: Accepted, result: Tensor | pipeline.Canvas,
-           metrics: Metrics) -> tuple[DecodedImage | pipeline.Canvas, bytes]:
-    """The job's result (its canvas, or SR tiles) -> the upscaled image (`.width`, `.height`) and its
-    encoded bytes (blocking: run it in a thread)."""
-    out: DecodedImage | pipeline.Canvas
-    if isinstance(result, pipeline.Canvas):
-        out, body = result, pipeline.encode_canvas(result, acc.prep.image, acc.fmt, acc.quality)
-    else:
-        out = pipeline.finish(upscaler, acc.prep, result)
-        body = encode_image(out, acc.fmt, acc.quality)
-    metrics.images.labels(model=acc.model.id).inc()
-    metrics.output_megapixels.labels(model=acc.model.id).inc(out.width * out.height / 1e6)
-    return out, body
+        sub.future.add_done_callback(reservation.release)
+    return Accepted(p, prep, sub, t_start, t_decoded, deadline, upload.extra)
 
 
 FIELDS = frozenset(UpscaleParams.model_fields)
@@ -246,19 +253,6 @@ async def read_upload(request: Request, query: UpscaleParams | None,
     return Upload(data, params, name, extra)
 
 
-def result_filename(upload_name: str | None, fmt: str, fallback: str = "image") -> str:
-    """The result's file name: the upload's stem (letters, digits, '.', '_', '-' kept) + `_x4` + the format's
-    extension (`photo.jpg` -> `photo_x4.png`); `fallback` where the upload had no usable name."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", (upload_name or "").rsplit("/", 1)[-1].rsplit("\\", 1)[-1])
-    stem = stem.rsplit(".", 1)[0].strip("._")[:100] or fallback
-    return f"{stem}_x4.{'jpg' if fmt == 'jpeg' else fmt}"
-
-
-def content_disposition(filename: str) -> str:
-    """The Content-Disposition of a result: shown in place, saved under `filename` (`result_filename`)."""
-    return f'inline; filename="{filename}"'
-
-
 def measure(upscaler: Upscaler, data: bytes, steps: int, ensemble: int, max_pixels: int) -> Cost | None:
     """The request's cost from the image header (`service.admission.estimate`), None where the header says too
     little; a header over the limits is ImageTooLarge (413), a malformed one (a truncated icon directory)
@@ -281,11 +275,3 @@ def decode_and_prepare(upscaler: Upscaler, data: bytes, max_pixels: int) -> pipe
     except ImageDecodeError as e:
         raise InvalidImage(str(e)) from e
     return pipeline.prepare(upscaler, image)
-
-
-def validation_message(errors: list[dict], where: str) -> str:
-    parts = []
-    for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p not in ("query", "body")]
-        parts.append(f"{'.'.join(loc) or where}: {e.get('msg', 'invalid')}")
-    return "; ".join(parts)

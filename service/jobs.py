@@ -1,8 +1,8 @@
 """Asynchronous jobs: upscales queued on the batcher whose results wait in memory to be fetched.
 
-A job is an `intake.Accepted` request (already decoded, validated and submitted to the batcher)
-plus a record here. When the batcher's future resolves, a small thread pool renders and encodes
-the image (never the batcher's worker thread) and keeps the bytes. Finished jobs are kept for
+A job is an `intake.Accepted` request (already decoded, validated and submitted to the engine)
+plus a record here. When the submission's future resolves, a small thread pool renders and encodes
+the image (never the engine's worker thread) and keeps the bytes. Finished jobs are kept for
 `job_ttl_s`, and the results held stay under `job_store_max_bytes` (the oldest finished jobs go
 first); a job that went is answered 410 for a while, then 404 like an id never seen. Everything is
 in this process's memory: a restarted replica loses its jobs.
@@ -17,19 +17,15 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
-from torch import Tensor
-
-from model.imaging import MEDIA_TYPES, encode_image
-from service import intake, pipeline
-from service.batcher import Job
+from model.imaging import MEDIA_TYPES
 from service.errors import Cancelled, ErrorDetail, ServiceError
+from service.intake import Accepted, Resolved
 from service.metrics import Metrics
+from service.results import Cancel, render, render_bicubic
 from service.settings import Settings
-
-if TYPE_CHECKING:
-    from service.app import Service
+from service.submission import Submission
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +53,15 @@ class ResultTooLarge(ServiceError):
 
 @dataclass(eq=False)
 class JobRecord:
-    """One job. `acc` (the decoded input and the batcher's job) is dropped once it has ended."""
+    """One job: its parameters and submission (references, never copies), what it became. `accepted` (the
+    decoded input) is dropped once the job has ended."""
 
     id: str
-    request_id: str
-    acc: intake.Accepted | None
-    batch_job: Job
-    model: str
-    steps: int
-    sampler: str
-    seed: int
-    ensemble: int
-    fmt: str
-    quality: int
+    params: Resolved
+    submission: Submission
+    accepted: Accepted | None
     input_size: tuple[int, int]
-    n_tiles: int
     want_bicubic: bool
-    upload_name: str | None = None  # the uploaded file's name, for the result's (intake.result_filename)
     created_wall: float = field(default_factory=time.time)
     created: float = field(default_factory=time.monotonic)
     status: JobStatus = "queued"  # live status comes from `JobStore.status`
@@ -81,7 +69,7 @@ class JobRecord:
     result: bytes | None = None
     bicubic: bytes | None = None
     output_size: tuple[int, int] | None = None
-    steps_done: int = 0  # highest seen: the batcher clears its tracks when a job ends
+    steps_done: int = 0  # as the engine last published them; all of them once it succeeded
     tiles_done: int = 0
     queue_s: float | None = None
     sample_s: float | None = None
@@ -90,56 +78,29 @@ class JobRecord:
     finished_wall: float | None = None
 
     @property
+    def n_tiles(self) -> int:
+        return self.submission.n_tiles
+
+    @property
     def size(self) -> int:
         return len(self.result or b"") + len(self.bicubic or b"")
 
     @property
     def media_type(self) -> str:
-        return MEDIA_TYPES[self.fmt]
+        return MEDIA_TYPES[self.params.fmt]
 
     @property
     def steps_total(self) -> int:
-        return self.steps * self.n_tiles
-
-
-class CountingTiles:
-    """A job's tiles (`pipeline.Tiles`) that count the finished ones, for its progress."""
-
-    def __init__(self, inner: pipeline.Tiles) -> None:
-        self.inner = inner
-        self.n_tiles, self.tile_shape = inner.n_tiles, inner.tile_shape
-        self.done = 0
-
-    def inputs(self, idx: list[int]) -> tuple[Tensor, Tensor | None]:
-        return self.inner.inputs(idx)
-
-    def put(self, i: int, sr: Tensor) -> None:
-        self.inner.put(i, sr)
-        self.done += 1
-
-    def result(self) -> Any:
-        return self.inner.result()
-
-
-def live_progress(job: Job, steps: int) -> tuple[int, int]:
-    """(tiles done, denoiser steps done) of a batcher job: its finished tiles (counted by CountingTiles)
-    and the positions of its tiles being sampled (their tracks)."""
-    done = job.tiles.done if isinstance(job.tiles, CountingTiles) else 0
-    for _ in range(10):  # the worker thread mutates the dict; a copy is taken between its changes
-        try:
-            tracks = list(job.tracks.values())
-        except RuntimeError:
-            continue
-        return done, done * steps + sum(min(tr.pos, steps) for tr in tracks)
-    return done, done * steps
+        return self.params.steps * self.n_tiles
 
 
 class JobStore:
     """The jobs of one service instance (thread-safe)."""
 
-    def __init__(self, service: Service, settings: Settings, metrics: Metrics) -> None:
-        self.service = service
+    def __init__(self, settings: Settings, metrics: Metrics, cancel: Cancel) -> None:
+        """`cancel` takes a submission off the engine (a job cancelled by its owner)."""
         self.settings = settings
+        self._cancel = cancel
         self.metrics = metrics
         self._jobs: dict[str, JobRecord] = {}
         self._gone: OrderedDict[str, tuple[float, str]] = OrderedDict()  # id -> (forget at, why)
@@ -152,52 +113,48 @@ class JobStore:
 
     # ------------------------------------------------------------------ submitting and reading
 
-    def add(self, acc: intake.Accepted, bicubic: bool = False) -> JobRecord:
-        """Track an accepted request (already on the batcher) as a job."""
-        img = acc.prep.image
-        rec = JobRecord(id="job_" + secrets.token_urlsafe(24), request_id=acc.request_id, acc=acc, batch_job=acc.job,
-                        model=acc.model.id,
-                        steps=acc.steps, sampler=acc.sampler, seed=acc.seed, ensemble=acc.ensemble, fmt=acc.fmt,
-                        quality=acc.quality,
-                        input_size=(img.width, img.height), n_tiles=acc.job.n_tiles, want_bicubic=bicubic,
-                        upload_name=acc.upload_name)
+    def add(self, accepted: Accepted, bicubic: bool = False) -> JobRecord:
+        """Track an accepted request (already on the engine) as a job."""
+        img = accepted.prep.image
+        job = JobRecord(id="job_" + secrets.token_urlsafe(24), params=accepted.params,
+                        submission=accepted.submission, accepted=accepted, input_size=(img.width, img.height),
+                        want_bicubic=bicubic)
         with self._lock:
-            self._jobs[rec.id] = rec
-        acc.job.future.add_done_callback(lambda fut: self._pool.submit(self._finish, rec, fut))
-        return rec
+            self._jobs[job.id] = job
+        accepted.submission.future.add_done_callback(lambda fut: self._pool.submit(self._finish, job, fut))
+        return job
 
     def get(self, job_id: str) -> JobRecord:
         """The job, or JobNotFound / JobExpired."""
         self.sweep()
         with self._lock:
-            rec = self._jobs.get(job_id)
+            job = self._jobs.get(job_id)
             gone = self._gone.get(job_id)
-        if rec is not None:
-            return rec
+        if job is not None:
+            return job
         if gone is not None:
             raise JobExpired(f"job {job_id} has expired: {gone[1]}")
         raise JobNotFound(f"no job {job_id!r} (unknown id, or expired and forgotten)")
 
-    def status(self, rec: JobRecord) -> JobStatus:
-        if rec.status in FINAL:
-            return rec.status
-        return "running" if rec.batch_job.started is not None else "queued"
+    def status(self, job: JobRecord) -> JobStatus:
+        if job.status in FINAL:
+            return job.status
+        return "running" if job.submission.started is not None else "queued"
 
-    def progress(self, rec: JobRecord) -> tuple[int, int]:
-        """(tiles done, denoiser steps done), never going back."""
-        if rec.status not in FINAL:
-            tiles, steps = live_progress(rec.batch_job, rec.steps)
-            rec.tiles_done, rec.steps_done = max(rec.tiles_done, tiles), max(rec.steps_done, steps)
-        return rec.tiles_done, rec.steps_done
+    def progress(self, job: JobRecord) -> tuple[int, int]:
+        """(tiles done, denoiser steps done): as the engine publishes them while the job runs."""
+        if job.status not in FINAL:
+            job.tiles_done, job.steps_done = job.submission.tiles_done, job.submission.steps_done
+        return job.tiles_done, job.steps_done
 
-    def expires_at(self, rec: JobRecord) -> float | None:
+    def expires_at(self, job: JobRecord) -> float | None:
         """Wall-clock time when a finished job expires (None while it runs)."""
-        return None if rec.finished_wall is None else rec.finished_wall + self.settings.job_ttl_s
+        return None if job.finished_wall is None else job.finished_wall + self.settings.job_ttl_s
 
     def count(self, status: JobStatus) -> int:
         with self._lock:
-            recs = list(self._jobs.values())
-        return sum(self.status(r) == status for r in recs)
+            jobs = list(self._jobs.values())
+        return sum(self.status(r) == status for r in jobs)
 
     def bytes_held(self) -> int:
         with self._lock:
@@ -205,39 +162,38 @@ class JobStore:
 
     # ------------------------------------------------------------------ cancelling and expiry
 
-    def cancel(self, rec: JobRecord) -> JobStatus:
+    def cancel(self, job: JobRecord) -> JobStatus:
         """Cancel a queued or running job (its tiles leave the batch at once); forget a finished
         one with its result. Returns the job's status after the call."""
         with self._lock:
-            final = rec.status in FINAL
+            final = job.status in FINAL
             if not final:
-                self._end(rec, "cancelled")
+                self._end(job, "cancelled")
             else:
-                self._forget(rec, "deleted by its owner")
+                self._forget(job, "deleted by its owner")
         if final:
-            return rec.status
-        if self.service.batcher is not None:
-            self.service.batcher.cancel(rec.batch_job, "cancelled by the client")
+            return job.status
+        self._cancel(job.submission, "cancelled by the client")
         return "cancelled"
 
     def cancel_unfinished(self) -> int:
         """Cancel every queued or running job (the server is shutting down: nobody could fetch their results);
         returns how many."""
         with self._lock:
-            recs = [r for r in self._jobs.values() if r.status not in FINAL]
-        for rec in recs:
-            self.cancel(rec)
-        if recs:
-            log.info("shutting down: %d unfinished jobs cancelled", len(recs))
-        return len(recs)
+            jobs = [r for r in self._jobs.values() if r.status not in FINAL]
+        for job in jobs:
+            self.cancel(job)
+        if jobs:
+            log.info("shutting down: %d unfinished jobs cancelled", len(jobs))
+        return len(jobs)
 
     def sweep(self) -> None:
         """Forget finished jobs past their time, and expired ids past theirs."""
         now = time.monotonic()
         ttl = self.settings.job_ttl_s
         with self._lock:
-            for rec in [r for r in self._jobs.values() if r.finished is not None and now - r.finished > ttl]:
-                self._forget(rec, f"results are kept for {ttl:g} s")
+            for job in [r for r in self._jobs.values() if r.finished is not None and now - r.finished > ttl]:
+                self._forget(job, f"results are kept for {ttl:g} s")
             while self._gone and next(iter(self._gone.values()))[0] < now:
                 self._gone.popitem(last=False)
 
@@ -247,75 +203,72 @@ class JobStore:
 
     # ------------------------------------------------------------------ internals (lock held where noted)
 
-    def _end(self, rec: JobRecord, status: JobStatus, error: ServiceError | None = None) -> None:
+    def _end(self, job: JobRecord, status: JobStatus, error: ServiceError | None = None) -> None:
         """Lock held: move a job to a final status."""
-        rec.status = status
-        rec.finished, rec.finished_wall = time.monotonic(), time.time()
+        job.status = status
+        job.finished, job.finished_wall = time.monotonic(), time.time()
         if error is not None:
-            rec.error = ErrorDetail(code=error.code, message=error.message, request_id=rec.request_id)
-        job = rec.batch_job
-        if job.started is not None:
-            rec.queue_s = job.started - job.submitted
-            rec.sample_s = (job.finished or rec.finished) - job.started
+            job.error = ErrorDetail(code=error.code, message=error.message, request_id=job.params.request_id)
+        sub = job.submission
+        if sub.started is not None:
+            job.queue_s = sub.started - sub.submitted
+            job.sample_s = (sub.finished or job.finished) - sub.started
         if status == "succeeded":
-            rec.tiles_done, rec.steps_done = rec.n_tiles, rec.steps_total
-        rec.acc = None  # free the decoded image and tiles
+            job.tiles_done, job.steps_done = job.n_tiles, job.steps_total
+        job.accepted = None  # free the decoded image and tiles
         self.metrics.jobs_finished.labels(status=status).inc()
 
-    def _forget(self, rec: JobRecord, why: str) -> None:
+    def _forget(self, job: JobRecord, why: str) -> None:
         """Lock held: drop a job and its result; its id answers 410 for another TTL."""
-        self._jobs.pop(rec.id, None)
-        rec.result = rec.bicubic = None
-        self._gone[rec.id] = (time.monotonic() + self.settings.job_ttl_s, why)
+        self._jobs.pop(job.id, None)
+        job.result = job.bicubic = None
+        self._gone[job.id] = (time.monotonic() + self.settings.job_ttl_s, why)
         while len(self._gone) > MAX_TOMBSTONES:
             self._gone.popitem(last=False)
 
-    def _finish(self, rec: JobRecord, fut: Future) -> None:
-        """Pool thread: the batcher is done with the job; render its result or record its error."""
-        job = rec.batch_job
-        if job.started is not None:
-            self.metrics.job_queue_wait.observe(job.started - job.submitted)
+    def _finish(self, job: JobRecord, fut: Future) -> None:
+        """Pool thread: the engine is done with the job; render its result or record its error."""
+        sub = job.submission
+        if sub.started is not None:
+            self.metrics.job_queue_wait.observe(sub.started - sub.submitted)
         err = fut.exception()
         if err is not None:
             with self._lock:
-                if rec.status in FINAL:
+                if job.status in FINAL:
                     return  # cancelled by its owner
                 if isinstance(err, Cancelled):
-                    self._end(rec, "cancelled", err)
+                    self._end(job, "cancelled", err)
                     return
                 e = err if isinstance(err, ServiceError) else ServiceError(f"internal error: {type(err).__name__}")
-                self._end(rec, "failed", e)
+                self._end(job, "failed", e)
             self.metrics.error(e.kind)
             return
-        acc = rec.acc
+        accepted = job.accepted
         try:
-            assert acc is not None
-            upscaler = acc.model.upscaler
+            assert accepted is not None
             t0 = time.monotonic()
-            out, body = intake.render(upscaler, acc, fut.result(), self.metrics)
-            bicubic = None
-            if rec.want_bicubic:
-                bicubic = encode_image(pipeline.finish(upscaler, acc.prep, acc.prep.up_tiles), acc.fmt, acc.quality)
+            out, body = render(accepted, fut.result(), self.metrics)
+            bicubic = render_bicubic(accepted) if job.want_bicubic else None
             encode_s = time.monotonic() - t0
         except Exception as e:
-            log.exception("rendering job %s failed", rec.id)
+            log.exception("rendering job %s failed", job.id)
             with self._lock:
-                if rec.status not in FINAL:
-                    self._end(rec, "failed", ServiceError(f"internal error rendering the result: {type(e).__name__}"))
+                if job.status not in FINAL:
+                    self._end(job, "failed", ServiceError(f"internal error rendering the result: {type(e).__name__}"))
             self.metrics.error("internal")
             return
         too_large = len(body) + len(bicubic or b"") > self.settings.job_store_max_bytes
         with self._lock:
-            if rec.status in FINAL:
+            if job.status in FINAL:
                 return
             if too_large:
-                self._end(rec, "failed", ResultTooLarge(
+                self._end(job, "failed", ResultTooLarge(
                     f"the result ({len(body):,} bytes) is larger than the job store "
                     f"(SAMDIFFSR_JOB_STORE_MAX_BYTES = {self.settings.job_store_max_bytes:,})"))
             else:
-                rec.result, rec.bicubic, rec.encode_s = body, bicubic, encode_s
-                rec.output_size = (out.width, out.height)
-                self._end(rec, "succeeded")
+                job.result, job.bicubic, job.encode_s = body, bicubic, encode_s
+                job.output_size = (out.width, out.height)
+                self._end(job, "succeeded")
                 self._make_room()
         if too_large:
             self.metrics.error(ResultTooLarge.kind)
@@ -323,8 +276,8 @@ class JobStore:
     def _make_room(self) -> None:
         """Lock held: forget the oldest finished jobs while the results held are over the limit."""
         held = sum(r.size for r in self._jobs.values())
-        for rec in sorted((r for r in self._jobs.values() if r.size), key=lambda r: r.finished or 0):
+        for job in sorted((r for r in self._jobs.values() if r.size), key=lambda r: r.finished or 0):
             if held <= self.settings.job_store_max_bytes:
                 break
-            held -= rec.size
-            self._forget(rec, "evicted to keep the job store under SAMDIFFSR_JOB_STORE_MAX_BYTES")
+            held -= job.size
+            self._forget(job, "evicted to keep the job store under SAMDIFFSR_JOB_STORE_MAX_BYTES")

@@ -9,10 +9,10 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -34,10 +34,21 @@ def route_of(scope: Scope) -> str:
     route = scope.get("route")
     if getattr(route, "path", None):
         return route.path
-    for candidate in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+    for candidate in _flat(getattr(getattr(scope.get("app"), "router", None), "routes", ())):
         if candidate.matches(scope)[0] is not Match.NONE and getattr(candidate, "path", None):
             return candidate.path
     return "unmatched"
+
+
+def _flat(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes, with those of included routers in their place (FastAPI keeps an included router whole and
+    lists its routes' effective contexts; older versions copied the routes into the app's list)."""
+    for route in routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if contexts is None:
+            yield route
+        else:
+            yield from _flat(c.starlette_route or c.original_route for c in contexts())
 
 
 class RequestContextMiddleware:

@@ -61,14 +61,9 @@ class ServedModel:
         return degradation_of(self.runtime.info.training)
 
     @property
-    def sized_for(self) -> str | None:
-        """The device type its checkpoint says it was sized for (`cpu`, `cuda`), None where it says none."""
-        return sized_for(self.runtime.config)
-
-    @property
     def fits_device(self) -> bool:
         """Sized for the device it runs on (a GPU model on a CUDA replica)."""
-        return self.sized_for == self.runtime.device.type
+        return sized_for(self.runtime.config) == self.runtime.device.type
 
     def card(self) -> dict[str, Any]:
         """The public card: what it is, what it was trained on, how it is served."""
@@ -82,7 +77,7 @@ class ServedModel:
             "scale": cfg.scale, "parameters": self.parameters, "training": tr,
             "validation": info.card.get("validation", {}),
             "default_steps": self.steps, "default_sampler": self.sampler, "max_steps": cfg.timesteps,
-            "backend": self.runtime.backend, "device": str(self.runtime.device), "sized_for": self.sized_for,
+            "backend": self.runtime.backend, "device": str(self.runtime.device), "sized_for": sized_for(cfg),
             "precision": getattr(self.runtime, "precision", "fp32"), "max_tiles_per_batch": self.upscaler.max_batch,
             "provenance": info.provenance,
             **({"builds_on": builds_on(cfg), "notice": notice(cfg)} if cfg.pretrained else {}),

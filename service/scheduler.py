@@ -1,11 +1,12 @@
 """Deciding, not doing: which tiles to encode and which to step next (step-level continuous batching).
 
 The scheduler owns no model, no tensor and no thread; it is plain bookkeeping, so every decision can be
-unit-tested with hand-made results. The worker (`service.batcher.Batcher`) runs one loop, in the manner
-of vLLM v1's `Scheduler` / `EngineCore.step`:
+unit-tested with hand-made results. The engine loop (`service.batcher.Batcher`) asks it and applies its
+decisions, and the model runner (`service.runner.ModelRunner`) makes the calls, in the manner of vLLM v1's
+`Scheduler`, `EngineCore.step` and `ModelRunner`:
 
     plan = scheduler.schedule(now)     # drop dead requests, admit tiles, pick one denoiser batch
-    result = execute(plan)             # encoder and denoiser calls (the worker's job)
+    result = runner.execute(plan)      # encoder and denoiser calls
     done = scheduler.update(plan, result)
 
 Decisions made here: the queue limit; dropping cancelled requests and requests past their deadline;
@@ -33,7 +34,7 @@ STARVE_AFTER = 4  # denoiser calls a request with tiles ready may be passed over
 
 
 @dataclass(frozen=True)
-class BatcherConfig:
+class SchedulerConfig:
     """The batching knobs (the scheduler's decisions and the worker's)."""
 
     max_batch_tiles: int = 8  # most tiles in one denoiser call
@@ -59,8 +60,8 @@ class BatcherConfig:
 
 
 @dataclass(eq=False)
-class Request:
-    """What the scheduler knows of a request: its model, its tiles' count and shape, steps, deadline."""
+class Ticket:
+    """A request as the scheduler sees it: its model, its tiles' count and shape, steps, deadline."""
 
     n_tiles: int
     steps: int  # 0: done once encoded, no denoiser call
@@ -83,15 +84,15 @@ class Request:
         self.cancel_reason = reason
 
 
-Item = tuple[Request, int]  # (request, tile index)
+Item = tuple[Ticket, int]  # (request, tile index)
 
 
 @dataclass
 class StepPlan:
     """One iteration of the worker: fail `failed`, encode `encode`, then step `step` in ONE call."""
 
-    failed: list[tuple[Request, ServiceError]] = field(default_factory=list)
-    encode: list[tuple[Request, list[int]]] = field(default_factory=list)  # consecutive indices
+    failed: list[tuple[Ticket, ServiceError]] = field(default_factory=list)
+    encode: list[tuple[Ticket, list[int]]] = field(default_factory=list)  # consecutive indices
     encode_chunk: int = 1  # tiles per encoder call
     pad_encode: bool = False  # pad every encoder call to encode_chunk tiles (reproducible mode)
     step: list[Item] = field(default_factory=list)  # all of one group (model and tile shape)
@@ -105,10 +106,10 @@ class StepPlan:
 class StepResult:
     """What the worker did with a plan."""
 
-    encoded: list[tuple[Request, list[int]]] = field(default_factory=list)
+    encoded: list[tuple[Ticket, list[int]]] = field(default_factory=list)
     calls: list[list[Item]] = field(default_factory=list)  # each successful denoiser call's tiles
-    failed: list[tuple[Request, ServiceError]] = field(default_factory=list)  # encoder/denoiser errors
-    encode_oom: list[tuple[Request, list[int]]] = field(default_factory=list)  # not encoded: out of memory
+    failed: list[tuple[Ticket, ServiceError]] = field(default_factory=list)  # encoder/denoiser errors
+    encode_oom: list[tuple[Ticket, list[int]]] = field(default_factory=list)  # not encoded: out of memory
     step_oom: int = 0  # tiles in a denoiser call that ran out of memory (0: none)
 
 
@@ -116,8 +117,8 @@ class StepResult:
 class Outcome:
     """What `update` concluded: requests to resolve."""
 
-    completed: list[Request] = field(default_factory=list)
-    failed: list[tuple[Request, ServiceError]] = field(default_factory=list)
+    completed: list[Ticket] = field(default_factory=list)
+    failed: list[tuple[Ticket, ServiceError]] = field(default_factory=list)
     batch_limit_changed: bool = False
 
 
@@ -133,11 +134,11 @@ class _State:
 class Scheduler:
     """The decisions of continuous batching. Not thread-safe: the worker calls it under its lock."""
 
-    def __init__(self, config: BatcherConfig | None = None) -> None:
-        self.config = config or BatcherConfig()
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        self.config = config or SchedulerConfig()
         self.batch_limit = self.config.max_batch_tiles  # lowered after an out-of-memory error
         self._ok_calls = 0
-        self._state: dict[Request, _State] = {}  # accepted and unfinished, in arrival order
+        self._state: dict[Ticket, _State] = {}  # accepted and unfinished, in arrival order
         self._last_group: Group | None = None
         self._calls = 0  # denoiser calls recorded so far
 
@@ -146,14 +147,14 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._state)
 
-    def __contains__(self, req: Request) -> bool:
+    def __contains__(self, req: Ticket) -> bool:
         return req in self._state
 
     @property
-    def requests(self) -> list[Request]:
+    def requests(self) -> list[Ticket]:
         return list(self._state)
 
-    def add(self, req: Request) -> None:
+    def add(self, req: Ticket) -> None:
         """Accept a request; QueueFull beyond `max_queue`."""
         if req.n_tiles < 1:
             raise ValueError("a request needs at least one tile")
@@ -162,7 +163,7 @@ class Scheduler:
                             retry_after_s=self.config.retry_after_s)
         self._state[req] = _State(waiting_since=self._calls)
 
-    def remove(self, req: Request) -> bool:
+    def remove(self, req: Ticket) -> bool:
         """Forget a request (finished elsewhere, cancelled); False if it was not here."""
         return self._state.pop(req, None) is not None
 
@@ -178,14 +179,6 @@ class Scheduler:
         for r, s in self._state.items():
             out[r.model] += (r.n_tiles - s.next_tile) * max(1, r.steps) + sum(s.active.values())
         return dict(out)
-
-    def started(self, req: Request) -> bool:
-        s = self._state.get(req)
-        return s is not None and s.next_tile > 0
-
-    def tiles_done(self, req: Request) -> int:
-        s = self._state.get(req)
-        return s.done if s is not None else 0
 
     def wait_s(self, now: float) -> float:
         """How long an idle worker should wait for more tiles before its first step (0: go now)."""
@@ -212,9 +205,9 @@ class Scheduler:
         plan.pad_to = self.batch_limit if self.config.reproducible else None
         return plan
 
-    def _reap(self, now: float) -> list[tuple[Request, ServiceError]]:
+    def _reap(self, now: float) -> list[tuple[Ticket, ServiceError]]:
         """Cancelled requests and those past their deadline, removed."""
-        dead: list[tuple[Request, ServiceError]] = []
+        dead: list[tuple[Ticket, ServiceError]] = []
         for req, s in list(self._state.items()):
             if req.cancel_reason is not None:
                 dead.append((req, Cancelled(req.cancel_reason)))
@@ -238,7 +231,7 @@ class Scheduler:
         cfg = self.config
         return max(1, cfg.active_tiles * self.batch_limit // cfg.max_batch_tiles)
 
-    def _admit(self, live: list[Request]) -> list[tuple[Request, list[int]]]:
+    def _admit(self, live: list[Ticket]) -> list[tuple[Ticket, list[int]]]:
         """New tiles to encode: round-robin over requests (those of the models with the fewest active tiles first),
         each up to its fair share of the active set."""
         if self.config.continuous:
@@ -255,7 +248,7 @@ class Scheduler:
             candidates = live[:1]
             cap = self.batch_limit
             free = cap - len(self._state[live[0]].active)
-        chosen: dict[Request, list[int]] = defaultdict(list)
+        chosen: dict[Ticket, list[int]] = defaultdict(list)
         progress = True
         while free > 0 and progress:
             progress = False
@@ -268,8 +261,8 @@ class Scheduler:
                     progress = True
         return [(req, idx) for req, idx in chosen.items() if idx]
 
-    def _defer_unstepped(self, admitted: list[tuple[Request, list[int]]],
-                         step: list[Item]) -> list[tuple[Request, list[int]]]:
+    def _defer_unstepped(self, admitted: list[tuple[Ticket, list[int]]],
+                         step: list[Item]) -> list[tuple[Ticket, list[int]]]:
         """Tiles admitted for a request that gets no tile in this call go back to a later plan: encoding them
         now would only delay the requests that are stepped (at one tile per call, a small request arriving
         beside a large one waited for the large one's next encoder call). Requests with steps=0 keep theirs:
@@ -283,7 +276,7 @@ class Scheduler:
                 kept.append((req, idx))
         return kept
 
-    def _select(self, live: list[Request], admitted: dict[Request, list[int]]) -> list[Item]:
+    def _select(self, live: list[Ticket], admitted: dict[Ticket, list[int]]) -> list[Item]:
         """Up to batch_limit active tiles of one group (model and shape), round-robin over requests, most
         advanced first; the groups take turns call by call. Tiles admitted in this plan count as active (a
         request with steps=0 never is)."""
@@ -328,7 +321,7 @@ class Scheduler:
     def update(self, plan: StepPlan, result: StepResult) -> Outcome:
         """Record what ran; returns the requests that completed or failed (removed from the queue)."""
         out = Outcome()
-        failed: dict[Request, ServiceError] = {}
+        failed: dict[Ticket, ServiceError] = {}
         for req, err in result.failed:
             failed.setdefault(req, err)
         for req, idx in result.encode_oom:

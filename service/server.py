@@ -10,7 +10,8 @@ from types import FrameType
 import uvicorn
 
 from model.repository import RegistryError, sources
-from service.app import Service, create_app
+from service.app import create_app
+from service.lifecycle import Service
 from service.logs import setup_logging
 from service.middleware import JsonH11Protocol
 from service.registry import check_default, load_models

@@ -17,9 +17,10 @@ from model.inputs import lr_inputs
 from model.runtime import load_runtime
 from model.upscale import Upscaler
 from service import pipeline
-from service.batcher import Batcher, BatcherConfig, Job
+from service.batcher import Batcher, SchedulerConfig
 from service.errors import Cancelled, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown, WorkerError
 from service.metrics import Metrics
+from service.submission import Submission
 
 TILE = 16
 
@@ -59,7 +60,7 @@ def with_up(lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lr, up(lr)
 
 
-def started(job: Job, timeout: float = 30.0) -> None:
+def started(job: Submission, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while job.calls == 0 and not job.future.done():
         assert time.monotonic() < end, "job did not start"
@@ -69,7 +70,7 @@ def started(job: Job, timeout: float = 30.0) -> None:
 class make_batcher:
     def __init__(self, runtime, **kw) -> None:
         self.metrics = Metrics()
-        self.b = Batcher(runtime, BatcherConfig(**{"max_batch_tiles": 4, "max_wait_s": 0.0, **kw}), self.metrics)
+        self.b = Batcher(runtime, SchedulerConfig(**{"max_batch_tiles": 4, "max_wait_s": 0.0, **kw}), self.metrics)
 
     def __enter__(self) -> Batcher:
         self.b.start()

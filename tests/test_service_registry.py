@@ -16,7 +16,7 @@ from test_service_api import BASE, assert_error, sample, scrape
 
 from model.repository import RegistryError, parse_models, sources
 from samdiffsr.cli import main
-from service.app import Service
+from service.lifecycle import Service
 from service.metrics import Metrics
 from service.registry import AUTO, check_default, is_lossy
 from service.settings import Settings

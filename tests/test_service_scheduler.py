@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 
 from service.errors import Cancelled, DeadlineExceeded, OutOfMemory, QueueFull, WorkerError
-from service.scheduler import STARVE_AFTER, BatcherConfig, Request, Scheduler, StepPlan, StepResult
+from service.scheduler import STARVE_AFTER, Scheduler, SchedulerConfig, StepPlan, StepResult, Ticket
 
 NOW = 1000.0
 
 
 def make(**kw) -> Scheduler:
-    return Scheduler(BatcherConfig(**{"max_batch_tiles": 4, "max_wait_s": 0.0, **kw}))
+    return Scheduler(SchedulerConfig(**{"max_batch_tiles": 4, "max_wait_s": 0.0, **kw}))
 
 
-def req(n: int, steps: int = 2, shape: tuple[int, int] = (16, 16), **kw) -> Request:
-    return Request(n_tiles=n, steps=steps, tile_shape=shape, submitted=NOW, **kw)
+def req(n: int, steps: int = 2, shape: tuple[int, int] = (16, 16), **kw) -> Ticket:
+    return Ticket(n_tiles=n, steps=steps, tile_shape=shape, submitted=NOW, **kw)
 
 
 def ran(plan: StepPlan) -> StepResult:
