@@ -45,8 +45,9 @@ def run() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    # Frozen objects are left out of the collection at interpreter exit, which otherwise walks every object torch
-    # made: 0.2 s of a 2 s `samdiffsr upscale` on 2 CPU cores (docs/benchmarks.md). Not in `main`, which tests call.
+    # Frozen objects are left out of the collection at interpreter exit, which would otherwise walk every object
+    # torch made only to free memory the exit gives back anyway. Here, not in `main`: `main` also runs in-process
+    # (tests), where the freeze would outlive the call.
     gc.freeze()
     sys.exit(code)
 

@@ -379,7 +379,7 @@ def test_cli_rejects_a_bad_config(tmp_path: Path) -> None:
 def test_a_fresh_run_starts_from_init_weights(dataset: Path, tmp_path: Path) -> None:
     """run.init: a new stage-2 run starts from a trained network's denoiser, with the encoder of
     diffusion.rrdb_checkpoint; a network of another shape is refused."""
-    from training.train import build_model
+    from training.build import build_model
 
     rrdb = _run(dataset, tmp_path, "rrdb", tmp_path / "rrdb", 2)
     other_rrdb = _run(dataset, tmp_path, "rrdb", tmp_path / "rrdb2", 3)

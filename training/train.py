@@ -39,10 +39,8 @@ from model.checkpoint import CheckpointInfo, save_checkpoint
 from model.config import ModelConfig
 from model.diffusion import make_schedule, timestep_plan
 from model.inputs import uses_up
-from model.loading import load_any
-from model.network import SRDiffNet
-from model.published import start_as_identity
 from model.upscale import default_steps
+from training.build import build_model, same_trained_network
 from training.config import TrainConfig
 from training.data import PatchDataset, model_inputs, prepare_images, val_pairs
 from training.distributed import (
@@ -54,7 +52,6 @@ from training.distributed import (
     pick_device,
     step_generator,
 )
-from training.fusion import fit_mix
 from training.objectives import DiffusionObjective, RRDBObjective, Stage, draw_timesteps, param_groups, trained_module
 from training.optim import EMA, lr_at
 from training.runlog import RunLog, plot_curves
@@ -64,64 +61,13 @@ from training.validation import bicubic_psnr, validate
 log = logging.getLogger(__name__)
 
 
-# What a stage-1 checkpoint must match.
-RRDB_SHAPE = ("scale", "encoder", "rrdb_num_block", "rrdb_num_feat", "rrdb_growth")
-ENCODER_FIELDS = (*RRDB_SHAPE, "lr_up_divisor")  # what a resumed stage-1 run must keep
-
-
-def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
-    """A fresh network (from `run.init`'s weights when set); for stage 2 with the stage-1 RRDB loaded (and frozen
-    unless `diffusion.encoder_lr` tunes it)."""
-    mcfg: ModelConfig = cfg.model.build()
-    torch.manual_seed(seed)
-    net = SRDiffNet(mcfg)
-    if cfg.run.init is not None:
-        pre, _ = load_any(cfg.run.init)
-        try:
-            net.load_state_dict(pre.state_dict())
-        except RuntimeError as e:
-            raise ValueError(f"{cfg.run.init}: its network does not match this config's: {e}") from None
-        log.info("weights from %s", cfg.run.init)
-    if stage == "diffusion":
-        src = cfg.diffusion.rrdb_checkpoint
-        if src is None and mcfg.pretrained and cfg.diffusion.pretrained_dir is not None and cfg.run.init is None:
-            folders = {n: cfg.diffusion.pretrained_dir / n for n in mcfg.pretrained}
-            net.rrdb.load_published(folders)
-            log.info("encoder: the published %s weights from %s", "+".join(mcfg.pretrained),
-                     cfg.diffusion.pretrained_dir)
-            if cfg.diffusion.fit_mix_patches and len(mcfg.pretrained) > 1:
-                fit_mix(net.rrdb, cfg.data.train_dir, cfg.data.cache_dir, cfg.diffusion.fit_mix_patches, seed=seed)
-            net.rrdb.requires_grad_(cfg.diffusion.tunes_encoder)
-            start_as_identity(net)  # a refiner starts as its encoder's image at any step count
-            return net
-        if src is None:
-            if cfg.diffusion.tunes_encoder:
-                log.info("no diffusion.rrdb_checkpoint: the encoder trains with the denoiser (starting from %s "
-                         "unless the run resumes)", cfg.run.init or "scratch")
-                return net
-            raise ValueError("stage 2 needs diffusion.rrdb_checkpoint (a stage-1 checkpoint), or "
-                             "diffusion.encoder_lr > 0 to train the encoder with the denoiser")
-        pre, info = load_any(src)
-        a, b = info.config, mcfg
-        keys = RRDB_SHAPE
-        if any(getattr(a, k) != getattr(b, k) for k in keys):
-            raise ValueError(f"{src}: its RRDB ({[getattr(a, k) for k in keys]}) does not match this "
-                             f"config's ({[getattr(b, k) for k in keys]})")
-        net.rrdb.load_state_dict(pre.rrdb.state_dict())
-        net.rrdb.requires_grad_(cfg.diffusion.tunes_encoder)
-    return net
-
-
-def same_trained_network(a: ModelConfig, b: ModelConfig, stage: Stage) -> bool:
-    """Whether a run saved with config `a` can go on with `b`: stage 1 trains only the encoder, so only the
-    encoder's fields must agree there (the diffusion's target and base may be chosen later)."""
-    if stage == "rrdb":
-        return all(getattr(a, k) == getattr(b, k) for k in ENCODER_FIELDS)
-    return a == b
-
-
 class Trainer:
-    """One stage's run: model, objective, optimiser, EMA, data, validation crops, logs and state files."""
+    """One stage's run: network, objective, optimiser, EMA, data, validation crops, logs and state files.
+
+    `net` is the network being trained (the served checkpoint is its weights); `trained` is the part of it that the
+    optimiser, the EMA and the state files own; `objective` computes the loss over `net`, wrapped in
+    DistributedDataParallel when the run is distributed.
+    """
 
     def __init__(self, cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = True,
                  progress: bool = True) -> None:
@@ -141,7 +87,6 @@ class Trainer:
         if cfg.optim.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.tune_encoder = stage == "diffusion" and cfg.diffusion.tunes_encoder
-        self.module = trained_module(self.net, stage, self.tune_encoder)
         self.sched = make_schedule(self.mcfg.timesteps, self.mcfg.beta_s).to(device)
         self.plan_steps = cfg.diffusion.plan_steps or default_steps(self.mcfg)  # for diffusion.plan_prob
         self.plan = torch.tensor(timestep_plan(self.mcfg.timesteps, self.plan_steps), dtype=torch.long,
@@ -149,23 +94,17 @@ class Trainer:
         if stage == "diffusion" and cfg.diffusion.plan_prob > 0 and not len(self.plan):
             raise ValueError("diffusion.plan_prob draws from the served plan, but the model serves 0 steps "
                              "(extras.default_steps): set diffusion.plan_steps")
-        self.objective: nn.Module = RRDBObjective(self.net) if stage == "rrdb" else \
-            DiffusionObjective(self.net, self.sched, cfg.diffusion.structure, self.tune_encoder,
-                               cfg.diffusion.encoder_l1)
-        groups = param_groups(self.module, self.net, cfg.diffusion.encoder_lr)
+        groups = param_groups(self.trained, self.net, cfg.diffusion.encoder_lr)
         self.lr_scales = [g["lr_scale"] for g in groups]  # the config's, also over a resumed state's
         self.opt = torch.optim.Adam(groups, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                     weight_decay=cfg.optim.weight_decay)
-        self.ema = EMA(self.module, cfg.optim.ema) if cfg.optim.ema > 0 else None
+        self.ema = EMA(self.trained, cfg.optim.ema) if cfg.optim.ema > 0 else None
         self.amp = cfg.optim.amp and bf16_supported(device)
         self.step = self.epoch = self.offset = self.epoch_samples = 0
         if resume:
             self._resume()
         self._load_data()
-        self.model: nn.Module = self.objective
-        if self.d.enabled:
-            self.model = DistributedDataParallel(self.objective,
-                                                 device_ids=[device.index] if device.type == "cuda" else None)
+        self.objective = self._objective()
         self.runlog = RunLog(self.out, self.step, self.d.main)
         self.running: list[float] = []
         self.t0 = self.saved_at = time.monotonic()
@@ -177,14 +116,32 @@ class Trainer:
                             mininterval=1.0 if os.isatty(2) else 30.0)
         if self.d.main:
             log.info("%s: %d training images, %d params trained, %d steps, device %s, %d process(es), bf16 %s",
-                     stage, len(self.images), sum(p.numel() for p in self.module.parameters()), cfg.run.steps,
+                     stage, len(self.images), sum(p.numel() for p in self.trained.parameters()), cfg.run.steps,
                      device, self.d.world, self.amp)
 
     # ------------------------------------------------------------------------- set-up
 
     @property
+    def trained(self) -> nn.Module:
+        """What the optimiser, the EMA and the state files own: the encoder (stage 1), the denoiser (stage 2), or both
+        (`diffusion.encoder_lr`)."""
+        return trained_module(self.net, self.stage, self.tune_encoder)
+
+    @property
     def state_dir(self) -> Path:
         return self.out / "state"
+
+    def _objective(self) -> nn.Module:
+        """The loss over `net`; distributed, in DistributedDataParallel, which takes rank 0's weights as it is built
+        (hence after `_resume`) and averages the gradients in the backward pass."""
+        cfg = self.cfg
+        objective: nn.Module = RRDBObjective(self.net) if self.stage == "rrdb" else \
+            DiffusionObjective(self.net, self.sched, cfg.diffusion.structure, self.tune_encoder,
+                               cfg.diffusion.encoder_l1)
+        if not self.d.enabled:
+            return objective
+        device = self.device
+        return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
     def _resume(self) -> None:
         path = self.state_dir / "state.json"
@@ -199,7 +156,7 @@ class Trainer:
             how = "tuned" if saved.get("tune_encoder") else "frozen"
             raise ValueError(f"{self.state_dir} was trained with the encoder {how} (diffusion.encoder_lr); to switch, "
                              "start another --out with run.init set to its checkpoint")
-        meta = load_training_state(self.state_dir, self.module, self.opt, self.ema, self.device)
+        meta = load_training_state(self.state_dir, self.trained, self.opt, self.ema, self.device)
         for g, scale in zip(self.opt.param_groups, self.lr_scales, strict=True):
             g["lr_scale"] = scale
         self.step, self.epoch, self.offset = meta["step"], meta["epoch"], meta["offset"]
@@ -279,7 +236,7 @@ class Trainer:
     def optimize(self, batch: dict[str, Tensor]) -> float:
         """One optimiser step on `batch`; returns the (all-reduced) loss."""
         cfg, device = self.cfg, self.device
-        # Bicubic up(LR) only where it is the residual's base (about 5% of a stage-2 step on this CPU).
+        # Bicubic up(LR) is made only where it is the residual's base: nothing else reads it.
         with_up = self.stage == "diffusion" and uses_up(self.mcfg)
         img_lr, img_lr_up, img_hr = model_inputs(batch, self.mcfg, device, with_up)
         if cfg.optim.channels_last:
@@ -287,20 +244,20 @@ class Trainer:
                                          for x in (img_lr, img_lr_up, img_hr))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.stage == "rrdb":
-                loss = self.model(img_lr, img_hr)
+                loss = self.objective(img_lr, img_hr)
             else:
                 gen = step_generator(self.seed, self.step, self.d.rank, device)
                 t = draw_timesteps(img_hr.shape[0], self.sched.num_timesteps, gen, device, self.plan,
                                    cfg.diffusion.plan_prob)
                 noise = torch.randn(img_hr.shape, device=device, generator=gen)
-                loss = self.model(img_lr, img_lr_up, img_hr, batch["spe"].to(device), t, noise)
+                loss = self.objective(img_lr, img_lr_up, img_hr, batch["spe"].to(device), t, noise)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.clip_grad)
+            torch.nn.utils.clip_grad_norm_(self.trained.parameters(), cfg.optim.clip_grad)
         self.opt.step()
         if self.ema is not None:
-            self.ema.update(self.module)
+            self.ema.update(self.trained)
         self.step += 1
         self.offset += 1
         if self.offset >= self.batches_per_epoch:
@@ -361,7 +318,7 @@ class Trainer:
             meta = {"stage": self.stage, "step": self.step, "epoch": self.epoch, "offset": self.offset,
                     "batch_size": dcfg.batch_size, "seed": self.seed, "world_size": self.d.world,
                     "model": self.mcfg.to_dict(), "tune_encoder": self.tune_encoder}
-            save_training_state(self.state_dir, self.module, self.opt, self.ema, meta,
+            save_training_state(self.state_dir, self.trained, self.opt, self.ema, meta,
                                 shard_bytes=int(cfg.run.state_shard_mb * 2**20))
             training = {"stage": self.stage, "steps": self.step,
                         "structure": bool(self.stage == "diffusion" and cfg.diffusion.structure),
@@ -392,7 +349,7 @@ class Trainer:
             dist.barrier()
 
     def _ema_weights(self) -> contextlib.AbstractContextManager:
-        return self.ema.applied(self.module) if self.ema is not None else contextlib.nullcontext()
+        return self.ema.applied(self.trained) if self.ema is not None else contextlib.nullcontext()
 
 
 def train(cfg: TrainConfig, stage: Stage, out_dir: str | Path, resume: bool = True,
