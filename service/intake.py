@@ -144,10 +144,10 @@ async def accept(door: Door, request: Request, params: UpscaleParams | None, tim
         ensemble_flips(given.ensemble)
     except ValueError as e:
         raise InvalidParameter(str(e)) from None
-    p = Resolved(model, steps, given.sampler or model.sampler,
-                 given.seed if given.seed is not None else secrets.randbits(63), given.ensemble,
-                 "jpeg" if given.output_format == "jpg" else given.output_format, given.quality,
-                 request_id_of(request.scope) or "", upload.name)
+    p = Resolved(model=model, steps=steps, sampler=given.sampler or model.sampler,
+                 seed=given.seed if given.seed is not None else secrets.randbits(63), ensemble=given.ensemble,
+                 fmt="jpeg" if given.output_format == "jpg" else given.output_format, quality=given.quality,
+                 request_id=request_id_of(request.scope) or "", upload_name=upload.name)
 
     settings = door.settings
     # From the header, before decoding; off the event loop (an icon's header check reads its frames).
