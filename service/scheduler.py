@@ -220,10 +220,9 @@ class Scheduler:
 
     def encode_chunk(self) -> int:
         """Tiles per encoder call in reproducible mode, where each call is padded to it: an eighth of the batch
-        limit (one tile up to a batch of 15). The encoder costs more per tile than a denoiser step (9.1 against
-        6.2 GFLOP for a 64-px tile of the shipped model), so padding a small request's encoder call to the whole
-        batch would cost more than its denoiser call; one tile per call left a GPU idle (an H200 ran 800 tiles'
-        encoder calls in about 2 s, their denoiser calls in 0.4 s)."""
+        limit (one tile up to a batch of 15). An encoder call costs more per tile than a denoiser step, so padding
+        a small request's encoder call to the whole batch would cost more than its denoiser call, while calls of
+        one tile each leave an accelerator waiting on their launch overhead."""
         return max(1, self.batch_limit // 8)
 
     def active_limit(self) -> int:
