@@ -73,6 +73,15 @@ class TimedRuntime:
         self.flops += self.flops_of[("encode", tuple(img_lr.shape))]
         return out
 
+    def encode_image(self, img_lr: Tensor) -> Tensor:
+        self._sync()
+        t0 = time.perf_counter()
+        out = self.rt.encode_image(img_lr)
+        self._sync()
+        self.seconds += time.perf_counter() - t0
+        self.flops += self.flops_of[("encode_image", tuple(img_lr.shape))]
+        return out
+
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         self._sync()
         t0 = time.perf_counter()
@@ -92,6 +101,8 @@ def count_flops(net: torch.nn.Module, shapes: set[tuple]) -> dict[tuple, float]:
             with counter:
                 if kind == "encode":
                     net.encode(torch.zeros(shape, device=dev))
+                elif kind == "encode_image":
+                    net.encode_image(torch.zeros(shape, device=dev))
                 else:
                     b, _, h, w = shape
                     t = torch.zeros(b, dtype=torch.long, device=dev)
@@ -109,7 +120,7 @@ def call_shapes(upscaler: Upscaler, h: int, w: int) -> set[tuple]:
     shapes = set()
     for start in range(0, n, upscaler.max_batch):
         b = min(upscaler.max_batch, n - start)
-        shapes |= {("encode", (b, 3, th, tw)), ("denoise", (b, 3, th * s, tw * s))}
+        shapes |= {("encode", (b, 3, th, tw)), ("encode_image", (b, 3, th, tw)), ("denoise", (b, 3, th * s, tw * s))}
     return shapes
 
 

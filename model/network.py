@@ -309,6 +309,10 @@ class SRDiffNet(nn.Module):
         sr, feats = self.rrdb(img_lr)
         return self.denoise_fn.project_cond(self.rrdb.condition(sr, feats)), sr
 
+    def encode_image(self, img_lr: Tensor) -> Tensor:
+        """The encoder's x4 image alone: all that `steps=0` needs (the U-Net's condition is not made)."""
+        return self.rrdb(img_lr)[0]
+
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         return self.denoise_fn(x, t, cond)
 

@@ -48,6 +48,8 @@ class Runtime(Protocol):
 
     def encode(self, img_lr: Tensor) -> tuple[Tensor, Tensor]: ...
 
+    def encode_image(self, img_lr: Tensor) -> Tensor: ...
+
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor: ...
 
 
@@ -78,6 +80,13 @@ class _Base:
     @property
     def config(self) -> ModelConfig:
         return self.info.config
+
+    def encode(self, img_lr: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def encode_image(self, img_lr: Tensor) -> Tensor:
+        """The encoder's x4 image (`steps=0`); an exported encoder makes the U-Net's condition with it."""
+        return self.encode(img_lr)[1]
 
 
 class TorchRuntime(_Base):
@@ -112,6 +121,13 @@ class TorchRuntime(_Base):
         with self._autocast():
             cond, sr = self.net.encode(self._input(img_lr))
         return cond.float().contiguous(), sr.float().contiguous()
+
+    @torch.inference_mode()
+    def encode_image(self, img_lr: Tensor) -> Tensor:
+        """The encoder's x4 image alone, without the U-Net's condition (`steps=0`)."""
+        with self._autocast():
+            sr = self.net.encode_image(self._input(img_lr))
+        return sr.float().contiguous()
 
     @torch.inference_mode()
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:

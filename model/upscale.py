@@ -139,12 +139,15 @@ class Upscaler:
         out = []
         for start in range(0, len(grid), self.max_batch):
             idx = range(start, min(start + self.max_batch, len(grid)))
-            cond, sr = rt.encode(lr_tiles[idx.start:idx.stop])
-            up = None if up_tiles is None else up_tiles[idx.start:idx.stop]
-            noise_idx = [member * len(grid) + i for i in idx]
-            tracks = start_tracks(cfg, cond, sr, up, noise_idx, steps, sampler, eta, seed)
-            sample(rt.denoise, rt.schedule, tracks, on_step, cfg.prediction)
-            out.append(track_images(tracks, cfg, cpu=False))  # stitched where they are, copied out once
+            if steps == 0:  # the encoder's image is the answer: no condition, no track
+                out.append(rt.encode_image(lr_tiles[idx.start:idx.stop]))
+            else:
+                cond, sr = rt.encode(lr_tiles[idx.start:idx.stop])
+                up = None if up_tiles is None else up_tiles[idx.start:idx.stop]
+                noise_idx = [member * len(grid) + i for i in idx]
+                tracks = start_tracks(cfg, cond, sr, up, noise_idx, steps, sampler, eta, seed)
+                sample(rt.denoise, rt.schedule, tracks, on_step, cfg.prediction)
+                out.append(track_images(tracks, cfg, cpu=False))  # stitched where they are, copied out once
             if on_tiles is not None:
                 on_tiles(len(idx))
         return self.assemble(grid, torch.cat(out))

@@ -69,16 +69,19 @@ class ModelRunner:
 
     def _encode(self, group: list[tuple[Submission, list[int]]], chunk: int, pad: bool, result: StepResult) -> None:
         """Encode the admitted tiles of `group` (submissions of one model and tile shape) together, `chunk` tiles
-        per call, so that many submissions admitting a few tiles each still make full calls. A failure that is
-        not out-of-memory is retried submission by submission, so only the faulty ones fail."""
+        per call, so that many submissions admitting a few tiles each still make full calls; where every one of
+        them asks for `steps=0`, only the encoder's image is made. A failure that is not out-of-memory is retried
+        submission by submission, so only the faulty ones fail."""
         rt = self.runtimes[group[0][0].model]
+        image_only = all(sub.steps == 0 for sub, _ in group)
         try:
             inputs = [sub.tiles.inputs(idx) for sub, idx in group]
             lr = torch.cat([tiles for tiles, _ in inputs])
-            parts = [self._encode_call(rt, lr[s:s + chunk], chunk if pad else 0) for s in range(0, len(lr), chunk)]
-            cond = torch.cat([c for c, _ in parts])
+            parts = [self._encode_call(rt, lr[s:s + chunk], chunk if pad else 0, image_only)
+                     for s in range(0, len(lr), chunk)]
             sr = torch.cat([r for _, r in parts])
-            _check_count("encoder", len(lr), cond, sr)
+            cond = None if image_only else torch.cat([c for c, _ in parts if c is not None])
+            _check_count("encoder", len(lr), sr, *([] if cond is None else [cond]))
         except Exception as e:
             if is_out_of_memory(e):
                 self._out_of_memory()
@@ -95,21 +98,25 @@ class ModelRunner:
         for (sub, idx), (_, up) in zip(group, inputs, strict=True):
             own = slice(start, start + len(idx))
             start += len(idx)
-            tracks = start_tracks(rt.config, cond[own], sr[own], up, idx, sub.steps, sub.sampler, sub.eta, sub.seed)
-            if sub.steps == 0:  # the encoder's output is the answer
-                for i, img in zip(idx, track_images(tracks, rt.config, cpu=False), strict=True):
+            if sub.steps == 0:  # the encoder's image is the answer
+                for i, img in zip(idx, sr[own], strict=True):
                     sub.put(i, img)
             else:
-                sub.tracks.update(zip(idx, tracks, strict=True))
+                assert cond is not None
+                sub.tracks.update(zip(idx, start_tracks(rt.config, cond[own], sr[own], up, idx, sub.steps,
+                                                        sub.sampler, sub.eta, sub.seed), strict=True))
             result.encoded.append((sub, idx))
 
     @staticmethod
-    def _encode_call(rt: Runtime, lr: Tensor, pad_to: int) -> tuple[Tensor, Tensor]:
-        """The runtime's encoder, padded with zero tiles to `pad_to` samples (0: not padded)."""
+    def _encode_call(rt: Runtime, lr: Tensor, pad_to: int, image_only: bool) -> tuple[Tensor | None, Tensor]:
+        """The runtime's encoder (its image alone where `image_only`), padded with zero tiles to `pad_to` samples
+        (0: not padded)."""
         n = lr.shape[0]
-        if n >= pad_to:
-            return rt.encode(lr)
-        cond, sr = rt.encode(torch.cat([lr, lr.new_zeros((pad_to - n, *lr.shape[1:]))]))
+        if n < pad_to:
+            lr = torch.cat([lr, lr.new_zeros((pad_to - n, *lr.shape[1:]))])
+        if image_only:
+            return None, rt.encode_image(lr)[:n]
+        cond, sr = rt.encode(lr)
         return cond[:n], sr[:n]
 
     # ------------------------------------------------------------------ the denoiser

@@ -66,6 +66,23 @@ def test_backends_match_eager_torch(runtimes: dict, batch: int, lr: int) -> None
         assert torch.allclose(eps, ref_eps, atol=1e-4), name
 
 
+def test_encode_image_is_the_encoders_image_without_the_condition(runtimes: dict) -> None:
+    """`encode_image` (what steps=0 needs) gives `encode`'s image on every backend; eager torch does not make the
+    U-Net's condition for it (its projection is never called)."""
+    img_lr = torch.rand(2, 3, 12, 12) * 2 - 1
+    for name, rt in runtimes.items():
+        assert torch.equal(rt.encode_image(img_lr), rt.encode(img_lr)[1]), name
+    calls = []
+    hook = runtimes["torch"].net.denoise_fn.cond_proj.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        runtimes["torch"].encode_image(img_lr)
+        assert not calls
+        runtimes["torch"].encode(img_lr)
+        assert calls
+    finally:
+        hook.remove()
+
+
 def test_onnx_runs_on_cpu_provider_here(runtimes: dict) -> None:
     rt = runtimes["onnx"]
     assert isinstance(rt, OnnxRuntime)

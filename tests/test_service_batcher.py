@@ -236,6 +236,11 @@ class FaultyRuntime:
             raise ValueError("encoder fault")
         return self.rt.encode(img_lr)
 
+    def encode_image(self, img_lr):
+        if (img_lr > 1.5).any():
+            raise ValueError("encoder fault")
+        return self.rt.encode_image(img_lr)
+
     def denoise(self, x, t, cond):
         self.batch_sizes.append(x.shape[0])
         if self.oom_above is not None and x.shape[0] > self.oom_above:
