@@ -160,7 +160,7 @@ def srcs(photo) -> dict[str, bytes]:
 
 def run_intake(served: ServedModel, settings: Settings, data: bytes, fmt: str, budget: int,
                render: bool = True) -> tuple[int, str]:
-    """An upload through the intake as `intake.accept` and `intake.render` take it, in-process: (200, "") or the
+    """An upload through the intake as `intake.accept` and `results.render` take it, in-process: (200, "") or the
     error's (status, code). Any other exception propagates. `render=False` stops once its tiles are made (the
     bicubic of every tile is most of a case's time)."""
     upscaler = served.upscaler
