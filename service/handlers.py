@@ -1,9 +1,8 @@
-"""The error handlers: every error, expected or not, answers the one JSON shape of `service.errors`, with the
-request's id, and counts in `samdiffsr_errors_total`."""
+"""The error handlers: every expected error answers the one JSON shape of `service.errors`, with the request's id,
+and counts in `samdiffsr_errors_total`. An unexpected one (a bug) is answered in the same shape by
+`service.middleware.RequestContextMiddleware`, which every request passes through before any handler."""
 
 from __future__ import annotations
-
-import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,8 +13,6 @@ from starlette.requests import ClientDisconnect
 from service.errors import Cancelled, ServiceError, error_body, status_code_name, validation_message
 from service.metrics import Metrics
 from service.middleware import request_id_of
-
-log = logging.getLogger(__name__)
 
 
 def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
@@ -45,8 +42,3 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
         err = Cancelled("the client disconnected before its upload was read")
         return respond(request, err.status, err.code, err.message, err.kind)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return respond(request, 500, "internal_error", f"internal error: {type(exc).__name__}", "internal")
