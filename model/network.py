@@ -25,6 +25,12 @@ from model.pretrained import PretrainedEncoder
 # ----------------------------------------------------------------------------- RRDB encoder
 
 
+def block_features(feats: list[Tensor]) -> Tensor:
+    """What conditions the U-Net for our own encoders (RRDB, RLFB): their block features 2, 5, 8, ... concatenated,
+    as in the original."""
+    return torch.cat(feats[2::3], 1)
+
+
 class ResidualDenseBlock(nn.Module):
     """Five densely connected 3x3 convolutions with a scaled residual (ESRGAN)."""
 
@@ -90,8 +96,7 @@ class RRDBNet(nn.Module):
         return out.clamp(0, 1) * 2 - 1, feas
 
     def condition(self, sr: Tensor, feats: list[Tensor]) -> Tensor:
-        """The features that condition the U-Net: 2, 5, 8, ... concatenated (the original's)."""
-        return torch.cat(feats[2::3], 1)
+        return block_features(feats)
 
 
 class ESA(nn.Module):
@@ -154,8 +159,7 @@ class RLFBNet(nn.Module):
         return out.clamp(0, 1) * 2 - 1, feas
 
     def condition(self, sr: Tensor, feats: list[Tensor]) -> Tensor:
-        """The features that condition the U-Net: 2, 5, 8, ... concatenated, as `RRDBNet`'s."""
-        return torch.cat(feats[2::3], 1)
+        return block_features(feats)
 
 
 def build_encoder(cfg: ModelConfig) -> nn.Module:
