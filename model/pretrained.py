@@ -276,11 +276,8 @@ def members(encoder: str) -> tuple[str, ...]:
 
 
 def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def published_state(path: str | Path) -> dict[str, Tensor]:
