@@ -10,7 +10,7 @@ import torch
 from model.config import ModelConfig
 from model.loading import load_any
 from model.network import SRDiffNet
-from model.published import start_as_identity
+from model.published import pretrained_net
 from training.config import TrainConfig
 from training.fusion import fit_mix
 from training.objectives import Stage
@@ -27,6 +27,8 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
     """A fresh network (from `run.init`'s weights when set); for stage 2 with the stage-1 RRDB loaded (and frozen
     unless `diffusion.encoder_lr` tunes it)."""
     mcfg: ModelConfig = cfg.model.build()
+    if stage == "diffusion" and from_published(cfg, mcfg):
+        return published_start(cfg, mcfg, seed)
     torch.manual_seed(seed)
     net = SRDiffNet(mcfg)
     if cfg.run.init is not None:
@@ -38,16 +40,6 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
         log.info("weights from %s", cfg.run.init)
     if stage == "diffusion":
         src = cfg.diffusion.rrdb_checkpoint
-        if src is None and mcfg.pretrained and cfg.diffusion.pretrained_dir is not None and cfg.run.init is None:
-            folders = {n: cfg.diffusion.pretrained_dir / n for n in mcfg.pretrained}
-            net.rrdb.load_published(folders)
-            log.info("encoder: the published %s weights from %s", "+".join(mcfg.pretrained),
-                     cfg.diffusion.pretrained_dir)
-            if cfg.diffusion.fit_mix_patches and len(mcfg.pretrained) > 1:
-                fit_mix(net.rrdb, cfg.data.train_dir, cfg.data.cache_dir, cfg.diffusion.fit_mix_patches, seed=seed)
-            net.rrdb.requires_grad_(cfg.diffusion.tunes_encoder)
-            start_as_identity(net)  # a refiner starts as its encoder's image at any step count
-            return net
         if src is None:
             if cfg.diffusion.tunes_encoder:
                 log.info("no diffusion.rrdb_checkpoint: the encoder trains with the denoiser (starting from %s "
@@ -63,6 +55,26 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
                              f"config's ({[getattr(b, k) for k in keys]})")
         net.rrdb.load_state_dict(pre.rrdb.state_dict())
         net.rrdb.requires_grad_(cfg.diffusion.tunes_encoder)
+    return net
+
+
+def from_published(cfg: TrainConfig, mcfg: ModelConfig) -> bool:
+    """Whether stage 2 starts from the published weights of its pretrained encoders (`diffusion.pretrained_dir`,
+    no stage-1 checkpoint, no `run.init`)."""
+    return (bool(mcfg.pretrained) and cfg.diffusion.pretrained_dir is not None
+            and cfg.diffusion.rrdb_checkpoint is None and cfg.run.init is None)
+
+
+def published_start(cfg: TrainConfig, mcfg: ModelConfig, seed: int) -> SRDiffNet:
+    """The published encoders (`model.published.pretrained_net`: loaded strictly, the refiner starting as their
+    image), their mix fitted where `diffusion.fit_mix_patches` asks, frozen unless `diffusion.encoder_lr` tunes
+    them."""
+    folders = {n: cfg.diffusion.pretrained_dir / n for n in mcfg.pretrained}
+    net = pretrained_net(mcfg, folders, seed).train()
+    log.info("encoder: the published %s weights from %s", "+".join(mcfg.pretrained), cfg.diffusion.pretrained_dir)
+    if cfg.diffusion.fit_mix_patches and len(mcfg.pretrained) > 1:
+        fit_mix(net.rrdb, cfg.data.train_dir, cfg.data.cache_dir, cfg.diffusion.fit_mix_patches, seed=seed)
+    net.rrdb.requires_grad_(cfg.diffusion.tunes_encoder)
     return net
 
 
