@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write a checkpoint whose encoder is one pretrained network (rfdn, rlfn, safmn) or "
                        "several fused (rfdn+rlfn), with the published weights loaded strictly and checked by sha256, "
                        "a fresh denoiser and a NOTICE of their licences. Served at steps=0 it is the networks "
-                       "themselves; train its denoiser with `samdiffsr train diffusion --rrdb` on it.")
+                       "themselves. configs/refine.yaml trains a refiner over the published networks directly "
+                       "(diffusion.pretrained_dir).")
     p.add_argument("encoder", help="rfdn, rlfn, safmn, or several joined by '+'")
     p.add_argument("output", help="output checkpoint directory")
     p.add_argument("--weights", default="../shared/pretrained",
