@@ -31,7 +31,7 @@ import torch
 from bicubic_pytorch import core as bicubic
 from PIL import Image, ImageDraw
 
-from model.diffusion import timestep_plan
+from model.diffusion import check_steps
 from model.imaging import decode_image, list_images
 from model.loading import load_any
 from model.runtime import TorchRuntime, resolve_device, resolve_precision
@@ -291,7 +291,7 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None) -
     if not opts.sampler.steps:
         opts.sampler.steps = (0, default_steps(models.config))
     for steps in opts.sampler.steps:
-        timestep_plan(models.config.timesteps, steps)  # raises ValueError out of range
+        check_steps(steps, models.config.timesteps)
     ensemble_flips(opts.sampler.ensemble)  # raises ValueError for an unknown member count
     scale = models.config.scale
     images = list_images(opts.hr_dir)
