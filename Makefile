@@ -67,8 +67,9 @@ bench-load: $(STAMP)
 # The shipped models (docs/model-card.md) stand on pretrained networks whose published weights are in PRETRAINED
 # (loaded strictly, checked by sha256). fast-model: RLFN alone. default-model: RFDN + RLFN fused by least squares
 # with the refiner trained over them (configs/refine.yaml). real-model: the same tuned on the real degradation,
-# in two stages (configs/refine-real.yaml, then refine-real-2.yaml from its checkpoint). The trainings are
-# campaigns: SIGTERM checkpoints, the same command resumes exactly;
+# in four stages (configs/refine-real.yaml, then refine-real-2, -3 and -4, each from the last one's checkpoint,
+# for the steps the shipped model had). The trainings are campaigns: SIGTERM checkpoints, the same command
+# resumes exactly;
 # `samdiffsr repack RUN/checkpoint checkpoints/ID --dtype fp32 --extra default_steps=N --extra default_tile=256
 # --card configs/cards/ID.json` ships a run (the served defaults and card measured as the model card says).
 CORPUS ?= ../shared/data/corpus-hr
@@ -88,10 +89,14 @@ default-model: masks
 	  --spe-dir $(RUNS)/masks/train-spe --set diffusion.pretrained_dir=$(PRETRAINED)
 
 real-model: masks
-	$(BIN)/samdiffsr train diffusion --config configs/refine-real.yaml --out $(RUNS)/refine-real \
+	$(BIN)/samdiffsr train diffusion --config configs/refine-real.yaml --out $(RUNS)/refine-real --steps 2035 \
 	  --spe-dir $(RUNS)/masks/train-spe --set diffusion.pretrained_dir=$(PRETRAINED)
-	$(BIN)/samdiffsr train diffusion --config configs/refine-real-2.yaml --out $(RUNS)/refine-real-2 \
+	$(BIN)/samdiffsr train diffusion --config configs/refine-real-2.yaml --out $(RUNS)/refine-real-2 --steps 3956 \
 	  --spe-dir $(RUNS)/masks/train-spe --set run.init=$(RUNS)/refine-real/checkpoint
+	$(BIN)/samdiffsr train diffusion --config configs/refine-real-3.yaml --out $(RUNS)/refine-real-3 --steps 4500 \
+	  --spe-dir $(RUNS)/masks/train-spe --set run.init=$(RUNS)/refine-real-2/checkpoint
+	$(BIN)/samdiffsr train diffusion --config configs/refine-real-4.yaml --out $(RUNS)/refine-real-4 --steps 3000 \
+	  --spe-dir $(RUNS)/masks/train-spe --set run.init=$(RUNS)/refine-real-3/checkpoint
 
 # The equal-budget comparison of the pretrained encoders under the refiner (docs/model-card.md).
 encoder-compare: masks
