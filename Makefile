@@ -67,7 +67,7 @@ bench-load: $(STAMP)
 # The shipped models (docs/model-card.md) stand on pretrained networks whose published weights are in PRETRAINED
 # (loaded strictly, checked by sha256). fast-model: RLFN alone. default-model: RFDN + RLFN fused by least squares
 # with the refiner trained over them (configs/refine.yaml). real-model: the same tuned on the real degradation,
-# in four stages (configs/refine-real.yaml, then refine-real-2, -3 and -4, each from the last one's checkpoint,
+# in five stages (configs/refine-real.yaml, then refine-real-2 to -5, each from the last one's checkpoint,
 # for the steps the shipped model had). The trainings are campaigns: SIGTERM checkpoints, the same command
 # resumes exactly;
 # `samdiffsr repack RUN/checkpoint checkpoints/ID --dtype fp32 --extra default_steps=N --extra default_tile=256
@@ -97,6 +97,8 @@ real-model: masks
 	  --spe-dir $(RUNS)/masks/train-spe --set run.init=$(RUNS)/refine-real-2/checkpoint
 	$(BIN)/samdiffsr train diffusion --config configs/refine-real-4.yaml --out $(RUNS)/refine-real-4 --steps 3000 \
 	  --spe-dir $(RUNS)/masks/train-spe --set run.init=$(RUNS)/refine-real-3/checkpoint
+	$(BIN)/samdiffsr train diffusion --config configs/refine-real-5.yaml --out $(RUNS)/refine-real-5 --steps 1250 \
+	  --spe-dir $(RUNS)/masks/train-spe --set run.init=$(RUNS)/refine-real-4/checkpoint
 
 # The equal-budget comparison of the pretrained encoders under the refiner (docs/model-card.md).
 encoder-compare: masks
