@@ -7,7 +7,8 @@ degradation asked for) and in-process seconds per output MP on a photo crop, for
 
 A model is `LABEL=PATH[:STEPS[:ENSEMBLE]]` (default: the checkpoint's served steps, no self-ensemble); the first is
 the cost baseline. Timings are in process (the network, tiling and sampling; no file I/O), the median of
-`--repeats` runs after a warm-up, at `--precision` (default auto: bf16 where the CPU has it, else fp32).
+`--repeats` runs after a warm-up (the models taking turns), at `--precision` (default auto: bf16 where the CPU has
+it, else fp32).
 """
 
 from __future__ import annotations
@@ -48,20 +49,26 @@ def parse_spec(text: str) -> Spec:
     return Spec(label, Path(path), steps, ensemble)
 
 
-def seconds_per_mp(spec: Spec, photo: np.ndarray, precision: str, repeats: int) -> tuple[float, int, int]:
-    """(in-process s per output MP, steps, tile) of one model on `photo` (RGB in [0, 1]), as served."""
-    rt = load_runtime(spec.path, "torch", "cpu", precision=precision)
-    steps = default_steps(rt.config) if spec.steps is None else spec.steps
-    tile = default_tile(rt.config)
-    upscaler = Upscaler(rt, tile=tile, overlap=8, max_batch=4)
-    upscaler.upscale_rgb(photo, steps=steps, seed=0, ensemble=spec.ensemble)  # warm-up
-    times = []
+def seconds_per_mp(specs: list[Spec], photo: np.ndarray, precision: str,
+                   repeats: int) -> list[tuple[float, int, int]]:
+    """(in-process s per output MP, steps, tile) of each model on `photo` (RGB in [0, 1]), as served. The models
+    take turns, one timed run each per round, so that what else the machine does falls on all of them alike."""
+    runs = []
+    for spec in specs:
+        rt = load_runtime(spec.path, "torch", "cpu", precision=precision)
+        steps = default_steps(rt.config) if spec.steps is None else spec.steps
+        tile = default_tile(rt.config)
+        upscaler = Upscaler(rt, tile=tile, overlap=8, max_batch=4)
+        upscaler.upscale_rgb(photo, steps=steps, seed=0, ensemble=spec.ensemble)  # warm-up
+        runs.append((upscaler, steps, tile, photo.shape[0] * photo.shape[1] * rt.config.scale ** 2 / 1e6))
+    times: list[list[float]] = [[] for _ in specs]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        upscaler.upscale_rgb(photo, steps=steps, seed=0, ensemble=spec.ensemble)
-        times.append(time.perf_counter() - t0)
-    out_mp = photo.shape[0] * photo.shape[1] * rt.config.scale ** 2 / 1e6
-    return statistics.median(times) / out_mp, steps, tile
+        for spec, (upscaler, steps, _, _), own in zip(specs, runs, times, strict=True):
+            t0 = time.perf_counter()
+            upscaler.upscale_rgb(photo, steps=steps, seed=0, ensemble=spec.ensemble)
+            own.append(time.perf_counter() - t0)
+    return [(statistics.median(own) / out_mp, steps, tile)
+            for own, (_, steps, tile, out_mp) in zip(times, runs, strict=True)]
 
 
 def quality(spec: Spec, steps: int, tile: int, degradation: str, val: Path, precision: str) -> dict[str, float]:
@@ -117,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{where}; timed on a {photo.shape[1]}x{photo.shape[0]} crop of skimage-coffee.png\n")
 
     rows = []
-    for spec in specs:
-        s_mp, steps, tile = seconds_per_mp(spec, photo, args.precision, args.repeats)
+    for spec, (s_mp, steps, tile) in zip(specs, seconds_per_mp(specs, photo, args.precision, args.repeats),
+                                         strict=True):
         row = {"label": spec.label, "path": str(spec.path), "steps": steps, "ensemble": spec.ensemble, "tile": tile,
                "s_per_mp": s_mp}
         for d in degradations:

@@ -190,3 +190,21 @@ def test_config_files_and_overrides(tmp_path: Path) -> None:
             load_config(y, bad)
     with pytest.raises(ConfigError):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_config_states_what_it_changes_over_its_base(tmp_path: Path) -> None:
+    """`base:` (relative to the file): sections merge key by key, lists and scalars replace, overrides come last."""
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "one.yaml").write_text("model: {preset: tiny, overrides: {hidden_size: 16, dim_mults: [1, 2]}}\n"
+                                       "data: {hr_patch: 32, batch_size: 4}\noptim: {lr: 0.001}\n")
+    two = tmp_path / "stages" / "two.yaml"
+    two.write_text("base: ../one.yaml\nmodel: {overrides: {dim_mults: [1]}}\ndata: {batch_size: 2}\n")
+    cfg = load_config(two, ["optim.lr=1e-4"])
+    assert cfg.model.overrides == {"hidden_size": 16, "dim_mults": [1]}
+    assert (cfg.data.hr_patch, cfg.data.batch_size, cfg.optim.lr) == (32, 2, 1e-4)
+    loop = tmp_path / "loop.yaml"
+    for text, message in (("base: loop.yaml\n", "comes back to itself"), ("base: missing.yaml\n", "cannot read"),
+                          ("base: [1]\n", "must be the path")):
+        loop.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(loop)

@@ -488,3 +488,66 @@ def test_the_gpu_window_script_packs_a_shard_and_trains_two_windows_in_a_row(dat
         assert figures["state_exported"] and (out / "train.log").exists()
         steps.append((figures["start_step"], figures["step"]))
     assert steps[0][0] == 0 and steps[1][0] == steps[0][1] > 0 and steps[1][1] > steps[1][0], steps
+
+
+def test_distillation_targets_are_the_teachers_upscale_cached_and_blended(rrdb_run: Path, dataset: Path,
+                                                                          tmp_path: Path) -> None:
+    """data.teacher: the teacher's image of each training LR is computed once (as served: tiles, flips averaged),
+    cached under a key of its weights and settings, and a patch's target is the blend of its crop and the HR's."""
+    from training.data import PatchDataset, prepare_images
+    from training.teacher import teacher_targets
+
+    images = prepare_images(dataset / "train", tmp_path / "cache", 4)
+    paths = teacher_targets(images, rrdb_run / "checkpoint", steps=0, ensemble=2, tile=0, precision="fp32",
+                            device="cpu")
+    net, info = load_any(rrdb_run / "checkpoint")
+    upscaler = Upscaler(TorchRuntime(net, info, torch.device("cpu")), tile=0)
+    for item, path in zip(images, paths, strict=True):
+        hr, lr = item.load()
+        expect = upscaler.upscale_rgb(np.asarray(lr, np.float32) / 255, steps=0, ensemble=2)
+        got = np.load(path)
+        assert got.dtype == np.uint8 and got.shape == hr.shape
+        assert np.abs(got.astype(np.float32) - expect * 255).max() <= 0.5 + 1e-3
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    assert teacher_targets(images, rrdb_run / "checkpoint", 0, 2, 0, "fp32", "cpu") == paths  # cached
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes
+    others = teacher_targets(images, rrdb_run / "checkpoint", 0, 1, 0, "fp32", "cpu")  # other settings, other key
+    assert not set(others) & set(paths)
+
+    plain, teacher, blend = (PatchDataset(images, 32, 4, seed=3, teachers=t, teacher_weight=w)
+                             for t, w in ((None, 0.0), (paths, 1.0), (paths, 0.25)))
+    for i in range(len(images)):
+        p, t, b = plain[i], teacher[i], blend[i]
+        assert torch.equal(p["lr"], b["lr"]) and torch.equal(p["lr"], t["lr"])
+        assert not torch.equal(p["hr"], t["hr"])
+        torch.testing.assert_close(b["hr"], torch.lerp(p["hr"], t["hr"], 0.25))
+    with pytest.raises(ValueError, match="teacher images"):
+        PatchDataset(images, 32, 4, teachers=paths[:1], teacher_weight=0.5)
+
+
+def test_a_student_distilled_from_a_teacher_moves_towards_it(rrdb_run: Path, dataset: Path, tmp_path: Path) -> None:
+    """Stage 1 with data.teacher (weight 1) trains a fresh encoder towards the teacher's images: it ends nearer to
+    them than it starts and than the same run towards the HR photos, and its checkpoint names the teacher."""
+    from training.data import prepare_images
+    from training.teacher import teacher_targets
+
+    teacher = {"data.teacher.checkpoint": str(rrdb_run / "checkpoint"), "data.teacher.weight": "1.0",
+               "data.teacher.steps": "0",
+               "data.teacher.ensemble": "1", "data.teacher.tile": "0", "data.teacher.precision": "fp32"}
+    common = {"optim.lr": "2e-3", "run.seed": "7", "val.every": "0"}
+    start = _run(dataset, tmp_path, "rrdb", tmp_path / "start", 1, **{**common, "optim.lr": "1e-12"})
+    student = _run(dataset, tmp_path, "rrdb", tmp_path / "student", 40, **common, **teacher)
+    on_hr = _run(dataset, tmp_path, "rrdb", tmp_path / "on-hr", 40, **common)
+    images = prepare_images(dataset / "train", tmp_path / "cache", 4)
+    targets = teacher_targets(images, rrdb_run / "checkpoint", 0, 1, 0, "fp32", "cpu")
+
+    def distance(ckpt: Path) -> float:
+        net, info = load_any(ckpt)
+        up = Upscaler(TorchRuntime(net, info, torch.device("cpu")), tile=0)
+        return float(np.mean([np.abs(up.upscale_rgb(np.asarray(item.load()[1], np.float32) / 255, steps=0)
+                                     - np.load(t) / 255).mean() for item, t in zip(images, targets, strict=True)]))
+
+    d_start, d_student, d_hr = distance(start), distance(student), distance(on_hr)
+    assert d_student < 0.8 * d_start and d_student < d_hr, (d_start, d_student, d_hr)
+    assert load_any(student)[1].training["teacher"]["checkpoint"] == str(rrdb_run / "checkpoint")
+    assert load_any(on_hr)[1].training["teacher"] is None

@@ -46,6 +46,20 @@ class DegradationSection(_Strict):
     real: RealDegradation = Field(default_factory=RealDegradation)
 
 
+class TeacherSection(_Strict):
+    """Distillation (`training.teacher`): the training target is `weight` times a teacher model's upscale of the
+    patch's clean bicubic LR plus the rest of the HR patch. The teacher (a checkpoint directory) upscales each
+    training image once, at `steps` (default: its own default steps), `ensemble` flips averaged, in `tile`-px LR
+    tiles (0: whole), at `precision`; the result is cached."""
+
+    checkpoint: Path
+    weight: float = Field(0.8, gt=0, le=1)
+    steps: int | None = Field(None, ge=0)
+    ensemble: Literal[1, 2, 4] = 4
+    tile: int = Field(256, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+
+
 class DataSection(_Strict):
     train_dir: Path = Path("../shared/data/corpus-hr/train")
     val_dir: Path | None = Path("../shared/data/corpus-hr/val")
@@ -61,6 +75,7 @@ class DataSection(_Strict):
     workers: int = Field(2, ge=0)
     augment: bool = True
     degradation: DegradationSection = Field(default_factory=DegradationSection)
+    teacher: TeacherSection | None = None
 
 
 class OptimSection(_Strict):
@@ -203,8 +218,30 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = _parse_value(value)
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`: sections merge key by key, any other value (lists too) replaces the base's."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's tree; with a top-level `base: other.yaml` (relative to this file), this file's values over
+    that one's, so a recipe's next stage states only what it changes."""
     p = Path(path)
+    if p.resolve() in _seen:
+        raise ConfigError(f"{p}: its `base` chain comes back to itself")
+    data = _parse_file(p)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{p}: `base` must be the path of another config file, not {base!r}")
+    return merge_trees(read_config_file(p.parent / base, (*_seen, p.resolve())), data)
+
+
+def _parse_file(p: Path) -> dict[str, Any]:
     try:
         text = p.read_text()
     except OSError as e:

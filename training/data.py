@@ -142,18 +142,24 @@ class PatchDataset(Dataset):
 
     The LR patch is the cached bicubic one, or with `real` set, the HR patch degraded by
     `training.realworld.degrade_real` with the same seeded generator (after the crop and augmentation draws).
+    With `teachers` (one cached teacher image per image, `training.teacher`), the target `hr` is
+    `teacher_weight` times the teacher's patch plus the rest of the HR patch (the LR is still made from the HR).
     Returns a dict: `hr` (3, P, P) and `lr` (3, P/s, P/s) float32 in [0, 1], `spe` (1, P, P) float32
     (zeros when the image has no map), `index`.
     """
 
     def __init__(self, images: list[CachedImage], hr_patch: int, scale: int, repeat: int = 1,
-                 augment: bool = True, seed: int = 0, real: RealDegradation | None = None) -> None:
+                 augment: bool = True, seed: int = 0, real: RealDegradation | None = None,
+                 teachers: list[Path] | None = None, teacher_weight: float = 0.0) -> None:
         if not images:
             raise ValueError("no usable training images")
         if hr_patch % scale:
             raise ValueError(f"hr_patch {hr_patch} must be a multiple of the scale {scale}")
+        if teachers is not None and len(teachers) != len(images):
+            raise ValueError(f"{len(teachers)} teacher images for {len(images)} training images")
         self.images, self.hr_patch, self.scale = images, hr_patch, scale
         self.repeat, self.augment, self.seed, self.real = repeat, augment, seed, real
+        self.teachers, self.teacher_weight = teachers, teacher_weight
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -163,7 +169,8 @@ class PatchDataset(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        item = self.images[index % len(self.images)]
+        i = index % len(self.images)
+        item = self.images[i]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         hr, lr = item.load()
         s, lp = self.scale, self.hr_patch // self.scale
@@ -178,12 +185,19 @@ class PatchDataset(Dataset):
             spe_p = np.asarray(spe[y * s:(y + lp) * s, x * s:(x + lp) * s], dtype=np.float32)
         else:
             spe_p = np.zeros(hr_p.shape[:2], np.float32)
+        arrays = [hr_p, lr_p, spe_p]
+        if self.teachers is not None:
+            arrays.append(np.load(self.teachers[i], mmap_mode="r")[y * s:(y + lp) * s, x * s:(x + lp) * s])
         flip, rot = (bool(rng.integers(2)), int(rng.integers(4))) if self.augment else (False, 0)
-        hr_p, lr_p, spe_p = augment([hr_p, lr_p, spe_p], flip, rot)
+        hr_p, lr_p, spe_p, *teacher_p = augment(arrays, flip, rot)
         if self.real is not None and rng.random() >= self.real.clean_prob:  # else the cached bicubic LR
             lr_p = degrade_real(hr_p, s, self.real, rng)
+        target = torch.from_numpy(hr_p).permute(2, 0, 1).float() / 255
+        if teacher_p:
+            teacher = torch.from_numpy(teacher_p[0]).permute(2, 0, 1).float() / 255
+            target = torch.lerp(target, teacher, self.teacher_weight)
         return {
-            "hr": torch.from_numpy(hr_p).permute(2, 0, 1).float() / 255,
+            "hr": target,
             "lr": torch.from_numpy(lr_p).permute(2, 0, 1).float() / 255,
             "spe": torch.from_numpy(spe_p)[None],
             "index": torch.tensor(index),

@@ -56,6 +56,7 @@ from training.objectives import DiffusionObjective, RRDBObjective, Stage, draw_t
 from training.optim import EMA, lr_at
 from training.runlog import RunLog, plot_curves
 from training.state import atomic_dir, commit_dir, git_commit, load_training_state, save_training_state
+from training.teacher import teacher_targets
 from training.validation import bicubic_psnr, validate
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,16 @@ class Trainer:
             if d.enabled:
                 dist.barrier()
         real = dcfg.degradation.real if dcfg.degradation.kind == "real" else None
+        teachers, teacher = None, dcfg.teacher
+        if teacher is not None:  # rank 0 upscales and caches, the others read
+            for turn in ((0,) if not d.enabled else (0, 1)):
+                if (turn == 0) == d.main:
+                    teachers = teacher_targets(self.images, teacher.checkpoint, teacher.steps, teacher.ensemble,
+                                               teacher.tile, teacher.precision, cfg.run.device)
+                if d.enabled:
+                    dist.barrier()
         self.dataset = PatchDataset(self.images, dcfg.hr_patch, self.mcfg.scale, dcfg.repeat, dcfg.augment,
-                                    self.seed, real)
+                                    self.seed, real, teachers, teacher.weight if teacher else 0.0)
         self.sampler = ResumableSampler(self.dataset, num_replicas=d.world, rank=d.rank, shuffle=True,
                                         seed=self.seed, drop_last=True)
         self.batches_per_epoch = len(self.dataset) // d.world // dcfg.batch_size
@@ -328,6 +337,7 @@ class Trainer:
                         "ema": cfg.optim.ema, "data": str(dcfg.train_dir), "images": len(self.images),
                         "hr_patch": dcfg.hr_patch, "batch_size": dcfg.batch_size * self.d.world,
                         "degradation": dcfg.degradation.kind, "val_degradation": cfg.val.degradation,
+                        "teacher": None if dcfg.teacher is None else dcfg.teacher.model_dump(mode="json"),
                         "init": None if cfg.run.init is None else str(cfg.run.init)}
             info = CheckpointInfo(config=self.mcfg, name=cfg.name,
                                   provenance={"source": "samdiffsr train", "git": git_commit()}, training=training)
