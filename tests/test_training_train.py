@@ -551,3 +551,18 @@ def test_a_student_distilled_from_a_teacher_moves_towards_it(rrdb_run: Path, dat
     assert d_student < 0.8 * d_start and d_student < d_hr, (d_start, d_student, d_hr)
     assert load_any(student)[1].training["teacher"]["checkpoint"] == str(rrdb_run / "checkpoint")
     assert load_any(on_hr)[1].training["teacher"] is None
+
+
+def test_stage_one_can_train_on_the_squared_error(rrdb_run: Path, dataset: Path, tmp_path: Path) -> None:
+    """optim.pixel_loss=l2: stage 1's loss is the mean squared error of the encoder's image, recorded in the
+    checkpoint (the L1 is the default)."""
+    from training.objectives import RRDBObjective
+
+    net, _ = load_any(rrdb_run / "checkpoint")
+    lr, hr = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    out, _ = net.rrdb(lr)
+    torch.testing.assert_close(RRDBObjective(net, "l2")(lr, hr), torch.nn.functional.mse_loss(out, hr))
+    torch.testing.assert_close(RRDBObjective(net)(lr, hr), torch.nn.functional.l1_loss(out, hr))
+    ckpt = _run(dataset, tmp_path, "rrdb", tmp_path / "l2", 2, **{"optim.pixel_loss": "l2", "val.every": "0"})
+    assert load_any(ckpt)[1].training["pixel_loss"] == "l2"
+    assert load_any(rrdb_run / "checkpoint")[1].training["pixel_loss"] == "l1"

@@ -15,16 +15,21 @@ from model.network import SRDiffNet
 Stage = Literal["rrdb", "diffusion"]
 
 
-class RRDBObjective(nn.Module):
-    """Stage 1: L1 between the RRDB's x4 image and HR."""
+PixelLoss = Literal["l1", "l2"]
 
-    def __init__(self, net: SRDiffNet) -> None:
+
+class RRDBObjective(nn.Module):
+    """Stage 1: L1 (or, with `loss="l2"`, the mean squared error, which PSNR measures) between the RRDB's x4 image
+    and HR."""
+
+    def __init__(self, net: SRDiffNet, loss: PixelLoss = "l1") -> None:
         super().__init__()
         self.rrdb = net.rrdb
+        self.loss = F.l1_loss if loss == "l1" else F.mse_loss
 
     def forward(self, img_lr: Tensor, img_hr: Tensor) -> Tensor:
         out, _ = self.rrdb(img_lr)
-        return F.l1_loss(out.float(), img_hr)
+        return self.loss(out.float(), img_hr)
 
 
 class DiffusionObjective(nn.Module):

@@ -136,7 +136,7 @@ class Trainer:
         """The loss over `net`; distributed, in DistributedDataParallel, which takes rank 0's weights as it is built
         (hence after `_resume`) and averages the gradients in the backward pass."""
         cfg = self.cfg
-        objective: nn.Module = RRDBObjective(self.net) if self.stage == "rrdb" else \
+        objective: nn.Module = RRDBObjective(self.net, cfg.optim.pixel_loss) if self.stage == "rrdb" else \
             DiffusionObjective(self.net, self.sched, cfg.diffusion.structure, self.tune_encoder,
                                cfg.diffusion.encoder_l1)
         if not self.d.enabled:
@@ -334,7 +334,8 @@ class Trainer:
                         "encoder_lr": cfg.diffusion.encoder_lr if self.tune_encoder else 0.0,
                         "encoder_l1": cfg.diffusion.encoder_l1 if self.tune_encoder else 0.0,
                         "plan_prob": cfg.diffusion.plan_prob, "plan_steps": self.plan_steps,
-                        "ema": cfg.optim.ema, "data": str(dcfg.train_dir), "images": len(self.images),
+                        "ema": cfg.optim.ema, "pixel_loss": cfg.optim.pixel_loss if self.stage == "rrdb" else None,
+                        "data": str(dcfg.train_dir), "images": len(self.images),
                         "hr_patch": dcfg.hr_patch, "batch_size": dcfg.batch_size * self.d.world,
                         "degradation": dcfg.degradation.kind, "val_degradation": cfg.val.degradation,
                         "teacher": None if dcfg.teacher is None else dcfg.teacher.model_dump(mode="json"),
