@@ -521,6 +521,8 @@ def test_distillation_targets_are_the_teachers_upscale_cached_and_blended(rrdb_r
         assert torch.equal(p["lr"], b["lr"]) and torch.equal(p["lr"], t["lr"])
         assert not torch.equal(p["hr"], t["hr"])
         torch.testing.assert_close(b["hr"], torch.lerp(p["hr"], t["hr"], 0.25))
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        teacher_targets(images, dataset / "train", 0, 1, 0, "fp32", "cpu")
     with pytest.raises(ValueError, match="teacher images"):
         PatchDataset(images, 32, 4, teachers=paths[:1], teacher_weight=0.5)
 

@@ -43,6 +43,8 @@ def teacher_targets(images: list[CachedImage], checkpoint: str | Path, steps: in
     """The teacher's x`scale` image of each image's cached LR (uint8 .npy, the HR's shape), one path per image,
     computed where not cached yet, at `steps` (None: the teacher's default steps), with `ensemble` flips averaged."""
     checkpoint = Path(checkpoint)
+    if not (checkpoint / WEIGHTS).is_file():
+        raise FileNotFoundError(f"teacher {checkpoint}: not a checkpoint directory (no {WEIGHTS})")
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     key = teacher_key(checkpoint, steps, ensemble, tile, precision)
