@@ -66,7 +66,8 @@ bench-load: $(STAMP)
 
 # The shipped models (docs/model-card.md) stand on pretrained networks whose published weights are in PRETRAINED
 # (loaded strictly, checked by sha256). fast-model: RLFN alone. default-model: RFDN + RLFN fused by least squares
-# with the refiner trained over them (configs/refine.yaml). real-model: the same tuned on the real degradation,
+# with the refiner trained over them (configs/refine.yaml), then the pair distilled towards its own four flips
+# averaged (configs/distill-pair.yaml). real-model: the same tuned on the real degradation,
 # in five stages (configs/refine-real.yaml, then refine-real-2 to -5, each from the last one's checkpoint,
 # for the steps the shipped model had). The trainings are campaigns: SIGTERM checkpoints, the same command
 # resumes exactly;
@@ -85,8 +86,10 @@ fast-model: $(STAMP)
 	  --extra default_tile=256 --card configs/cards/fast.json --name samdiffsr-fast
 
 default-model: masks
-	$(BIN)/samdiffsr train diffusion --config configs/refine.yaml --out $(RUNS)/refine-default \
+	$(BIN)/samdiffsr train diffusion --config configs/refine.yaml --out $(RUNS)/refine-default --steps 3093 \
 	  --spe-dir $(RUNS)/masks/train-spe --set diffusion.pretrained_dir=$(PRETRAINED)
+	$(BIN)/samdiffsr train rrdb --config configs/distill-pair.yaml --out $(RUNS)/distill-default --steps 1250 \
+	  --set run.init=$(RUNS)/refine-default/checkpoint --set data.teacher.checkpoint=$(RUNS)/refine-default/checkpoint
 
 real-model: masks
 	$(BIN)/samdiffsr train diffusion --config configs/refine-real.yaml --out $(RUNS)/refine-real --steps 2035 \
