@@ -67,9 +67,9 @@ bench-load: $(STAMP)
 # The shipped models (docs/model-card.md) stand on pretrained networks whose published weights are in PRETRAINED
 # (loaded strictly, checked by sha256). fast-model: RLFN alone. default-model: RFDN + RLFN fused by least squares
 # with the refiner trained over them (configs/refine.yaml), then the pair distilled twice towards its own four
-# flips averaged (configs/distill-pair.yaml, distill-pair-2.yaml). real-model: the same tuned on the real degradation,
-# in five stages (configs/refine-real.yaml, then refine-real-2 to -5, each from the last one's checkpoint,
-# for the steps the shipped model had). The trainings are campaigns: SIGTERM checkpoints, the same command
+# flips averaged (configs/distill-pair.yaml, distill-pair-2.yaml). real-model: the published pair and a refiner
+# tuned on the real degradation, in five stages (configs/refine-real.yaml, then refine-real-2 to -5, each from the
+# last one's checkpoint, for the steps the shipped model had). The trainings are campaigns: SIGTERM checkpoints, the same command
 # resumes exactly;
 # `samdiffsr repack RUN/checkpoint checkpoints/ID --dtype fp32 --extra default_steps=N --extra default_tile=256
 # --card configs/cards/ID.json` ships a run (the served defaults and card measured as the model card says).
