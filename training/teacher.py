@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from model.checkpoint import WEIGHTS
-from model.loading import load_any
-from model.runtime import TorchRuntime, resolve_device, resolve_precision
+from model.pretrained import sha256_of
+from model.runtime import load_runtime, resolve_device, resolve_precision
 from model.upscale import Upscaler
 from training.data import CachedImage
 
@@ -29,12 +29,8 @@ log = logging.getLogger(__name__)
 
 def teacher_key(checkpoint: Path, steps: int | None, ensemble: int, tile: int, precision: str) -> str:
     """What identifies a teacher's outputs: its weights' bytes and how it was run."""
-    h = hashlib.sha256()
-    with open(checkpoint / WEIGHTS, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    h.update(f"|steps={steps}|ensemble={ensemble}|tile={tile}|{precision}".encode())
-    return h.hexdigest()[:16]
+    ident = f"{sha256_of(checkpoint / WEIGHTS)}|steps={steps}|ensemble={ensemble}|tile={tile}|{precision}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -45,16 +41,15 @@ def teacher_targets(images: list[CachedImage], checkpoint: str | Path, steps: in
     checkpoint = Path(checkpoint)
     if not (checkpoint / WEIGHTS).is_file():
         raise FileNotFoundError(f"teacher {checkpoint}: not a checkpoint directory (no {WEIGHTS})")
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
+    precision = resolve_precision(precision, resolve_device(device))
     key = teacher_key(checkpoint, steps, ensemble, tile, precision)
     paths = [item.hr_path.with_name(item.hr_path.name.removesuffix(".hr.npy") + f".teacher-{key}.npy")
              for item in images]
     todo = [(item, p) for item, p in zip(images, paths, strict=True) if not p.exists()]
     if not todo:
         return paths
-    net, info = load_any(checkpoint, "cpu")
-    upscaler = Upscaler(TorchRuntime(net, info, dev, precision), tile=tile, overlap=8, max_batch=4)
+    upscaler = Upscaler(load_runtime(checkpoint, "torch", device, precision=precision), tile=tile, overlap=8,
+                        max_batch=4)
     log.info("teacher %s (ensemble %d, %d-px tiles, %s): %d of %d training images to upscale", checkpoint,
              ensemble, tile, precision, len(todo), len(images))
     for i, (item, dst) in enumerate(todo):
