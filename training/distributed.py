@@ -6,9 +6,10 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +44,22 @@ def init_distributed(device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank, world, local)
+
+
+T = TypeVar("T")
+
+
+def main_first(d: Dist, make: Callable[[], T]) -> T:
+    """`make()` on rank 0 first (it fills a cache: decoded images, a teacher's images), then on the other ranks,
+    which read what it wrote."""
+    result: T | None = None
+    for turn in ((0,) if not d.enabled else (0, 1)):
+        if (turn == 0) == d.main:
+            result = make()
+        if d.enabled:
+            dist.barrier()
+    assert result is not None
+    return result
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -26,7 +26,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +48,7 @@ from training.distributed import (
     StopFlag,
     bf16_supported,
     init_distributed,
+    main_first,
     own_process_group,
     pick_device,
     step_generator,
@@ -61,7 +61,6 @@ from training.teacher import teacher_targets
 from training.validation import bicubic_psnr, validate
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class Trainer:
@@ -178,14 +177,14 @@ class Trainer:
         if structure and dcfg.spe_dir is None:
             raise ValueError("structure-modulated training needs data.spe_dir (or use --no-structure)")
         spe_dir = dcfg.spe_dir if structure else None
-        self.images = self._main_first(lambda: prepare_images(dcfg.train_dir, dcfg.cache_dir, self.mcfg.scale,
-                                                              spe_dir, dcfg.missing_spe, min_hr=dcfg.hr_patch))
+        self.images = main_first(d, lambda: prepare_images(dcfg.train_dir, dcfg.cache_dir, self.mcfg.scale, spe_dir,
+                                                           dcfg.missing_spe, min_hr=dcfg.hr_patch))
         real = dcfg.degradation.real if dcfg.degradation.kind == "real" else None
         teachers, teacher = None, dcfg.teacher
         if teacher is not None:
-            teachers = self._main_first(lambda: teacher_targets(self.images, teacher.checkpoint, teacher.steps,
-                                                                teacher.ensemble, teacher.tile, teacher.precision,
-                                                                cfg.run.device))
+            teachers = main_first(d, lambda: teacher_targets(self.images, teacher.checkpoint, teacher.steps,
+                                                             teacher.ensemble, teacher.tile, teacher.precision,
+                                                             cfg.run.device))
         self.dataset = PatchDataset(self.images, dcfg.hr_patch, self.mcfg.scale, dcfg.repeat, dcfg.augment,
                                     self.seed, real, teachers, teacher.weight if teacher else 0.0)
         self.sampler = ResumableSampler(self.dataset, num_replicas=d.world, rank=d.rank, shuffle=True,
@@ -209,18 +208,6 @@ class Trainer:
             if self.pairs:
                 log.info("validation: %d crops, bicubic PSNR-Y %.3f dB (the baseline to beat)", len(self.pairs),
                          bicubic_psnr(self.pairs, self.mcfg.scale))
-
-    def _main_first(self, make: Callable[[], T]) -> T:
-        """`make()` on rank 0 first (it fills a cache: decoded images, a teacher's images), then on the other ranks,
-        which read what it wrote."""
-        result: T | None = None
-        for turn in ((0,) if not self.d.enabled else (0, 1)):
-            if (turn == 0) == self.d.main:
-                result = make()
-            if self.d.enabled:
-                dist.barrier()
-        assert result is not None
-        return result
 
     # ------------------------------------------------------------------------- one concern each
 
