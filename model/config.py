@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from model.pretrained import NETWORKS, PretrainedEncoder, members
+from model.pretrained import NETWORKS, members
+from model.pretrained_encoder import PretrainedEncoder
 
 Prediction = Literal["epsilon", "v", "sample"]
 ResidualBase = Literal["bicubic", "rrdb"]

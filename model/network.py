@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
-from model.pretrained import PretrainedEncoder
+from model.pretrained_encoder import PretrainedEncoder
 
 # ----------------------------------------------------------------------------- RRDB encoder
 
@@ -315,6 +315,8 @@ class SRDiffNet(nn.Module):
 
     def encode_image(self, img_lr: Tensor) -> Tensor:
         """The encoder's x4 image alone: all that `steps=0` needs (the U-Net's condition is not made)."""
+        if isinstance(self.rrdb, PretrainedEncoder):
+            return self.rrdb.image(img_lr)
         return self.rrdb(img_lr)[0]
 
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:

@@ -13,7 +13,8 @@ from torch import nn
 from model.checkpoint import CheckpointInfo, save_checkpoint
 from model.config import PRESETS, ModelConfig
 from model.network import SRDiffNet
-from model.pretrained import PUBLISHED, PretrainedEncoder
+from model.pretrained import PUBLISHED
+from model.pretrained_encoder import PretrainedEncoder
 
 
 def start_as_identity(net: SRDiffNet) -> None:

@@ -3,6 +3,7 @@ the checkpoints built on them and the licences they carry."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 from pathlib import Path
@@ -16,7 +17,8 @@ from PIL import Image
 from model.attribution import NOTICE
 from model.checkpoint import load_checkpoint_dir
 from model.config import PRESETS, ModelConfig
-from model.pretrained import PUBLISHED, PretrainedEncoder, load_published, load_strict, published_state
+from model.pretrained import PUBLISHED, load_published, load_strict, published_state
+from model.pretrained_encoder import PretrainedEncoder
 from model.published import import_pretrained, pretrained_net
 
 PRETRAINED = SHARED / "pretrained"
@@ -131,3 +133,41 @@ def test_inputs_smaller_than_the_attention_needs_are_padded_and_cropped_back(net
         sr, _ = encoder(x)
         direct = (networks["rfdn"]((x + 1) / 2 * 255)[0] + networks["rlfn"]((x + 1) / 2 * 255)[0]) / 2 / 255
     assert torch.allclose((sr + 1) / 2, direct.clamp(0, 1), atol=1e-5)
+
+
+def test_the_folded_image_path_is_forwards_image(networks: dict) -> None:
+    """`image` (steps=0: the mix, the input ranges and [-1, 1] folded into each member's last convolution, one
+    pixel shuffle) gives `forward`'s image: each network alone and all three fused with uneven weights, at a
+    photo's size and at a thin, padded size; in bf16 no further from fp32 than `forward` is."""
+    photo = torch.from_numpy(_u8(REFERENCE / "lr" / INPUTS[0])).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+    for names in [*((n,) for n in PUBLISHED), tuple(PUBLISHED)]:
+        encoder = PretrainedEncoder(names).eval()
+        for n in names:
+            encoder.nets[n] = networks[n]
+        if len(names) > 1:
+            encoder.mix.data = torch.tensor([[0.5, 0.3, 0.2], [0.3, 0.4, 0.3], [0.2, 0.3, 0.5]])
+        for x in (photo, photo[..., :4, :40]):
+            with torch.no_grad():
+                assert torch.allclose(encoder.image(x), encoder(x)[0], atol=1e-5), names
+    half = copy.deepcopy(encoder).to(torch.bfloat16)
+    with torch.no_grad():
+        exact = encoder(photo)[0]
+        folded, unfolded = half.image(photo.bfloat16()).float(), half(photo.bfloat16())[0].float()
+    levels = 255 / 2  # [-1, 1] -> 8-bit levels
+    assert (folded - exact).abs().mean() <= (unfolded - exact).abs().mean() < 0.5 / levels
+    assert (folded - exact).abs().max() < 3 / levels
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_serving_in_place_gives_trainings_answer_and_gradients_flow(name: str, networks: dict) -> None:
+    """Without gradients the networks overwrite their fresh tensors (`_lrelu`, `_plus`, ESA's gate); with them
+    (training) they do not, and both give the same image and trunk."""
+    net = copy.deepcopy(networks[name])
+    x = torch.rand(1, 3, 20, 24) * net.input_range
+    with torch.no_grad():
+        served = net(x)
+    trained = net(x)
+    for a, b in zip(served, trained, strict=True):
+        assert torch.allclose(a, b.detach(), atol=1e-6)
+    trained[0].mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from model.config import PRESETS, ModelConfig
 from training.degrade import EVAL_DEGRADATIONS
+from training.objectives import PixelLoss
 from training.realworld import RealDegradation
 
 
@@ -91,7 +92,7 @@ class OptimSection(_Strict):
     clip_grad: float = Field(10.0, ge=0)  # 0 disables clipping
     # Stage 1's loss on the encoder's image: l1 (the original's), or l2, the squared error that PSNR measures (the
     # field's small networks end their training with it).
-    pixel_loss: Literal["l1", "l2"] = "l1"
+    pixel_loss: PixelLoss = "l1"
     ema: float = Field(0.0, ge=0, lt=1)  # EMA decay of the trained weights; 0 disables
     # bfloat16 autocast: on CUDA, and on CPUs that compute bf16 natively (AVX-512 BF16 / AMX);
     # ignored on other CPUs, where it is slower than float32.

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.pretrained import PretrainedEncoder
+from model.pretrained_encoder import PretrainedEncoder
 from training.data import prepare_images
 
 log = logging.getLogger(__name__)

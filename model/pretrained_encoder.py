@@ -1,0 +1,105 @@
+"""One or several pretrained networks of the field (`model.pretrained`) as our LR encoder.
+
+The encoder contract: LR in [-1, 1] -> (x4 image in [-1, 1], the features that condition the denoiser). Several
+networks are fused by a learned per-member, per-colour weighting of their x4 images (initially their plain mean).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.pretrained import PUBLISHED, ShuffleUpsampled, load_published
+
+MIN_SIDE = 16  # the smallest input side the ESA blocks take (15), rounded up
+
+
+class PretrainedEncoder(nn.Module):
+    """One or several pretrained networks as the LR encoder: LR in [-1, 1] -> (x4 image in [-1, 1], features).
+
+    The features that condition the denoiser (`condition`) are each member's LR trunk features and each member's
+    x4 image, pixel-unshuffled to LR size (so the denoiser sees where the members disagree). The x4 image is
+    the members' images weighted per colour channel (`mix`, one row per member, initially 1/n each)."""
+
+    def __init__(self, names: tuple[str, ...], scale: int = 4) -> None:
+        super().__init__()
+        if scale != 4:
+            raise ValueError("the pretrained networks are x4 networks")
+        self.names, self.scale = names, scale
+        self.nets = nn.ModuleDict({n: PUBLISHED[n].network() for n in names})
+        if len(names) > 1:
+            self.mix = nn.Parameter(torch.full((len(names), 3), 1.0 / len(names)))
+
+    @staticmethod
+    def cond_channels(names: tuple[str, ...], scale: int = 4) -> int:
+        return sum(PUBLISHED[n].network.channels + 3 * scale * scale for n in names)
+
+    def _input01(self, x: Tensor) -> Tensor:
+        """x in [0, 1]. ESA's unpadded strided convolution and pooling need 15 pixels a side: smaller inputs (a
+        thin image's tiles) are padded by repeating their edges; the outputs are cropped back."""
+        h, w = x.shape[-2:]
+        pad_h, pad_w = max(0, MIN_SIDE - h), max(0, MIN_SIDE - w)
+        return F.pad((x + 1) / 2, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else (x + 1) / 2
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        h, w = x.shape[-2:]
+        x01 = self._input01(x)
+        s = self.scale
+        outs, feats = [], []
+        for net in self.nets.values():
+            r = net.input_range
+            out, trunk = net(x01 * r)
+            outs.append(out[..., : h * s, : w * s] / r)
+            feats.append(trunk[..., :h, :w])
+        if len(outs) == 1:
+            sr = outs[0]
+        else:
+            mix = self.mix.to(outs[0].dtype)
+            sr = sum(o * weight[None, :, None, None] for o, weight in zip(outs, mix, strict=True))
+        # The members' images ride along for `condition`, after the trunks.
+        return sr.clamp(0, 1) * 2 - 1, [*feats, *outs]
+
+    def image(self, x: Tensor) -> Tensor:
+        """`forward(x)[0]` alone (all that `steps=0` needs), with less work at the output size: the mix weights,
+        each member's input range and the mapping to [-1, 1] are folded into each member's last convolution
+        (`ShuffleUpsampled.head`), the members' head outputs are summed at LR size and pixel-shuffled once.
+        The same function; in bf16 the folded weights round differently."""
+        h, w = x.shape[-2:]
+        x01 = self._input01(x)
+        s = self.scale
+        nets: list[ShuffleUpsampled] = list(self.nets.values())  # type: ignore[arg-type]
+        mix = self.mix if len(nets) > 1 else torch.ones(1, 3, device=x.device)
+        summed = bases = None
+        for net, m in zip(nets, mix, strict=True):
+            head, r = net.head, net.input_range
+            gain = m.float() * (2 / r)  # per colour: its mix weight, the input range and the x2 of [-1, 1]
+            gain_ch = gain.repeat_interleave(s * s)  # pixel_shuffle makes channels c*s*s .. c*s*s+s*s-1 colour c
+            shift = 1.0 if summed is None else 0.0  # the -1 of [-1, 1], once
+            weight = (head.weight.float() * gain_ch[:, None, None, None]).to(head.weight.dtype)
+            bias = (head.bias.float() * gain_ch - shift).to(head.bias.dtype)
+            x_in = x01 * r
+            y = F.conv2d(net.trunk(x_in), weight, bias, padding=head.padding)
+            summed = y if summed is None else summed + y
+            if (base := net.base(x_in)) is not None:
+                base = base * gain.to(base.dtype)[None, :, None, None]
+                bases = base if bases is None else bases + base
+        sr = F.pixel_shuffle(summed, s)
+        if bases is not None:
+            sr = sr + bases
+        return sr[..., : h * s, : w * s].clamp(-1, 1)
+
+    def member_images(self, feats: list[Tensor]) -> list[Tensor]:
+        """Each member's own x4 image in [0, 1], from `forward`'s features."""
+        return feats[len(self.names):]
+
+    def condition(self, sr: Tensor, feats: list[Tensor]) -> Tensor:
+        images = [F.pixel_unshuffle(o * 2 - 1, self.scale) for o in self.member_images(feats)]
+        return torch.cat([*feats[:len(self.names)], *images], 1)
+
+    def load_published(self, folders: dict[str, str | Path], check_sha256: bool = True) -> None:
+        """Each member's published weights, from `folders[name]` (a file or the folder holding it)."""
+        for n in self.names:
+            self.nets[n] = load_published(n, folders[n], check_sha256)
