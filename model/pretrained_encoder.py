@@ -65,27 +65,28 @@ class PretrainedEncoder(nn.Module):
     def image(self, x: Tensor) -> Tensor:
         """`forward(x)[0]` alone (all that `steps=0` needs), with less work at the output size: the mix weights,
         each member's input range and the mapping to [-1, 1] are folded into each member's last convolution
-        (`ShuffleUpsampled.head`), the members' head outputs are summed at LR size and pixel-shuffled once.
-        The same function; in bf16 the folded weights round differently."""
+        (`ShuffleUpsampled.head`), whose outputs are summed at LR size and pixel-shuffled once. The heads run in
+        fp32 whatever the network's precision: the image rounded to bf16 cost RFDN alone 0.02 dB."""
         h, w = x.shape[-2:]
         x01 = self._input01(x)
         s = self.scale
         nets: list[ShuffleUpsampled] = list(self.nets.values())  # type: ignore[arg-type]
-        mix = self.mix if len(nets) > 1 else torch.ones(1, 3, device=x.device)
+        inputs = [x01 * net.input_range for net in nets]
+        trunks = [net.trunk(x_in) for net, x_in in zip(nets, inputs, strict=True)]
+        mix = self.mix.float() if len(nets) > 1 else torch.ones(1, 3, device=x.device)
         summed = bases = None
-        for net, m in zip(nets, mix, strict=True):
-            head, r = net.head, net.input_range
-            gain = m.float() * (2 / r)  # per colour: its mix weight, the input range and the x2 of [-1, 1]
-            gain_ch = gain.repeat_interleave(s * s)  # pixel_shuffle makes channels c*s*s .. c*s*s+s*s-1 colour c
-            shift = 1.0 if summed is None else 0.0  # the -1 of [-1, 1], once
-            weight = (head.weight.float() * gain_ch[:, None, None, None]).to(head.weight.dtype)
-            bias = (head.bias.float() * gain_ch - shift).to(head.bias.dtype)
-            x_in = x01 * r
-            y = F.conv2d(net.trunk(x_in), weight, bias, padding=head.padding)
-            summed = y if summed is None else summed + y
-            if (base := net.base(x_in)) is not None:
-                base = base * gain.to(base.dtype)[None, :, None, None]
-                bases = base if bases is None else bases + base
+        with torch.autocast(x.device.type, enabled=False):
+            for net, m, x_in, trunk in zip(nets, mix, inputs, trunks, strict=True):
+                head = net.head
+                gain = m * (2 / net.input_range)  # per colour: its mix weight, the input range, the x2 of [-1, 1]
+                gain_ch = gain.repeat_interleave(s * s)  # pixel_shuffle makes channels c*s*s .. c*s*s+s*s-1 colour c
+                shift = 1.0 if summed is None else 0.0  # the -1 of [-1, 1], once
+                y = F.conv2d(trunk.float(), head.weight.float() * gain_ch[:, None, None, None],
+                             head.bias.float() * gain_ch - shift, padding=head.padding)
+                summed = y if summed is None else summed + y
+                if (base := net.base(x_in)) is not None:
+                    base = base.float() * gain[None, :, None, None]
+                    bases = base if bases is None else bases + base
         sr = F.pixel_shuffle(summed, s)
         if bases is not None:
             sr = sr + bases
