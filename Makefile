@@ -66,8 +66,8 @@ bench-load: $(STAMP)
 
 # The shipped models (docs/model-card.md) stand on pretrained networks whose published weights are in PRETRAINED
 # (loaded strictly, checked by sha256). fast-model: RLFN alone. default-model: RFDN + RLFN fused by least squares
-# with the refiner trained over them (configs/refine.yaml), then the pair distilled twice towards its own four
-# flips averaged (configs/distill-pair.yaml, distill-pair-2.yaml). real-model: the published pair and a refiner
+# with the refiner trained over them (configs/refine.yaml), then the pair distilled three times towards its own
+# four flips averaged (configs/distill-pair.yaml, distill-pair-2.yaml, distill-pair-3.yaml). real-model: the published pair and a refiner
 # tuned on the real degradation, in five stages (configs/refine-real.yaml, then refine-real-2 to -5, each from the
 # last one's checkpoint, for the steps the shipped model had). The trainings are campaigns: SIGTERM checkpoints, the same command
 # resumes exactly;
@@ -92,6 +92,8 @@ default-model: masks
 	  --set run.init=$(RUNS)/refine-default/checkpoint --set data.teacher.checkpoint=$(RUNS)/refine-default/checkpoint
 	$(BIN)/samdiffsr train rrdb --config configs/distill-pair-2.yaml --out $(RUNS)/distill-default-2 --steps 1000 \
 	  --set run.init=$(RUNS)/distill-default/checkpoint --set data.teacher.checkpoint=$(RUNS)/distill-default/checkpoint
+	$(BIN)/samdiffsr train rrdb --config configs/distill-pair-3.yaml --out $(RUNS)/distill-default-3 --steps 1000 \
+	  --set run.init=$(RUNS)/distill-default-2/checkpoint --set data.teacher.checkpoint=$(RUNS)/distill-default-2/checkpoint
 
 real-model: masks
 	$(BIN)/samdiffsr train diffusion --config configs/refine-real.yaml --out $(RUNS)/refine-real --steps 2035 \
