@@ -278,3 +278,39 @@ def test_auto_shows_which_model_the_chosen_file_gets(models_dir, browser, image_
         driver.find_element(By.ID, "submit").click()
         until(driver, "!document.getElementById('result').hidden", "the result")
         assert "model default" in driver.find_element(By.ID, "result-text").text
+
+
+@pytest.fixture(scope="module")
+def measured_models(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two tiny models; `real`'s card has validation figures at the served steps and two self-ensembles."""
+    import json
+
+    root = tmp_path_factory.mktemp("measured")
+    for name in ("default", "real"):
+        shutil.copytree(models_dir / name, root / name)
+    cfg = json.loads((root / "real" / "config.json").read_text())
+    cfg["card"]["validation"] = {"jpeg75": {"steps=1": [19.0, 0.5], f"steps={SETTINGS['default_steps']}": [20.0, 0.6],
+                                            "ensemble=2": [20.25, 0.61], "ensemble=4": [20.25, 0.62]},
+                                 "bicubic": {f"steps={SETTINGS['default_steps']}": [25.0, 0.7]}}
+    (root / "real" / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def test_the_card_shows_what_each_self_ensemble_measured(measured_models, browser):
+    """The figures a model's card carries for its own inputs are on the page, and the self-ensemble that measured
+    highest (the fewer members among equals) is marked in the menu, for that model only."""
+    driver, _ = browser
+    labels = "return [...document.getElementById('ensemble').options].map(o => o.text)"
+    with LiveServer(Settings(models_dir=measured_models, **SETTINGS)) as srv:
+        driver.get(srv.url + "/")
+        until(driver, "document.getElementById('model-select').options.length === 3", "the models")
+        set_value(driver, "model-select", "real")
+        card = driver.find_element(By.ID, "model-card").text
+        assert card.endswith("On our validation photos (saved as JPEG at quality 75): 20.00 dB PSNR-Y; "
+                             "self-ensemble 2: 20.25; self-ensemble 4: 20.25."), card
+        assert driver.execute_script(labels) == ["off", "2: and its mirror (2x the work), best for real",
+                                                 "4: all four flips (4x the work)"]
+        set_value(driver, "model-select", "default")  # its card has no figures: nothing measured, nothing marked
+        assert "validation photos" not in driver.find_element(By.ID, "model-card").text
+        assert driver.execute_script(labels) == ["off", "2: and its mirror (2x the work)",
+                                                 "4: all four flips (4x the work)"]
