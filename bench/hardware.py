@@ -21,7 +21,11 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, device: 
 
 
 def cpu_summary() -> str:
-    """The CPU's model name and whether it has AVX-512 and bf16 (where `auto` precision can run bf16)."""
+    """The CPU's model name, whether it has AVX-512 and bf16, and what torch uses of it.
+
+    torch's kernels can be held below the CPU (`ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`: how an
+    AVX2-only machine is imitated on a newer one); the line then says so, and `auto` precision is fp32 there.
+    """
     name, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -35,4 +39,6 @@ def cpu_summary() -> str:
         pass
     avx512 = "AVX-512" if "avx512f" in flags else "no AVX-512"
     bf16 = "bf16" if {"avx512_bf16", "amx_bf16"} & flags else "no bf16"
-    return f"{name} ({avx512}, {bf16})"
+    kernels = torch.backends.cpu.get_cpu_capability()
+    onednn_bf16 = "oneDNN bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no oneDNN bf16"
+    return f"{name} ({avx512}, {bf16}; torch runs {kernels} kernels, {onednn_bf16})"
