@@ -15,9 +15,14 @@ NOTICE = "NOTICE"
 
 def builds_on(cfg: ModelConfig) -> list[dict[str, Any]]:
     """One entry per pretrained network in the model's encoder: what it is, where its weights come from, its
-    licence. Empty for a model of our own networks only."""
-    return [{"network": PUBLISHED[n].title, "paper": PUBLISHED[n].paper, "weights": PUBLISHED[n].source,
-             "sha256": PUBLISHED[n].sha256, "licence": PUBLISHED[n].licence} for n in cfg.pretrained]
+    licence, and which of its blocks it keeps where it is pruned. Empty for a model of our own networks only."""
+    entries = []
+    for n, kept in cfg.pretrained_blocks.items():
+        pub, whole = PUBLISHED[n], PUBLISHED[n].network.published_blocks
+        pruned = {"kept": f"its first {kept} of {whole} blocks"} if kept < whole else {}
+        entries.append({"network": pub.title, "paper": pub.paper, "weights": pub.source, "sha256": pub.sha256,
+                        "licence": pub.licence, **pruned})
+    return entries
 
 
 @functools.cache
@@ -34,7 +39,8 @@ def notice(cfg: ModelConfig) -> str:
         return ""
     parts = ["This model's weights are derived from the following pretrained networks, used under their licences.\n"]
     for entry, name in zip(builds_on(cfg), cfg.pretrained, strict=True):
-        parts.append(f"{entry['network']}\n  paper: {entry['paper']}\n  weights: {entry['weights']}\n"
+        kept = f"  kept: {entry['kept']}\n" if "kept" in entry else ""
+        parts.append(f"{entry['network']}\n  paper: {entry['paper']}\n  weights: {entry['weights']}\n{kept}"
                      f"  sha256: {entry['sha256']}\n  licence: {entry['licence']}\n")
         for file, text in licence_texts(name):
             parts.append(f"----- {name}: {file} -----\n{text.rstrip()}\n")

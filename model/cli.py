@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "a fresh denoiser and a NOTICE of their licences. Served at steps=0 it is the networks "
                        "themselves. configs/refine.yaml trains a refiner over the published networks directly "
                        "(diffusion.pretrained_dir).")
-    p.add_argument("encoder", help="rfdn, rlfn, safmn, or several joined by '+'")
+    p.add_argument("encoder", help="rfdn, rlfn, safmn, or several joined by '+'; 'rfdn:3' keeps its first 3 blocks")
     p.add_argument("output", help="output checkpoint directory")
     p.add_argument("--weights", default="../shared/pretrained",
                    help="folder with one sub-folder per network holding its published file (default: %(default)s)")

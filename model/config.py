@@ -6,13 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from model.pretrained import NETWORKS, members
-from model.pretrained_encoder import PretrainedEncoder
+from model.pretrained import NETWORKS
+from model.pretrained_encoder import PretrainedEncoder, member_blocks, members
 
 Prediction = Literal["epsilon", "v", "sample"]
 ResidualBase = Literal["bicubic", "rrdb"]
 # Our own encoders (`rrdb`, `rlfb`), or pretrained networks of the field by name (`model.pretrained`): one
-# (`rfdn`) or several fused (`rfdn+rlfn+safmn`).
+# (`rfdn`) or several fused (`rfdn+rlfn+safmn`); `name:N` keeps a member's first N blocks (`rfdn:3+rlfn`).
 EncoderKind = str
 DenoiserSpace = Literal["hr", "lr"]
 PREDICTIONS: tuple[str, ...] = ("epsilon", "v", "sample")
@@ -81,7 +81,8 @@ class ModelConfig:
         if self.residual_base not in RESIDUAL_BASES:
             raise ValueError(f"residual_base must be one of {', '.join(RESIDUAL_BASES)}, got {self.residual_base!r}")
         if self.encoder not in ("rrdb", "rlfb") and not self.pretrained:
-            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)} (pretrained ones may be joined by '+'), "
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)} (pretrained ones may be joined by '+', and "
+                             "'name:N' keeps the first N of a pretrained network's blocks), "
                              f"got {self.encoder!r}")
         if self.pretrained and self.scale != 4:
             raise ValueError(f"the pretrained encoders are x4 networks; scale is {self.scale}")
@@ -93,6 +94,11 @@ class ModelConfig:
     def pretrained(self) -> tuple[str, ...]:
         """The pretrained networks the encoder is made of (`model.pretrained`); () for our own encoders."""
         return members(self.encoder)
+
+    @property
+    def pretrained_blocks(self) -> dict[str, int]:
+        """The blocks each pretrained member keeps (`rfdn:3+rlfn`: RFDN's first three, RLFN's four)."""
+        return member_blocks(self.encoder)
 
     @property
     def levels(self) -> int:

@@ -67,8 +67,14 @@ class ShuffleUpsampled(nn.Module):
     `trunk` features, plus `base(x)` where it has one: the shape `PretrainedEncoder.image` folds."""
 
     upsampler: nn.Sequential
+    published_blocks: int  # the blocks of the published network; `keep` prunes it to its first few
 
     def trunk(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def keep(self, blocks: int) -> ShuffleUpsampled:
+        """Prune to the first `blocks` blocks, in place (returns self); a layer that read every block's output
+        loses the dropped blocks' inputs."""
         raise NotImplementedError
 
     @property
@@ -112,6 +118,7 @@ class RFDN(ShuffleUpsampled):
 
     channels = 50
     input_range = 255.0
+    published_blocks = 4
 
     def __init__(self, nf: int = 50, blocks: int = 4, scale: int = 4) -> None:
         super().__init__()
@@ -130,6 +137,19 @@ class RFDN(ShuffleUpsampled):
             h = getattr(self, f"B{i}")(h)
             outs.append(h)
         return _plus(self.LR_conv(_lrelu(self.c(torch.cat(outs, 1)))), fea)
+
+    def keep(self, blocks: int) -> RFDN:
+        """The first `blocks` blocks; the 1x1 fusion of all blocks' outputs keeps its weights for theirs."""
+        for i in range(blocks + 1, self.blocks + 1):
+            delattr(self, f"B{i}")
+        old = self.c[0]
+        width = old.in_channels // self.blocks
+        fusion = nn.Conv2d(width * blocks, old.out_channels, 1).to(old.weight)
+        with torch.no_grad():
+            fusion.weight.copy_(old.weight[:, : width * blocks])
+            fusion.bias.copy_(old.bias)
+        self.c[0], self.blocks = fusion, blocks
+        return self
 
 
 # ----------------------------------------------------------------------------- RLFN
@@ -156,6 +176,7 @@ class RLFN(ShuffleUpsampled):
 
     channels = 46
     input_range = 255.0
+    published_blocks = 4
 
     def __init__(self, nf: int = 46, mid: int = 48, blocks: int = 4, scale: int = 4) -> None:
         super().__init__()
@@ -171,6 +192,12 @@ class RLFN(ShuffleUpsampled):
         for i in range(1, self.blocks + 1):
             h = getattr(self, f"block_{i}")(h)
         return _plus(self.conv_2(h), fea)
+
+    def keep(self, blocks: int) -> RLFN:
+        for i in range(blocks + 1, self.blocks + 1):
+            delattr(self, f"block_{i}")
+        self.blocks = blocks
+        return self
 
 
 # ----------------------------------------------------------------------------- SAFMN
@@ -242,6 +269,7 @@ class SAFMN(ShuffleUpsampled):
 
     channels = 36
     input_range = 1.0
+    published_blocks = 8
 
     def __init__(self, dim: int = 36, blocks: int = 8, scale: int = 4) -> None:
         super().__init__()
@@ -253,6 +281,10 @@ class SAFMN(ShuffleUpsampled):
 
     def trunk(self, x: Tensor) -> Tensor:
         return self.feats(self.norm(self.to_feat(x)))  # no long skip: the normalisation's own residual is one
+
+    def keep(self, blocks: int) -> SAFMN:
+        self.feats = self.feats[:blocks]
+        return self
 
     @property
     def upsampler(self) -> nn.Sequential:  # the published name is `to_img`
@@ -304,12 +336,6 @@ PUBLISHED: dict[str, Published] = {
         ("LICENSE", "LICENSE-repo-Apache-2.0")),
 }
 NETWORKS: tuple[str, ...] = tuple(PUBLISHED)
-
-
-def members(encoder: str) -> tuple[str, ...]:
-    """The pretrained networks an encoder name stands for ('rfdn' -> ('rfdn',), 'rfdn+rlfn' -> both); () if none."""
-    names = tuple(encoder.split("+"))
-    return names if all(n in PUBLISHED for n in names) and len(set(names)) == len(names) else ()
 
 
 def sha256_of(path: str | Path) -> str:

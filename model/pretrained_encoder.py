@@ -17,6 +17,28 @@ from model.pretrained import PUBLISHED, ShuffleUpsampled, load_published
 MIN_SIDE = 16  # the smallest input side the ESA blocks take (15), rounded up
 
 
+def member_blocks(encoder: str) -> dict[str, int]:
+    """The pretrained networks an encoder name stands for, with the blocks each keeps: 'rfdn+rlfn' -> both whole
+    ({'rfdn': 4, 'rlfn': 4}); 'rfdn:3+rlfn' keeps RFDN's first three blocks (pruned). {} if the name is none."""
+    out: dict[str, int] = {}
+    for part in encoder.split("+"):
+        name, colon, count = part.partition(":")
+        if name not in PUBLISHED or name in out:
+            return {}
+        whole = PUBLISHED[name].network.published_blocks
+        blocks = int(count) if count.isdigit() else (0 if colon else whole)
+        if not 1 <= blocks <= whole:
+            return {}
+        out[name] = blocks
+    return out
+
+
+def members(encoder: str) -> tuple[str, ...]:
+    """The pretrained networks an encoder name stands for ('rfdn' -> ('rfdn',), 'rfdn:3+rlfn' -> both); () if
+    none."""
+    return tuple(member_blocks(encoder))
+
+
 class PretrainedEncoder(nn.Module):
     """One or several pretrained networks as the LR encoder: LR in [-1, 1] -> (x4 image in [-1, 1], features).
 
@@ -24,12 +46,14 @@ class PretrainedEncoder(nn.Module):
     x4 image, pixel-unshuffled to LR size (so the denoiser sees where the members disagree). The x4 image is
     the members' images weighted per colour channel (`mix`, one row per member, initially 1/n each)."""
 
-    def __init__(self, names: tuple[str, ...], scale: int = 4) -> None:
+    def __init__(self, names: tuple[str, ...], scale: int = 4, blocks: dict[str, int] | None = None) -> None:
+        """`blocks`: how many of its blocks a member keeps where it is pruned (default: all it was published with)."""
         super().__init__()
         if scale != 4:
             raise ValueError("the pretrained networks are x4 networks")
         self.names, self.scale = names, scale
-        self.nets = nn.ModuleDict({n: PUBLISHED[n].network() for n in names})
+        kept = {n: PUBLISHED[n].network.published_blocks for n in names} | (blocks or {})
+        self.nets = nn.ModuleDict({n: PUBLISHED[n].network(blocks=kept[n]) for n in names})
         if len(names) > 1:
             self.mix = nn.Parameter(torch.full((len(names), 3), 1.0 / len(names)))
 
@@ -101,6 +125,13 @@ class PretrainedEncoder(nn.Module):
         return torch.cat([*feats[:len(self.names)], *images], 1)
 
     def load_published(self, folders: dict[str, str | Path], check_sha256: bool = True) -> None:
-        """Each member's published weights, from `folders[name]` (a file or the folder holding it)."""
+        """Each member's published weights, from `folders[name]` (a file or the folder holding it); a pruned member
+        keeps those of its first blocks."""
         for n in self.names:
-            self.nets[n] = load_published(n, folders[n], check_sha256)
+            self.nets[n] = load_published(n, folders[n], check_sha256).keep(self.nets[n].blocks)
+
+    def keep(self, blocks: dict[str, int]) -> None:
+        """Prune the members named in `blocks` to their first `blocks[name]` blocks (in place)."""
+        for n, kept in blocks.items():
+            if kept < self.nets[n].blocks:
+                self.nets[n].keep(kept)

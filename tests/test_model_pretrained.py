@@ -171,3 +171,59 @@ def test_serving_in_place_gives_trainings_answer_and_gradients_flow(name: str, n
         assert torch.allclose(a, b.detach(), atol=1e-6)
     trained[0].mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_a_member_can_keep_its_first_blocks() -> None:
+    """`name:N` keeps a pretrained network's first N blocks: the name is validated, the network built smaller."""
+    base = PRESETS["tiny"]
+    cfg = dataclasses.replace(base, encoder="rfdn:3+rlfn")
+    assert cfg.pretrained == ("rfdn", "rlfn") and cfg.pretrained_blocks == {"rfdn": 3, "rlfn": 4}
+    nets = PretrainedEncoder(cfg.pretrained, 4, cfg.pretrained_blocks).nets
+    assert (nets["rfdn"].blocks, nets["rlfn"].blocks) == (3, 4) and not hasattr(nets["rfdn"], "B4")
+    assert nets["rfdn"].c[0].in_channels == 3 * 50
+    for bad in ("rfdn:0", "rfdn:5", "rfdn:", "rfdn:x", "safmn:9", "rfdn:3+rfdn"):
+        with pytest.raises(ValueError, match="'name:N' keeps the first N"):
+            dataclasses.replace(base, encoder=bad)
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_pruning_keeps_the_first_blocks_weights_and_drops_only_what_the_rest_read(name: str, networks: dict) -> None:
+    """A pruned network is the published one without its last block: its weights load strictly into the smaller
+    architecture; for RFDN, whose 1x1 fusion reads every block, zeroing the dropped block's share of the fusion in
+    the whole network gives the pruned network's answer exactly."""
+    whole = networks[name]
+    kept = whole.published_blocks - 1
+    pruned = copy.deepcopy(whole).keep(kept)
+    load_strict(PUBLISHED[name].network(blocks=kept), pruned.state_dict(), "the pruned state")
+    for k, v in pruned.state_dict().items():
+        if k in whole.state_dict() and v.shape == whole.state_dict()[k].shape:
+            assert torch.equal(v, whole.state_dict()[k]), k
+    x = torch.rand(1, 3, 20, 24) * whole.input_range
+    with torch.no_grad():
+        image, trunk = pruned(x)
+        assert image.shape == whole(x)[0].shape and trunk.shape[1] == whole.channels
+        if name == "rfdn":
+            zeroed = copy.deepcopy(whole)
+            zeroed.c[0].weight[:, kept * whole.channels:] = 0
+            assert torch.allclose(zeroed(x)[0], image, atol=1e-4)
+
+
+def test_a_pruned_encoder_loads_the_published_weights_and_starts_from_a_whole_checkpoint(tmp_path: Path) -> None:
+    """The published weights load into a pruned member (its first blocks'); a network built with the whole
+    encoder, pruned, loads strictly into the pruned architecture; the model card says what was kept."""
+    from model.attribution import builds_on, notice
+    from model.network import SRDiffNet
+
+    cfg = dataclasses.replace(PRESETS["tiny"], encoder="rfdn+rlfn", denoiser_space="lr", prediction="sample",
+                              residual_base="rrdb")
+    small = dataclasses.replace(cfg, encoder="rfdn:2+rlfn")
+    enc = PretrainedEncoder(small.pretrained, 4, small.pretrained_blocks)
+    enc.load_published({n: PRETRAINED / n for n in small.pretrained})
+    published = published_state(PRETRAINED / "rfdn" / PUBLISHED["rfdn"].file)
+    assert torch.equal(enc.nets["rfdn"].B2.c1_d.weight, published["B2.c1_d.weight"])
+    whole = SRDiffNet(cfg)
+    whole.rrdb.keep(small.pretrained_blocks)
+    SRDiffNet(small).load_state_dict(whole.state_dict())
+    entries = builds_on(small)
+    assert entries[0]["kept"] == "its first 2 of 4 blocks" and "kept" not in entries[1]
+    assert "kept: its first 2 of 4 blocks" in notice(small)

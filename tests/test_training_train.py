@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -401,6 +402,26 @@ def test_a_fresh_run_starts_from_init_weights(dataset: Path, tmp_path: Path) -> 
     cfg = load_config(None, _config(dataset, tmp_path, 2, **wider))
     with pytest.raises(ValueError, match="does not match"):
         build_model(cfg, "diffusion", 0)
+
+
+def test_a_pruned_encoder_starts_from_the_whole_ones_first_blocks(dataset: Path, tmp_path: Path) -> None:
+    """run.init of a network whose pretrained encoder keeps fewer blocks (`rfdn:3+rlfn`) than the init's
+    (`rfdn+rlfn`): the kept blocks, the fusion's weights for them, RLFN and the denoiser come from the init."""
+    from model.checkpoint import save_random_checkpoint
+    from model.config import PRESETS
+    from training.build import build_model
+
+    shape = {"encoder": "rfdn+rlfn", "denoiser_space": "lr", "prediction": "sample", "residual_base": "rrdb"}
+    whole = save_random_checkpoint(tmp_path / "whole", dataclasses.replace(PRESETS["tiny"], **shape), "whole")
+    sets = {f"model.overrides.{k}": v for k, v in shape.items()} | {"model.overrides.encoder": "rfdn:3+rlfn",
+                                                                     "run.init": str(whole)}
+    net = build_model(load_config(None, _config(dataset, tmp_path, 1, **sets)), "rrdb", 0)
+    init, _ = load_any(whole)
+    mine, theirs = net.state_dict(), init.state_dict()
+    assert not any(".B4." in k for k in mine) and any(".B4." in k for k in theirs)
+    fusion = "rrdb.nets.rfdn.c.0.weight"
+    assert torch.equal(mine[fusion], theirs[fusion][:, : 3 * 50])
+    assert all(torch.equal(v, theirs[k]) for k, v in mine.items() if k != fusion)
 
 
 def test_windows_resume_exactly_from_an_exported_folder_with_a_sharded_state(dataset: Path, tmp_path: Path) -> None:

@@ -32,7 +32,9 @@ def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
     torch.manual_seed(seed)
     net = SRDiffNet(mcfg)
     if cfg.run.init is not None:
-        pre, _ = load_any(cfg.run.init)
+        pre, info = load_any(cfg.run.init)
+        if mcfg.pretrained and info.config.pretrained == mcfg.pretrained:
+            pre.rrdb.keep(mcfg.pretrained_blocks)  # a pruned encoder starts from the whole one's first blocks
         try:
             net.load_state_dict(pre.state_dict())
         except RuntimeError as e:

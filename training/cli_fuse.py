@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write a checkpoint whose encoder fuses pretrained networks: their x4 images "
                        "weighted per colour channel by the least-squares fit to HR on random training patches "
                        "(training.fusion), served at steps=0, with a NOTICE of their licences.")
-    p.add_argument("encoder", help="two or more of rfdn, rlfn, safmn joined by '+'")
+    p.add_argument("encoder", help="two or more of rfdn, rlfn, safmn joined by '+' ('rfdn:3': its first 3 blocks)")
     p.add_argument("output", help="output checkpoint directory")
     p.add_argument("--weights", type=Path, default=Path("../shared/pretrained"),
                    help="folder with one sub-folder per network (default: %(default)s)")
