@@ -298,9 +298,9 @@ def measured_models(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 def test_the_card_shows_what_each_self_ensemble_measured(measured_models, browser):
     """The figures a model's card carries for its own inputs are on the page, and the self-ensemble that measured
-    highest (the fewer members among equals) is marked in the menu, for that model only."""
+    highest (the fewer members among equals) is named beside the menu, for that model only."""
     driver, _ = browser
-    labels = "return [...document.getElementById('ensemble').options].map(o => o.text)"
+    label = "return document.querySelector('label[for=ensemble]').textContent"
     with LiveServer(Settings(models_dir=measured_models, **SETTINGS)) as srv:
         driver.get(srv.url + "/")
         until(driver, "document.getElementById('model-select').options.length === 3", "the models")
@@ -308,9 +308,7 @@ def test_the_card_shows_what_each_self_ensemble_measured(measured_models, browse
         card = driver.find_element(By.ID, "model-card").text
         assert card.endswith("On our validation photos (saved as JPEG at quality 75): 20.00 dB PSNR-Y; "
                              "self-ensemble 2: 20.25; self-ensemble 4: 20.25."), card
-        assert driver.execute_script(labels) == ["off", "2: and its mirror (2x the work), best for real",
-                                                 "4: all four flips (4x the work)"]
-        set_value(driver, "model-select", "default")  # its card has no figures: nothing measured, nothing marked
+        assert driver.execute_script(label) == "Self-ensemble (more work, higher fidelity; best for real: 2)"
+        set_value(driver, "model-select", "default")  # its card has no figures: nothing measured, nothing named
         assert "validation photos" not in driver.find_element(By.ID, "model-card").text
-        assert driver.execute_script(labels) == ["off", "2: and its mirror (2x the work)",
-                                                 "4: all four flips (4x the work)"]
+        assert driver.execute_script(label) == "Self-ensemble (more work, higher fidelity)"

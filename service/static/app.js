@@ -142,17 +142,14 @@ function measured(m) {
   return `On our validation photos (${inputs}): ${base.toFixed(2)} dB PSNR-Y${more}.`;
 }
 
-// Mark the self-ensemble that measured highest for this model (the fewest members among equals).
+// Name the self-ensemble that measured highest for this model (the fewest members among equals), if any beat none.
 function markEnsembles(m) {
   const { base, ensembles } = figures(m);
   let best = null;
   for (const [n, v] of ensembles) {
     if (v > (best ? best[1] : base) || (best && v === best[1] && n < best[0])) best = [n, v];
   }
-  for (const option of $("ensemble").options) {
-    option.textContent = option.dataset.label ??= option.textContent;
-    if (best && Number(option.value) === best[0]) option.textContent += `, best for ${m.id}`;
-  }
+  $("ensemble-best").textContent = best ? `; best for ${m.id}: ${best[0]}` : "";
 }
 
 function updateSteps() {
