@@ -282,6 +282,10 @@ class SAFMN(ShuffleUpsampled):
     def trunk(self, x: Tensor) -> Tensor:
         return self.feats(self.norm(self.to_feat(x)))  # no long skip: the normalisation's own residual is one
 
+    @property
+    def blocks(self) -> int:
+        return len(self.feats)
+
     def keep(self, blocks: int) -> SAFMN:
         self.feats = self.feats[:blocks]
         return self

@@ -127,8 +127,10 @@ class PretrainedEncoder(nn.Module):
     def load_published(self, folders: dict[str, str | Path], check_sha256: bool = True) -> None:
         """Each member's published weights, from `folders[name]` (a file or the folder holding it); a pruned member
         keeps those of its first blocks."""
+        kept = {n: net.blocks for n, net in self.nets.items()}
         for n in self.names:
-            self.nets[n] = load_published(n, folders[n], check_sha256).keep(self.nets[n].blocks)
+            self.nets[n] = load_published(n, folders[n], check_sha256)
+        self.keep(kept)
 
     def keep(self, blocks: dict[str, int]) -> None:
         """Prune the members named in `blocks` to their first `blocks[name]` blocks (in place)."""

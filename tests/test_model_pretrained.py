@@ -106,6 +106,16 @@ def test_a_checkpoint_on_a_pretrained_encoder_serves_the_network_at_steps_0_and_
     shutil.rmtree(out)
 
 
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_each_network_alone_becomes_an_encoder_with_its_published_weights(name: str, networks: dict) -> None:
+    cfg = dataclasses.replace(PRESETS["tiny"], encoder=name, denoiser_space="lr", prediction="sample",
+                              residual_base="rrdb")
+    net = pretrained_net(cfg, {name: PRETRAINED / name})
+    mine = net.rrdb.nets[name].state_dict()
+    assert mine.keys() == networks[name].state_dict().keys()
+    assert all(torch.equal(v, networks[name].state_dict()[k]) for k, v in mine.items())
+
+
 def test_a_fusion_starts_as_the_members_mean_and_conditions_on_every_member(networks: dict) -> None:
     cfg = dataclasses.replace(PRESETS["tiny"], encoder="rfdn+rlfn", denoiser_space="lr")
     net = pretrained_net(cfg, {n: PRETRAINED / n for n in cfg.pretrained})
@@ -214,16 +224,18 @@ def test_a_pruned_encoder_loads_the_published_weights_and_starts_from_a_whole_ch
     from model.attribution import builds_on, notice
     from model.network import SRDiffNet
 
-    cfg = dataclasses.replace(PRESETS["tiny"], encoder="rfdn+rlfn", denoiser_space="lr", prediction="sample",
+    cfg = dataclasses.replace(PRESETS["tiny"], encoder="rfdn+rlfn+safmn", denoiser_space="lr", prediction="sample",
                               residual_base="rrdb")
-    small = dataclasses.replace(cfg, encoder="rfdn:2+rlfn")
+    small = dataclasses.replace(cfg, encoder="rfdn:2+rlfn+safmn:5")
     enc = PretrainedEncoder(small.pretrained, 4, small.pretrained_blocks)
     enc.load_published({n: PRETRAINED / n for n in small.pretrained})
     published = published_state(PRETRAINED / "rfdn" / PUBLISHED["rfdn"].file)
     assert torch.equal(enc.nets["rfdn"].B2.c1_d.weight, published["B2.c1_d.weight"])
+    assert [net.blocks for net in enc.nets.values()] == [2, 4, 5]
     whole = SRDiffNet(cfg)
     whole.rrdb.keep(small.pretrained_blocks)
     SRDiffNet(small).load_state_dict(whole.state_dict())
     entries = builds_on(small)
     assert entries[0]["kept"] == "its first 2 of 4 blocks" and "kept" not in entries[1]
+    assert entries[2]["kept"] == "its first 5 of 8 blocks"
     assert "kept: its first 2 of 4 blocks" in notice(small)
