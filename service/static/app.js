@@ -117,39 +117,34 @@ function showModel(resetSteps) {
       ? `auto: JPEG and lossy WebP images go to ${auto.lossy}, other images to ${auto.other}.`
       : `auto: this ${lossy ? "lossy (JPEG or WebP)" : "lossless"} image goes to ${m.id}. ${card}`;
   }
-  $("model-card").textContent = [text, measured(m)].filter(Boolean).join(" ");
+  const measured = figures(m);
+  $("model-card").textContent = [text, figuresText(measured)].filter(Boolean).join(" ");
   $("model-card").dataset.model = m.id;
-  markEnsembles(m);
+  $("ensemble-best").textContent = measured.best ? `; best for ${m.id}: ${measured.best}` : "";
   updateSteps();
 }
 
-// The card's validation figures for the inputs the model is for: PSNR-Y at its default steps and with each
-// self-ensemble measured at those steps (labels `steps=N` and `ensemble=N`, values [PSNR-Y, SSIM] or PSNR-Y).
+// The card's validation figures for the inputs the model is for: PSNR-Y at its default steps (`base`) and with each
+// self-ensemble measured at those steps (labels `steps=N` and `ensemble=N`, values [PSNR-Y, SSIM] or PSNR-Y), and
+// the self-ensemble that measured highest, above `base` (`best`: the fewest members among equals; null if none).
 function figures(m) {
-  const table = (m.validation || {})[m.degradation === "real" ? "jpeg75" : "bicubic"] || {};
+  const real = m.degradation === "real";
+  const table = (m.validation || {})[real ? "jpeg75" : "bicubic"] || {};
   const psnr = (v) => (Array.isArray(v) ? v[0] : v);
-  const ensembles = Object.keys(table).filter((k) => k.startsWith("ensemble="))
-    .map((k) => [Number(k.slice(9)), psnr(table[k])]);
   const base = psnr(table[`steps=${m.default_steps}`]);  // none where the server changed the default steps
-  return base === undefined ? { base, ensembles: [] } : { base, ensembles };
-}
-
-function measured(m) {
-  const { base, ensembles } = figures(m);
-  if (base === undefined) return "";
-  const inputs = m.degradation === "real" ? "saved as JPEG at quality 75" : "clean";
-  const more = ensembles.map(([n, v]) => `; self-ensemble ${n}: ${v.toFixed(2)}`).join("");
-  return `On our validation photos (${inputs}): ${base.toFixed(2)} dB PSNR-Y${more}.`;
-}
-
-// Name the self-ensemble that measured highest for this model (the fewest members among equals), if any beat none.
-function markEnsembles(m) {
-  const { base, ensembles } = figures(m);
+  const ensembles = base === undefined ? [] : Object.keys(table).filter((k) => k.startsWith("ensemble="))
+    .map((k) => [Number(k.slice(9)), psnr(table[k])]);
   let best = null;
   for (const [n, v] of ensembles) {
     if (v > (best ? best[1] : base) || (best && v === best[1] && n < best[0])) best = [n, v];
   }
-  $("ensemble-best").textContent = best ? `; best for ${m.id}: ${best[0]}` : "";
+  return { inputs: real ? "saved as JPEG at quality 75" : "clean", base, ensembles, best: best && best[0] };
+}
+
+function figuresText({ inputs, base, ensembles }) {
+  if (base === undefined) return "";
+  const more = ensembles.map(([n, v]) => `; self-ensemble ${n}: ${v.toFixed(2)}`).join("");
+  return `On our validation photos (${inputs}): ${base.toFixed(2)} dB PSNR-Y${more}.`;
 }
 
 function updateSteps() {
