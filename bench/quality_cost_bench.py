@@ -49,26 +49,49 @@ def parse_spec(text: str) -> Spec:
     return Spec(label, Path(path), steps, ensemble)
 
 
-def seconds_per_mp(specs: list[Spec], photo: np.ndarray, precision: str,
-                   repeats: int) -> list[tuple[float, int, int]]:
-    """(in-process s per output MP, steps, tile) of each model on `photo` (RGB in [0, 1]), as served. The models
-    take turns, one timed run each per round, so that what else the machine does falls on all of them alike."""
-    runs = []
+@dataclass
+class Timed:
+    """A model ready to time: its upscaler warmed up, the steps and tile it is served at, the output MP."""
+    spec: Spec
+    upscaler: Upscaler
+    steps: int
+    tile: int
+    out_mp: float
+
+    def run(self, photo: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        self.upscaler.upscale_rgb(photo, steps=self.steps, seed=0, ensemble=self.spec.ensemble)
+        return time.perf_counter() - t0
+
+
+def prepare(specs: list[Spec], photo: np.ndarray, precision: str) -> list[Timed]:
+    """Each model loaded as served (its steps unless the spec says, its tile) and run once on `photo`."""
+    out = []
     for spec in specs:
         rt = load_runtime(spec.path, "torch", "cpu", precision=precision)
         steps = default_steps(rt.config) if spec.steps is None else spec.steps
-        tile = default_tile(rt.config)
-        upscaler = Upscaler(rt, tile=tile, overlap=8, max_batch=4)
-        upscaler.upscale_rgb(photo, steps=steps, seed=0, ensemble=spec.ensemble)  # warm-up
-        runs.append((upscaler, steps, tile, photo.shape[0] * photo.shape[1] * rt.config.scale ** 2 / 1e6))
-    times: list[list[float]] = [[] for _ in specs]
+        timed = Timed(spec, Upscaler(rt, tile=default_tile(rt.config), overlap=8, max_batch=4), steps,
+                      default_tile(rt.config), photo.shape[0] * photo.shape[1] * rt.config.scale ** 2 / 1e6)
+        timed.run(photo)  # warm-up
+        out.append(timed)
+    return out
+
+
+def median_s_per_mp(models: list[Timed], photo: np.ndarray, repeats: int) -> list[float]:
+    """In-process s per output MP of each model on `photo`, the median of `repeats` runs. The models take turns,
+    one timed run each per round, so that what else the machine does falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        for spec, (upscaler, steps, _, _), own in zip(specs, runs, times, strict=True):
-            t0 = time.perf_counter()
-            upscaler.upscale_rgb(photo, steps=steps, seed=0, ensemble=spec.ensemble)
-            own.append(time.perf_counter() - t0)
-    return [(statistics.median(own) / out_mp, steps, tile)
-            for own, (_, steps, tile, out_mp) in zip(times, runs, strict=True)]
+        for m, own in zip(models, times, strict=True):
+            own.append(m.run(photo))
+    return [statistics.median(own) / m.out_mp for own, m in zip(times, models, strict=True)]
+
+
+def seconds_per_mp(specs: list[Spec], photo: np.ndarray, precision: str,
+                   repeats: int) -> list[tuple[float, int, int]]:
+    """(in-process s per output MP, steps, tile) of each model on `photo` (RGB in [0, 1]), as served."""
+    models = prepare(specs, photo, precision)
+    return [(s, m.steps, m.tile) for s, m in zip(median_s_per_mp(models, photo, repeats), models, strict=True)]
 
 
 def quality(spec: Spec, steps: int, tile: int, degradation: str, val: Path, precision: str) -> dict[str, float]:

@@ -98,3 +98,11 @@ def test_quality_cost_bench_prints_quality_and_cost_side_by_side(tiny_checkpoint
     with (tmp_path / "q.csv").open() as f:
         assert {"label", "s_per_mp", "bicubic_psnr_y", "jpeg75_gain"} <= set(next(csv.reader(f)))
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cost_ratio_prints_each_block_and_the_spread(tiny_checkpoint: Path) -> None:
+    out = _bench("cost_ratio.py", f"base={tiny_checkpoint}:0", f"ens={tiny_checkpoint}:0:2", "--blocks", "2",
+                 "--repeats", "1", "--size", "24", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2 and all(r.endswith("x |") for r in rows), out
+    assert "ens / base: median " in out and "over 2 blocks of 1 runs" in out, out
