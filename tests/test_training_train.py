@@ -589,3 +589,23 @@ def test_stage_one_can_train_on_the_squared_error(rrdb_run: Path, dataset: Path,
     ckpt = _run(dataset, tmp_path, "rrdb", tmp_path / "l2", 2, **{"optim.pixel_loss": "l2", "val.every": "0"})
     assert load_any(ckpt)[1].training["pixel_loss"] == "l2"
     assert load_any(rrdb_run / "checkpoint")[1].training["pixel_loss"] == "l1"
+
+
+def test_frozen_parameters_stay_as_the_init_had_them(dataset: Path, tmp_path: Path) -> None:
+    """optim.frozen holds the named module's parameters fixed while the rest trains (a pruned member of a pair
+    learning beside its partner kept as it is); a name that matches nothing is refused."""
+    from model.checkpoint import save_random_checkpoint
+    from model.config import PRESETS
+
+    shape = {"encoder": "rfdn+rlfn", "denoiser_space": "lr", "prediction": "sample", "residual_base": "rrdb"}
+    init = save_random_checkpoint(tmp_path / "init", dataclasses.replace(PRESETS["tiny"], **shape), "init")
+    sets = {f"model.overrides.{k}": v for k, v in shape.items()} | {"run.init": str(init), "optim.lr": "1e-3",
+                                                                     "optim.frozen": "[rrdb.nets.rfdn]"}
+    ckpt = _run(dataset, tmp_path, "rrdb", tmp_path / "run", 2, **sets)
+    before, after = load_any(init)[0].state_dict(), load_any(ckpt)[0].state_dict()
+    rfdn = [k for k in after if k.startswith("rrdb.nets.rfdn.")]
+    rest = [k for k in after if k.startswith(("rrdb.nets.rlfn.", "rrdb.mix"))]
+    assert rfdn and all(torch.equal(after[k], before[k]) for k in rfdn)
+    assert any(not torch.equal(after[k], before[k]) for k in rest)
+    with pytest.raises(ValueError, match=r"no parameter or module 'rrdb\.nets\.safmn'"):
+        _run(dataset, tmp_path, "rrdb", tmp_path / "bad", 1, **(sets | {"optim.frozen": "[rrdb.nets.safmn]"}))

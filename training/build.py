@@ -13,7 +13,7 @@ from model.network import SRDiffNet
 from model.published import pretrained_net
 from training.config import TrainConfig
 from training.fusion import fit_mix
-from training.objectives import Stage
+from training.objectives import Stage, freeze
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,13 @@ ENCODER_FIELDS = (*RRDB_SHAPE, "lr_up_divisor")  # what a resumed stage-1 run mu
 
 def build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
     """A fresh network (from `run.init`'s weights when set); for stage 2 with the stage-1 RRDB loaded (and frozen
-    unless `diffusion.encoder_lr` tunes it)."""
+    unless `diffusion.encoder_lr` tunes it); the parameters `optim.frozen` names held fixed."""
+    net = _build_model(cfg, stage, seed)
+    freeze(net, cfg.optim.frozen)
+    return net
+
+
+def _build_model(cfg: TrainConfig, stage: Stage, seed: int) -> SRDiffNet:
     mcfg: ModelConfig = cfg.model.build()
     if stage == "diffusion" and from_published(cfg, mcfg):
         return published_start(cfg, mcfg, seed)

@@ -94,6 +94,9 @@ class OptimSection(_Strict):
     # field's small networks end their training with it).
     pixel_loss: PixelLoss = "l1"
     ema: float = Field(0.0, ge=0, lt=1)  # EMA decay of the trained weights; 0 disables
+    # Parameters held fixed, by their name in the network (a module's name holds all of its): e.g. stage 1
+    # training a pruned member of a pretrained pair with the other kept as it is, `[rrdb.nets.rfdn]`.
+    frozen: tuple[str, ...] = ()
     # bfloat16 autocast: on CUDA, and on CPUs that compute bf16 natively (AVX-512 BF16 / AMX);
     # ignored on other CPUs, where it is slower than float32.
     amp: bool = True

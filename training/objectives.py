@@ -93,7 +93,20 @@ def trained_module(net: SRDiffNet, stage: Stage, tune_encoder: bool = False) -> 
 def param_groups(module: nn.Module, net: SRDiffNet, encoder_lr: float) -> list[dict]:
     """The optimiser's groups: the encoder's (when `module` holds it beside the denoiser) runs at
     `encoder_lr` times the schedule's lr (the group's `lr_scale`), everything else at 1x."""
+    def free(m: nn.Module) -> list[nn.Parameter]:
+        return [p for p in m.parameters() if p.requires_grad]
+
     if module is not net:
-        return [{"params": list(module.parameters()), "lr_scale": 1.0}]
-    return [{"params": list(net.denoise_fn.parameters()), "lr_scale": 1.0},
-            {"params": list(net.rrdb.parameters()), "lr_scale": encoder_lr}]
+        return [{"params": free(module), "lr_scale": 1.0}]
+    return [{"params": free(net.denoise_fn), "lr_scale": 1.0}, {"params": free(net.rrdb), "lr_scale": encoder_lr}]
+
+
+def freeze(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Hold fixed the parameters of `module` named in `names` (`optim.frozen`), or all those of a module named so;
+    a name that matches none is refused."""
+    for name in names:
+        hit = [p for n, p in module.named_parameters() if n == name or n.startswith(name + ".")]
+        if not hit:
+            raise ValueError(f"optim.frozen: the trained network has no parameter or module {name!r}")
+        for p in hit:
+            p.requires_grad_(False)

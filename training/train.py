@@ -118,7 +118,7 @@ class Trainer:
                             mininterval=1.0 if os.isatty(2) else 30.0)
         if self.d.main:
             log.info("%s: %d training images, %d params trained, %d steps, device %s, %d process(es), bf16 %s",
-                     stage, len(self.images), sum(p.numel() for p in self.trained.parameters()), cfg.run.steps,
+                     stage, len(self.images), sum(p.numel() for g in groups for p in g["params"]), cfg.run.steps,
                      device, self.d.world, self.amp)
 
     # ------------------------------------------------------------------------- set-up
