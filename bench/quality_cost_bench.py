@@ -70,8 +70,9 @@ def prepare(specs: list[Spec], photo: np.ndarray, precision: str) -> list[Timed]
     for spec in specs:
         rt = load_runtime(spec.path, "torch", "cpu", precision=precision)
         steps = default_steps(rt.config) if spec.steps is None else spec.steps
-        timed = Timed(spec, Upscaler(rt, tile=default_tile(rt.config), overlap=8, max_batch=4), steps,
-                      default_tile(rt.config), photo.shape[0] * photo.shape[1] * rt.config.scale ** 2 / 1e6)
+        tile = default_tile(rt.config)
+        timed = Timed(spec, Upscaler(rt, tile=tile, overlap=8, max_batch=4), steps, tile,
+                      photo.shape[0] * photo.shape[1] * rt.config.scale ** 2 / 1e6)
         timed.run(photo)  # warm-up
         out.append(timed)
     return out

@@ -92,7 +92,8 @@ def trained_module(net: SRDiffNet, stage: Stage, tune_encoder: bool = False) -> 
 
 def param_groups(module: nn.Module, net: SRDiffNet, encoder_lr: float) -> list[dict]:
     """The optimiser's groups: the encoder's (when `module` holds it beside the denoiser) runs at
-    `encoder_lr` times the schedule's lr (the group's `lr_scale`), everything else at 1x."""
+    `encoder_lr` times the schedule's lr (the group's `lr_scale`), everything else at 1x; parameters held fixed
+    (`freeze`) are in neither."""
     def free(m: nn.Module) -> list[nn.Parameter]:
         return [p for p in m.parameters() if p.requires_grad]
 
@@ -107,6 +108,6 @@ def freeze(module: nn.Module, names: tuple[str, ...]) -> None:
     for name in names:
         hit = [p for n, p in module.named_parameters() if n == name or n.startswith(name + ".")]
         if not hit:
-            raise ValueError(f"optim.frozen: the trained network has no parameter or module {name!r}")
+            raise ValueError(f"optim.frozen: the network has no parameter or module {name!r}")
         for p in hit:
             p.requires_grad_(False)
