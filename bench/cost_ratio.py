@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import numpy as np
 import torch
 from hardware import cpu_summary  # bench/hardware.py, beside this script
-from PIL import Image
-from quality_cost_bench import VAL, median_s_per_mp, parse_spec, prepare
+from quality_cost_bench import TIMED, median_s_per_mp, parse_spec, prepare, timing_photo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = [parse_spec(s) for s in args.models]
-    rgb = np.asarray(Image.open(VAL / "skimage-coffee.png").convert("RGB"), dtype=np.float32) / 255
-    photo = np.ascontiguousarray(rgb[: args.size, : args.size])
+    photo = timing_photo(args.size)
     print(f"{cpu_summary()}; {torch.get_num_threads()} threads; precision {args.precision}; "
-          f"timed on a {photo.shape[1]}x{photo.shape[0]} crop of skimage-coffee.png\n")
+          f"timed on a {photo.shape[1]}x{photo.shape[0]} crop of {TIMED}\n")
 
     models = prepare(specs, photo, args.precision)
     blocks = [median_s_per_mp(models, photo, args.repeats) for _ in range(args.blocks)]

@@ -31,6 +31,7 @@ from training.evaluate import BICUBIC, EvalOptions, SamplerSettings, evaluate, m
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL = ROOT.parent / "shared" / "data" / "corpus-hr" / "val"
+TIMED = "skimage-coffee.png"  # the validation photo whose crop the timings run on
 
 
 @dataclass
@@ -62,6 +63,12 @@ class Timed:
         t0 = time.perf_counter()
         self.upscaler.upscale_rgb(photo, steps=self.steps, seed=0, ensemble=self.spec.ensemble)
         return time.perf_counter() - t0
+
+
+def timing_photo(size: int) -> np.ndarray:
+    """The top-left `size`-px crop of the timed validation photo (`TIMED`), RGB in [0, 1]."""
+    rgb = np.asarray(Image.open(VAL / TIMED).convert("RGB"), dtype=np.float32) / 255
+    return np.ascontiguousarray(rgb[:size, :size])
 
 
 def prepare(specs: list[Spec], photo: np.ndarray, precision: str) -> list[Timed]:
@@ -141,11 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     specs = [parse_spec(s) for s in args.models]
     degradations = [d for d in args.degradations.split(",") if d]
-    rgb = np.asarray(Image.open(VAL / "skimage-coffee.png").convert("RGB"), dtype=np.float32) / 255
-    photo = np.ascontiguousarray(rgb[: args.size, : args.size])
+    photo = timing_photo(args.size)
     gflops = matmul_gflops(torch.float32)
     where = f"{cpu_summary()}; {torch.get_num_threads()} threads; fp32 matmul {gflops:.0f} GFLOP/s"
-    print(f"{where}; timed on a {photo.shape[1]}x{photo.shape[0]} crop of skimage-coffee.png\n")
+    print(f"{where}; timed on a {photo.shape[1]}x{photo.shape[0]} crop of {TIMED}\n")
 
     rows = []
     for spec, (s_mp, steps, tile) in zip(specs, seconds_per_mp(specs, photo, args.precision, args.repeats),
