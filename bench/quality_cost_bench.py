@@ -26,6 +26,7 @@ from hardware import cpu_summary, matmul_gflops  # bench/hardware.py, beside thi
 from PIL import Image
 
 from model.runtime import load_runtime
+from model.sizing import choose_batch
 from model.upscale import Upscaler, default_steps, default_tile
 from training.evaluate import BICUBIC, EvalOptions, SamplerSettings, evaluate, method_key
 
@@ -72,13 +73,15 @@ def timing_photo(size: int) -> np.ndarray:
 
 
 def prepare(specs: list[Spec], photo: np.ndarray, precision: str) -> list[Timed]:
-    """Each model loaded as served (its steps unless the spec says, its tile) and run once on `photo`."""
+    """Each model loaded as served (its steps unless the spec says, its tile, the tiles per call that
+    `model.sizing` chooses for them) and run once on `photo`."""
     out = []
     for spec in specs:
         rt = load_runtime(spec.path, "torch", "cpu", precision=precision)
         steps = default_steps(rt.config) if spec.steps is None else spec.steps
         tile = default_tile(rt.config)
-        timed = Timed(spec, Upscaler(rt, tile=tile, overlap=8, max_batch=4), steps, tile,
+        batch = choose_batch(rt, (tile, tile)).batch
+        timed = Timed(spec, Upscaler(rt, tile=tile, overlap=8, max_batch=batch), steps, tile,
                       photo.shape[0] * photo.shape[1] * rt.config.scale ** 2 / 1e6)
         timed.run(photo)  # warm-up
         out.append(timed)

@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--card", type=Path, metavar="JSON",
                    help="replace the model card (summary, validation) by this file's")
     p.add_argument("--name", help="replace the model's name")
+    p.add_argument("--member", metavar="NETWORK",
+                   help="keep only this network of a fused encoder (e.g. rfdn of rfdn+rlfn), with a fresh denoiser "
+                   "that returns its image at any step count; served at steps=0 unless --extra says otherwise")
     p.set_defaults(func=cmd_repack)
 
     p = sub.add_parser("export", help="export a checkpoint's encoder and denoiser step to TorchScript / ONNX")
@@ -166,12 +169,18 @@ def cmd_repack(args: argparse.Namespace) -> int:
 
     from model.checkpoint import CheckpointError, save_checkpoint
     from model.loading import load_any
+    from model.published import member_net
 
     if Path(args.output).resolve() == Path(args.input).resolve():
         print("error: write the repacked checkpoint to another directory", file=sys.stderr)
         return 2
     try:
         net, info = load_any(args.input)
+        if args.member:
+            net = member_net(net, args.member)
+            info.config = net.cfg = dataclasses.replace(net.cfg, extras={**net.cfg.extras, "default_steps": 0})
+            info.card = {}  # the fused model's figures are not the member's
+            info.provenance = {**info.provenance, "member": f"{args.member} of {args.input}"}
         extras = dict(info.config.extras)
         for item in args.extra:
             key, sep, value = item.partition("=")

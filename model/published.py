@@ -14,7 +14,7 @@ from model.checkpoint import CheckpointInfo, save_checkpoint
 from model.config import PRESETS, ModelConfig
 from model.network import SRDiffNet
 from model.pretrained import PUBLISHED
-from model.pretrained_encoder import PretrainedEncoder
+from model.pretrained_encoder import PretrainedEncoder, member_blocks
 
 
 def start_as_identity(net: SRDiffNet) -> None:
@@ -42,6 +42,22 @@ def pretrained_net(cfg: ModelConfig, weights: Mapping[str, str | Path], seed: in
     encoder.load_published(dict(weights), check_sha256)
     start_as_identity(net)
     return net.eval()
+
+
+def member_net(net: SRDiffNet, name: str, seed: int = 0) -> SRDiffNet:
+    """One network of `net`'s fused encoder as a model of its own: that member's weights (its blocks as `net` keeps
+    them), the rest of `net`'s configuration, and a fresh denoiser that returns the member's image at any step
+    count (`start_as_identity`)."""
+    blocks = member_blocks(net.cfg.encoder)
+    if name not in blocks or len(blocks) < 2:
+        raise ValueError(f"{name!r} is not a member of the fused encoder {net.cfg.encoder!r}")
+    whole = blocks[name] == PUBLISHED[name].network.published_blocks
+    cfg = dataclasses.replace(net.cfg, encoder=name if whole else f"{name}:{blocks[name]}")
+    torch.manual_seed(seed)
+    out = SRDiffNet(cfg)
+    out.rrdb.nets[name].load_state_dict(net.rrdb.nets[name].state_dict())
+    start_as_identity(out)
+    return out.eval()
 
 
 def refiner_config(encoder: str) -> ModelConfig:

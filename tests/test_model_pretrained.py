@@ -20,6 +20,9 @@ from model.config import PRESETS, ModelConfig
 from model.pretrained import PUBLISHED, load_published, load_strict, published_state
 from model.pretrained_encoder import PretrainedEncoder
 from model.published import import_pretrained, pretrained_net
+from model.runtime import TorchRuntime
+from model.upscale import Upscaler
+from samdiffsr.cli import main
 
 PRETRAINED = SHARED / "pretrained"
 REFERENCE = PRETRAINED / "reference"
@@ -104,6 +107,31 @@ def test_a_checkpoint_on_a_pretrained_encoder_serves_the_network_at_steps_0_and_
         direct, _ = networks["rlfn"](lr * 255)
     assert torch.allclose((sr + 1) / 2 * 255, direct.clamp(0, 255), atol=1e-3)
     shutil.rmtree(out)
+
+
+def test_a_member_of_a_fusion_becomes_a_model_of_its_own(tmp_path: Path, networks: dict, capsys) -> None:
+    """`samdiffsr repack PAIR OUT --member rlfn`: RLFN's weights as the pair holds them (pruned ones stay pruned),
+    a denoiser that returns its image at any step count, served at steps=0; a name that is not a member is
+    refused."""
+    cfg = dataclasses.replace(PRESETS["tiny"], encoder="rfdn+rlfn:3", denoiser_space="lr", prediction="sample",
+                              residual_base="rrdb")
+    pair = import_pretrained(tmp_path / "pair", cfg, {n: PRETRAINED / n for n in cfg.pretrained}, "pair")
+    assert main(["repack", str(pair), str(tmp_path / "rlfn"), "--member", "rlfn", "--dtype", "fp32"]) == 0
+    net, info = load_checkpoint_dir(tmp_path / "rlfn")
+    assert info.config.encoder == "rlfn:3" and info.config.extras["default_steps"] == 0
+    assert info.provenance["member"].startswith("rlfn of ") and not info.card
+    assert "RLFN" in (tmp_path / "rlfn" / NOTICE).read_text()
+    whole, whole_info = load_checkpoint_dir(pair)
+    whole.rrdb.mix.data.copy_(torch.tensor([[0.0] * 3, [1.0] * 3]))  # the pair's image: RLFN's alone
+    lr = np.random.default_rng(0).random((20, 24, 3), dtype=np.float32)
+    alone = Upscaler(TorchRuntime(net, info, torch.device("cpu")), tile=0)
+    inside = Upscaler(TorchRuntime(whole, whole_info, torch.device("cpu")), tile=0)
+    at0, at2 = (alone.upscale_rgb(lr, steps=steps, seed=1) for steps in (0, 2))
+    assert np.abs(at0 - inside.upscale_rgb(lr, steps=0)).max() < 1e-5
+    assert np.abs(at2 - at0).max() < 1e-5
+    for bad in ("safmn", "rfdn:3"):
+        assert main(["repack", str(pair), str(tmp_path / "x"), "--member", bad]) == 2
+        assert "is not a member of the fused encoder 'rfdn+rlfn:3'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))

@@ -195,6 +195,23 @@ def test_eval_tiled_sampling_and_errors(tiny_checkpoint: Path, hr_dir: Path, tmp
     assert main(["eval", str(tiny_checkpoint), str(hr_dir), "--ensemble", "3"]) == 2
 
 
+def test_eval_batches_tiles_as_served_unless_told(tiny_checkpoint: Path, hr_dir: Path, tmp_path: Path,
+                                                  capsys) -> None:
+    """Without `--max-batch` the tiles per call are the service's (`model.sizing`); a batch given is recorded in
+    the command that reproduces the table, and the figures do not depend on it."""
+    base = ["eval", str(tiny_checkpoint), str(hr_dir), "--steps", "0,2", "--tile", "8", "--overlap", "2"]
+    reports = {}
+    for label, extra in (("served", []), ("three", ["--max-batch", "3"])):
+        assert main([*base, *extra, "--out", str(tmp_path / label)]) == 0
+        reports[label] = json.loads((tmp_path / label / "eval.json").read_text())
+    capsys.readouterr()
+    served, three = ((tmp_path / label / "eval.md").read_text() for label in ("served", "three"))
+    assert "--max-batch" not in served and "--tile 8 --overlap 2 --max-batch 3`" in three
+    for a, b in zip(reports["served"]["images"], reports["three"]["images"], strict=True):
+        for method, m in a["metrics"].items():
+            assert m["psnr_y"] == pytest.approx(b["metrics"][method]["psnr_y"], abs=1e-4)
+
+
 def test_eval_with_a_named_degradation(tiny_checkpoint: Path, hr_dir: Path, tmp_path: Path, capsys) -> None:
     """`--degradation jpeg50`: the LR is that JPEG, and bicubic (the baseline) upscales the same JPEG."""
     runs = {}

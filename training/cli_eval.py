@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile", type=int, default=0,
                    help="sample in LR tiles of this size as the service does (default: 0 = whole image)")
     p.add_argument("--overlap", type=int, default=8, help="tile overlap in LR pixels (default: 8)")
-    p.add_argument("--max-batch", type=int, default=16, help="tiles sampled together (default: 16)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="tiles sampled together (default: as served, the rule of model.sizing)")
     p.add_argument("--ensemble", type=int, default=1,
                    help="self-ensemble members: 1, 2 (and the mirror) or 4 (all flips) (default: 1)")
     p.add_argument("--hr-crop", type=int, default=0,

@@ -35,6 +35,7 @@ from model.diffusion import check_steps
 from model.imaging import decode_image, list_images
 from model.loading import load_any
 from model.runtime import TorchRuntime, resolve_device, resolve_precision
+from model.sizing import choose_batch
 from model.upscale import Upscaler, default_steps, default_tile, ensemble_flips
 from training.degrade import crop_to_multiple, degrade_named
 from training.metrics import flat_error, psnr_y, quantize8, ssim_y
@@ -103,7 +104,7 @@ class SamplerSettings:
     seed: int = 0
     tile: int = 0  # LR tile size, as the service tiles; 0 = the whole image at once
     overlap: int = 8
-    max_batch: int = 16
+    max_batch: int | None = None  # tiles per call; None: as served (`model.sizing.choose_batch`)
     ensemble: int = 1  # self-ensemble members (model.upscale.ensemble_flips)
 
 
@@ -117,7 +118,8 @@ class Models:
         self.config = self.info.config
 
     def upscale(self, lr01: np.ndarray, s: SamplerSettings, steps: int) -> np.ndarray:
-        up = Upscaler(self.runtime, tile=s.tile, overlap=s.overlap, max_batch=s.max_batch)
+        batch = s.max_batch or choose_batch(self.runtime, (s.tile, s.tile)).batch
+        up = Upscaler(self.runtime, tile=s.tile, overlap=s.overlap, max_batch=batch)
         return up.upscale_rgb(lr01, steps, s.sampler, s.eta, s.seed, ensemble=s.ensemble)  # type: ignore[arg-type]
 
 
@@ -145,7 +147,9 @@ class EvalOptions:
                 "--steps", ",".join(map(str, s.steps)), "--eta", str(s.eta), "--seed", str(s.seed),
                 "--tile", str(s.tile)]
         if s.tile:
-            args += ["--overlap", str(s.overlap), "--max-batch", str(s.max_batch)]
+            args += ["--overlap", str(s.overlap)]
+        if s.max_batch is not None:
+            args += ["--max-batch", str(s.max_batch)]
         if s.ensemble != 1:
             args += ["--ensemble", str(s.ensemble)]
         if self.hr_crop:

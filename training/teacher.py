@@ -21,6 +21,7 @@ import torch
 from model.checkpoint import WEIGHTS
 from model.pretrained import sha256_of
 from model.runtime import load_runtime, resolve_device, resolve_precision
+from model.sizing import choose_batch
 from model.upscale import Upscaler
 from training.data import CachedImage
 
@@ -48,8 +49,8 @@ def teacher_targets(images: list[CachedImage], checkpoint: str | Path, steps: in
     todo = [(item, p) for item, p in zip(images, paths, strict=True) if not p.exists()]
     if not todo:
         return paths
-    upscaler = Upscaler(load_runtime(checkpoint, "torch", device, precision=precision), tile=tile, overlap=8,
-                        max_batch=4)
+    runtime = load_runtime(checkpoint, "torch", device, precision=precision)
+    upscaler = Upscaler(runtime, tile=tile, overlap=8, max_batch=choose_batch(runtime, (tile, tile)).batch)
     log.info("teacher %s (ensemble %d, %d-px tiles, %s): %d of %d training images to upscale", checkpoint,
              ensemble, tile, precision, len(todo), len(images))
     for i, (item, dst) in enumerate(todo):
