@@ -19,7 +19,10 @@ def builds_on(cfg: ModelConfig) -> list[dict[str, Any]]:
     entries = []
     for n, kept in cfg.pretrained_blocks.items():
         pub, whole = PUBLISHED[n], PUBLISHED[n].network.published_blocks
-        pruned = {"kept": f"its first {kept} of {whole} blocks"} if kept < whole else {}
+        kept_text = [f"its first {kept} of {whole} blocks"] if kept < whole else []
+        if width := cfg.pretrained_widths.get(n):
+            kept_text.append(f"its blocks narrowed from {pub.network.published_width} to {width} channels")
+        pruned = {"kept": "; ".join(kept_text)} if kept_text else {}
         entries.append({"network": pub.title, "paper": pub.paper, "weights": pub.source, "sha256": pub.sha256,
                         "licence": pub.licence, **pruned})
     return entries

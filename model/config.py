@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from model.pretrained import NETWORKS
-from model.pretrained_encoder import PretrainedEncoder, member_blocks, members
+from model.pretrained_encoder import PretrainedEncoder, member_blocks, member_widths, members
 
 Prediction = Literal["epsilon", "v", "sample"]
 ResidualBase = Literal["bicubic", "rrdb"]
@@ -82,7 +82,8 @@ class ModelConfig:
             raise ValueError(f"residual_base must be one of {', '.join(RESIDUAL_BASES)}, got {self.residual_base!r}")
         if self.encoder not in ("rrdb", "rlfb") and not self.pretrained:
             raise ValueError(f"encoder must be one of {', '.join(ENCODERS)} (pretrained ones may be joined by '+', and "
-                             "'name:N' keeps the first N of a pretrained network's blocks), "
+                             "'name:N' keeps the first N of a pretrained network's blocks, 'rlfn/W' narrows "
+                             "RLFN's blocks to W channels), "
                              f"got {self.encoder!r}")
         if self.pretrained and self.scale != 4:
             raise ValueError(f"the pretrained encoders are x4 networks; scale is {self.scale}")
@@ -99,6 +100,11 @@ class ModelConfig:
     def pretrained_blocks(self) -> dict[str, int]:
         """The blocks each pretrained member keeps (`rfdn:3+rlfn`: RFDN's first three, RLFN's four)."""
         return member_blocks(self.encoder)
+
+    @property
+    def pretrained_widths(self) -> dict[str, int]:
+        """The inner width of each narrowed member (`rfdn+rlfn/32`: RLFN's blocks at 32 channels)."""
+        return member_widths(self.encoder)
 
     @property
     def levels(self) -> int:

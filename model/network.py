@@ -164,7 +164,7 @@ class RLFBNet(nn.Module):
 
 def build_encoder(cfg: ModelConfig) -> nn.Module:
     if cfg.pretrained:
-        return PretrainedEncoder(cfg.pretrained, cfg.scale, cfg.pretrained_blocks)
+        return PretrainedEncoder(cfg.pretrained, cfg.scale, cfg.pretrained_blocks, cfg.pretrained_widths)
     if cfg.encoder == "rlfb":
         return RLFBNet(cfg.rrdb_num_feat, cfg.rrdb_num_block, cfg.scale)
     return RRDBNet(cfg.rrdb_num_feat, cfg.rrdb_num_block, cfg.rrdb_growth, cfg.scale)

@@ -68,6 +68,8 @@ class ShuffleUpsampled(nn.Module):
 
     upsampler: nn.Sequential
     published_blocks: int  # the blocks of the published network; `keep` prunes it to its first few
+    width_arg: str | None = None  # the constructor argument of the inner width a member may be narrowed to
+    published_width: int = 0  # that width as published
 
     def trunk(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -177,6 +179,7 @@ class RLFN(ShuffleUpsampled):
     channels = 46
     input_range = 255.0
     published_blocks = 4
+    width_arg, published_width = "mid", 48  # the 3x3 convolutions' inner width in every block (`rlfn/32`)
 
     def __init__(self, nf: int = 46, mid: int = 48, blocks: int = 4, scale: int = 4) -> None:
         super().__init__()

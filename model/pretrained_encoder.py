@@ -17,20 +17,36 @@ from model.pretrained import PUBLISHED, ShuffleUpsampled, load_published
 MIN_SIDE = 16  # the smallest input side the ESA blocks take (15), rounded up
 
 
-def member_blocks(encoder: str) -> dict[str, int]:
-    """The pretrained networks an encoder name stands for, with the blocks each keeps: 'rfdn+rlfn' -> both whole
-    ({'rfdn': 4, 'rlfn': 4}); 'rfdn:3+rlfn' keeps RFDN's first three blocks (pruned). {} if the name is none."""
-    out: dict[str, int] = {}
+def _parts(encoder: str) -> dict[str, tuple[int, int | None]]:
+    """Each member of an encoder name with (blocks kept, inner width where narrowed); {} if the name is none."""
+    out: dict[str, tuple[int, int | None]] = {}
     for part in encoder.split("+"):
-        name, colon, count = part.partition(":")
+        head, slash, width_text = part.partition("/")
+        name, colon, count = head.partition(":")
         if name not in PUBLISHED or name in out:
             return {}
-        whole = PUBLISHED[name].network.published_blocks
+        network = PUBLISHED[name].network
+        whole = network.published_blocks
         blocks = int(count) if count.isdigit() else (0 if colon else whole)
         if not 1 <= blocks <= whole:
             return {}
-        out[name] = blocks
+        width = int(width_text) if width_text.isdigit() else 0
+        if slash and (network.width_arg is None or not 1 <= width < network.published_width):
+            return {}
+        out[name] = (blocks, width or None)
     return out
+
+
+def member_blocks(encoder: str) -> dict[str, int]:
+    """The pretrained networks an encoder name stands for, with the blocks each keeps: 'rfdn+rlfn' -> both whole
+    ({'rfdn': 4, 'rlfn': 4}); 'rfdn:3+rlfn' keeps RFDN's first three blocks (pruned). {} if the name is none."""
+    return {name: blocks for name, (blocks, _) in _parts(encoder).items()}
+
+
+def member_widths(encoder: str) -> dict[str, int]:
+    """The members narrowed to an inner width ('rfdn+rlfn/32' -> {'rlfn': 32}: RLFN's blocks convolve 32
+    channels where the published network has 48; made by `training.narrowing`)."""
+    return {name: width for name, (_, width) in _parts(encoder).items() if width}
 
 
 def members(encoder: str) -> tuple[str, ...]:
@@ -46,16 +62,22 @@ class PretrainedEncoder(nn.Module):
     x4 image, pixel-unshuffled to LR size (so the denoiser sees where the members disagree). The x4 image is
     the members' images weighted per colour channel (`mix`, one row per member, initially 1/n each)."""
 
-    def __init__(self, names: tuple[str, ...], scale: int = 4, blocks: dict[str, int] | None = None) -> None:
-        """`blocks`: how many of its blocks a member keeps where it is pruned (default: all it was published with)."""
+    def __init__(self, names: tuple[str, ...], scale: int = 4, blocks: dict[str, int] | None = None,
+                 widths: dict[str, int] | None = None) -> None:
+        """`blocks`: how many of its blocks a member keeps where it is pruned (default: all it was published with);
+        `widths`: the inner width of a narrowed member (`member_widths`)."""
         super().__init__()
         if scale != 4:
             raise ValueError("the pretrained networks are x4 networks")
         self.names, self.scale = names, scale
+        self.widths = dict(widths or {})
         kept = {n: PUBLISHED[n].network.published_blocks for n in names} | (blocks or {})
-        self.nets = nn.ModuleDict({n: PUBLISHED[n].network(blocks=kept[n]) for n in names})
+        self.nets = nn.ModuleDict({n: PUBLISHED[n].network(blocks=kept[n], **self._width_arg(n)) for n in names})
         if len(names) > 1:
             self.mix = nn.Parameter(torch.full((len(names), 3), 1.0 / len(names)))
+
+    def _width_arg(self, name: str) -> dict[str, int]:
+        return {PUBLISHED[name].network.width_arg: self.widths[name]} if name in self.widths else {}
 
     @staticmethod
     def cond_channels(names: tuple[str, ...], scale: int = 4) -> int:
@@ -126,7 +148,11 @@ class PretrainedEncoder(nn.Module):
 
     def load_published(self, folders: dict[str, str | Path], check_sha256: bool = True) -> None:
         """Each member's published weights, from `folders[name]` (a file or the folder holding it); a pruned member
-        keeps those of its first blocks."""
+        keeps those of its first blocks. A narrowed member has no published weights (`training.narrowing` makes
+        it from a whole one)."""
+        if self.widths:
+            raise ValueError(f"{', '.join(self.widths)}: a narrowed network has no published weights; narrow a "
+                             "checkpoint of the whole one (samdiffsr narrow)")
         kept = {n: net.blocks for n, net in self.nets.items()}
         for n in self.names:
             self.nets[n] = load_published(n, folders[n], check_sha256)

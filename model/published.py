@@ -52,7 +52,9 @@ def member_net(net: SRDiffNet, name: str, seed: int = 0) -> SRDiffNet:
     if name not in blocks or len(blocks) < 2:
         raise ValueError(f"{name!r} is not a member of the fused encoder {net.cfg.encoder!r}")
     whole = blocks[name] == PUBLISHED[name].network.published_blocks
-    cfg = dataclasses.replace(net.cfg, encoder=name if whole else f"{name}:{blocks[name]}")
+    width = net.cfg.pretrained_widths.get(name)
+    encoder = (name if whole else f"{name}:{blocks[name]}") + (f"/{width}" if width else "")
+    cfg = dataclasses.replace(net.cfg, encoder=encoder)
     torch.manual_seed(seed)
     out = SRDiffNet(cfg)
     out.rrdb.nets[name].load_state_dict(net.rrdb.nets[name].state_dict())

@@ -85,7 +85,9 @@ def test_weights_that_are_not_the_published_file_are_refused(tmp_path: Path) -> 
 def test_encoder_names_and_fusions_are_validated() -> None:
     base = PRESETS["tiny"]
     assert dataclasses.replace(base, encoder="rfdn+rlfn").pretrained == ("rfdn", "rlfn")
-    for bad in ("rfdn+rfdn", "rfdn+rrdb", "srcnn", "rfdn+"):
+    narrowed = dataclasses.replace(base, encoder="rfdn:3+rlfn/32")
+    assert narrowed.pretrained_blocks == {"rfdn": 3, "rlfn": 4} and narrowed.pretrained_widths == {"rlfn": 32}
+    for bad in ("rfdn+rfdn", "rfdn+rrdb", "srcnn", "rfdn+", "rfdn/32", "rlfn/48", "rlfn/", "rlfn/x"):
         with pytest.raises(ValueError, match="encoder must be one of"):
             dataclasses.replace(base, encoder=bad)
     with pytest.raises(ValueError, match="x4"):
