@@ -114,6 +114,7 @@ RUN groupadd --system --gid 10001 samdiffsr \
 COPY checkpoints/default /opt/samdiffsr/checkpoints/default
 COPY checkpoints/real /opt/samdiffsr/checkpoints/real
 COPY checkpoints/fast /opt/samdiffsr/checkpoints/fast
+COPY checkpoints/best /opt/samdiffsr/checkpoints/best
 # Attribution of the third-party weights the shipped checkpoints build on (each checkpoint has its own NOTICE too).
 COPY NOTICE /opt/samdiffsr/NOTICE
 

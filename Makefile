@@ -10,7 +10,7 @@ PORT ?= 8000
 STAMP := $(VENV)/.installed
 SERVE_STAMP := $(VENV)/.installed-serve
 
-.PHONY: venv run test test-avx2 lint docs bench bench-load masks default-model fast-model real-model encoder-compare rrdb-model rlfb-model rrdb-real-model ablations arch-ablations clean system-deps image image-test
+.PHONY: venv run test test-avx2 lint docs bench bench-load masks default-model best-model fast-model real-model encoder-compare rrdb-model rlfb-model rrdb-real-model ablations arch-ablations clean system-deps image image-test
 
 # Serving needs torch and the package's own dependencies; training, tests, lint and docs add the extras.
 $(SERVE_STAMP): pyproject.toml
@@ -70,9 +70,11 @@ bench-load: $(STAMP)
 	$(BIN)/python bench/load_bench.py $(ARGS)
 
 # The shipped models (docs/model-card.md) stand on pretrained networks whose published weights are in PRETRAINED
-# (loaded strictly, checked by sha256). fast-model: RLFN alone. default-model: RFDN + RLFN fused by least squares
+# (loaded strictly, checked by sha256). fast-model: RLFN alone. best-model: RFDN + RLFN fused by least squares
 # with the refiner trained over them (configs/refine.yaml), then the pair distilled three times towards its own
-# four flips averaged (configs/distill-pair.yaml, distill-pair-2.yaml, distill-pair-3.yaml). real-model: the published pair and a refiner
+# four flips averaged (configs/distill-pair.yaml, distill-pair-2.yaml, distill-pair-3.yaml). default-model: `best`
+# with RLFN narrowed to 32 channels (samdiffsr narrow), distilled towards `best`'s four flips with RFDN held fixed
+# (configs/distill-narrow.yaml, distill-narrow-2.yaml). real-model: the published pair and a refiner
 # tuned on the real degradation, in five stages (configs/refine-real.yaml, then refine-real-2 to -5, each from the
 # last one's checkpoint, for the steps the shipped model had). The trainings are campaigns: SIGTERM checkpoints, the same command
 # resumes exactly;
@@ -90,7 +92,7 @@ fast-model: $(STAMP)
 	$(BIN)/samdiffsr repack $(RUNS)/fast-rlfn checkpoints/fast --dtype fp32 --extra default_steps=0 \
 	  --extra default_tile=256 --card configs/cards/fast.json --name samdiffsr-fast
 
-default-model: masks
+best-model: masks
 	$(BIN)/samdiffsr train diffusion --config configs/refine.yaml --out $(RUNS)/refine-default --steps 3093 \
 	  --spe-dir $(RUNS)/masks/train-spe --set diffusion.pretrained_dir=$(PRETRAINED)
 	$(BIN)/samdiffsr train rrdb --config configs/distill-pair.yaml --out $(RUNS)/distill-default --steps 1250 \
@@ -99,6 +101,13 @@ default-model: masks
 	  --set run.init=$(RUNS)/distill-default/checkpoint --set data.teacher.checkpoint=$(RUNS)/distill-default/checkpoint
 	$(BIN)/samdiffsr train rrdb --config configs/distill-pair-3.yaml --out $(RUNS)/distill-default-3 --steps 1000 \
 	  --set run.init=$(RUNS)/distill-default-2/checkpoint --set data.teacher.checkpoint=$(RUNS)/distill-default-2/checkpoint
+
+default-model: $(STAMP)
+	$(BIN)/samdiffsr narrow checkpoints/best $(RUNS)/narrow-default --width 32
+	$(BIN)/samdiffsr train rrdb --config configs/distill-narrow.yaml --out $(RUNS)/distill-narrow --steps 750 \
+	  --set run.init=$(RUNS)/narrow-default
+	$(BIN)/samdiffsr train rrdb --config configs/distill-narrow-2.yaml --out $(RUNS)/distill-narrow-2 --steps 500 \
+	  --set run.init=$(RUNS)/distill-narrow/checkpoint
 
 real-model: masks
 	$(BIN)/samdiffsr train diffusion --config configs/refine-real.yaml --out $(RUNS)/refine-real --steps 2035 \
