@@ -104,7 +104,7 @@ class SamplerSettings:
     seed: int = 0
     tile: int = 0  # LR tile size, as the service tiles; 0 = the whole image at once
     overlap: int = 8
-    max_batch: int | None = None  # tiles per call; None: as served (`model.sizing.choose_batch`)
+    max_batch: int | None = None  # tiles per call; None: as served (`model.sizing.choose_batch`), 16 untiled
     ensemble: int = 1  # self-ensemble members (model.upscale.ensemble_flips)
 
 
@@ -118,7 +118,8 @@ class Models:
         self.config = self.info.config
 
     def upscale(self, lr01: np.ndarray, s: SamplerSettings, steps: int) -> np.ndarray:
-        batch = s.max_batch or choose_batch(self.runtime, (s.tile, s.tile)).batch
+        # Untiled, a call holds the whole image (or its flips): the batch only bounds how many flips share one.
+        batch = s.max_batch or (choose_batch(self.runtime, (s.tile, s.tile)).batch if s.tile else 16)
         up = Upscaler(self.runtime, tile=s.tile, overlap=s.overlap, max_batch=batch)
         return up.upscale_rgb(lr01, steps, s.sampler, s.eta, s.seed, ensemble=s.ensemble)  # type: ignore[arg-type]
 
