@@ -80,11 +80,14 @@ def cpu_batch(tile_shape: tuple[int, int]) -> Sizing:
 
 
 def choose_batch(runtime: Runtime, tile_shape: tuple[int, int], override: int | None = None) -> Sizing:
-    """Tiles per denoiser call for LR tiles of `tile_shape` on the runtime's device (`override` wins)."""
+    """Tiles per denoiser call for LR tiles of `tile_shape` on the runtime's device (`override` wins). A tile of
+    no size (0: each image whole) is one tile per image, flips included (they are upscaled one after another)."""
     if override is not None:
         if override < 1:
             raise ValueError("the batch must be at least 1 tile")
         return Sizing(override, "setting")
+    if tile_shape[0] * tile_shape[1] == 0:
+        return Sizing(1, "untiled: one tile per image")
     if runtime.device.type == "cuda":
         try:
             return gpu_batch(runtime, tile_shape)

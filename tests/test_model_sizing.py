@@ -24,6 +24,7 @@ def test_cpu_rule_takes_a_pixel_budget_per_call_and_a_setting_wins(runtime) -> N
     assert choose_batch(runtime, (64, 64)).batch == CPU_LR_PIXELS_PER_CALL // 4096
     assert choose_batch(runtime, (32, 32)).batch == CPU_LR_PIXELS_PER_CALL // 1024
     assert choose_batch(runtime, (512, 512)).batch == 1
+    assert choose_batch(runtime, (0, 0)).batch == 1  # untiled: each image is one tile
     assert choose_batch(runtime, (64, 64), 16).batch == 16 and choose_batch(runtime, (64, 64), 16).source == "setting"
     with pytest.raises(ValueError):
         choose_batch(runtime, (64, 64), 0)

@@ -104,7 +104,7 @@ class SamplerSettings:
     seed: int = 0
     tile: int = 0  # LR tile size, as the service tiles; 0 = the whole image at once
     overlap: int = 8
-    max_batch: int | None = None  # tiles per call; None: as served (`model.sizing.choose_batch`), 16 untiled
+    max_batch: int | None = None  # tiles per call; None: as served (`model.sizing.choose_batch`)
     ensemble: int = 1  # self-ensemble members (model.upscale.ensemble_flips)
 
 
@@ -116,11 +116,16 @@ class Models:
         self.device = resolve_device(device)
         self.runtime = TorchRuntime(net, self.info, self.device, resolve_precision(precision, self.device))
         self.config = self.info.config
+        self._batches: dict[int, int] = {}
+
+    def _batch(self, tile: int) -> int:
+        """Tiles per call as served for `tile` (`model.sizing`), chosen once per tile size: on a GPU it is timed."""
+        if tile not in self._batches:
+            self._batches[tile] = choose_batch(self.runtime, (tile, tile)).batch
+        return self._batches[tile]
 
     def upscale(self, lr01: np.ndarray, s: SamplerSettings, steps: int) -> np.ndarray:
-        # Untiled, a call holds the whole image (or its flips): the batch only bounds how many flips share one.
-        batch = s.max_batch or (choose_batch(self.runtime, (s.tile, s.tile)).batch if s.tile else 16)
-        up = Upscaler(self.runtime, tile=s.tile, overlap=s.overlap, max_batch=batch)
+        up = Upscaler(self.runtime, tile=s.tile, overlap=s.overlap, max_batch=s.max_batch or self._batch(s.tile))
         return up.upscale_rgb(lr01, steps, s.sampler, s.eta, s.seed, ensemble=s.ensemble)  # type: ignore[arg-type]
 
 

@@ -50,8 +50,7 @@ def teacher_targets(images: list[CachedImage], checkpoint: str | Path, steps: in
     if not todo:
         return paths
     runtime = load_runtime(checkpoint, "torch", device, precision=precision)
-    batch = choose_batch(runtime, (tile, tile)).batch if tile else 4  # untiled: the flips of one image
-    upscaler = Upscaler(runtime, tile=tile, overlap=8, max_batch=batch)
+    upscaler = Upscaler(runtime, tile=tile, overlap=8, max_batch=choose_batch(runtime, (tile, tile)).batch)
     log.info("teacher %s (ensemble %d, %d-px tiles, %s): %d of %d training images to upscale", checkpoint,
              ensemble, tile, precision, len(todo), len(images))
     for i, (item, dst) in enumerate(todo):
