@@ -49,6 +49,14 @@ def member_widths(encoder: str) -> dict[str, int]:
     return {name: width for name, (_, width) in _parts(encoder).items() if width}
 
 
+def encoder_name(blocks: dict[str, int], widths: dict[str, int]) -> str:
+    """The encoder name of these members (the inverse of `member_blocks` and `member_widths`): a member keeping
+    fewer blocks than published gets ':N', a narrowed one '/W' ({'rfdn': 4, 'rlfn': 4}, {'rlfn': 32} ->
+    'rfdn+rlfn/32')."""
+    return "+".join(name + (f":{n}" if n < PUBLISHED[name].network.published_blocks else "")
+                    + (f"/{widths[name]}" if name in widths else "") for name, n in blocks.items())
+
+
 def members(encoder: str) -> tuple[str, ...]:
     """The pretrained networks an encoder name stands for ('rfdn' -> ('rfdn',), 'rfdn:3+rlfn' -> both); () if
     none."""

@@ -14,7 +14,7 @@ from model.checkpoint import CheckpointInfo, save_checkpoint
 from model.config import PRESETS, ModelConfig
 from model.network import SRDiffNet
 from model.pretrained import PUBLISHED
-from model.pretrained_encoder import PretrainedEncoder, member_blocks
+from model.pretrained_encoder import PretrainedEncoder, encoder_name, member_blocks
 
 
 def start_as_identity(net: SRDiffNet) -> None:
@@ -51,10 +51,7 @@ def member_net(net: SRDiffNet, name: str, seed: int = 0) -> SRDiffNet:
     blocks = member_blocks(net.cfg.encoder)
     if name not in blocks or len(blocks) < 2:
         raise ValueError(f"{name!r} is not a member of the fused encoder {net.cfg.encoder!r}")
-    whole = blocks[name] == PUBLISHED[name].network.published_blocks
-    width = net.cfg.pretrained_widths.get(name)
-    encoder = (name if whole else f"{name}:{blocks[name]}") + (f"/{width}" if width else "")
-    cfg = dataclasses.replace(net.cfg, encoder=encoder)
+    cfg = dataclasses.replace(net.cfg, encoder=encoder_name({name: blocks[name]}, net.cfg.pretrained_widths))
     torch.manual_seed(seed)
     out = SRDiffNet(cfg)
     out.rrdb.nets[name].load_state_dict(net.rrdb.nets[name].state_dict())

@@ -18,7 +18,7 @@ from model.attribution import NOTICE
 from model.checkpoint import load_checkpoint_dir
 from model.config import PRESETS, ModelConfig
 from model.pretrained import PUBLISHED, load_published, load_strict, published_state
-from model.pretrained_encoder import PretrainedEncoder
+from model.pretrained_encoder import PretrainedEncoder, encoder_name, member_blocks, member_widths
 from model.published import import_pretrained, pretrained_net
 from model.runtime import TorchRuntime
 from model.upscale import Upscaler
@@ -87,6 +87,8 @@ def test_encoder_names_and_fusions_are_validated() -> None:
     assert dataclasses.replace(base, encoder="rfdn+rlfn").pretrained == ("rfdn", "rlfn")
     narrowed = dataclasses.replace(base, encoder="rfdn:3+rlfn/32")
     assert narrowed.pretrained_blocks == {"rfdn": 3, "rlfn": 4} and narrowed.pretrained_widths == {"rlfn": 32}
+    for name in ("rfdn:3+rlfn/32", "rfdn+rlfn", "rlfn:2", "safmn"):  # names written back as they were read
+        assert encoder_name(member_blocks(name), member_widths(name)) == name
     for bad in ("rfdn+rfdn", "rfdn+rrdb", "srcnn", "rfdn+", "rfdn/32", "rlfn/48", "rlfn/", "rlfn/x"):
         with pytest.raises(ValueError, match="encoder must be one of"):
             dataclasses.replace(base, encoder=bad)

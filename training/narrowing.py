@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from model.network import SRDiffNet
 from model.pretrained import RLFN
-from model.pretrained_encoder import member_blocks, member_widths
+from model.pretrained_encoder import encoder_name, member_blocks, member_widths
 from training.data import prepare_images
 from training.fusion import fit_mix
 
@@ -121,9 +121,7 @@ def narrow_member(net: SRDiffNet, name: str, width: int, train_dir: str | Path, 
     encoder.nets[name] = narrow_rlfn(encoder.nets[name], width, lr_batches(train_dir, cache_dir, -(-patches // 16),
                                                                          seed=seed))
     encoder.widths[name] = width
-    parts = [n + (f":{b}" if b < type(encoder.nets[n]).published_blocks else "")
-             + (f"/{w}" if (w := encoder.widths.get(n)) else "") for n, b in blocks.items()]
-    net.cfg = dataclasses.replace(net.cfg, encoder="+".join(parts))
+    net.cfg = dataclasses.replace(net.cfg, encoder=encoder_name(blocks, encoder.widths))
     if len(blocks) > 1:
         fit_mix(encoder, train_dir, cache_dir, seed=seed)
     return net
