@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,6 +44,16 @@ class CachedImage:
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         return np.load(self.hr_path, mmap_mode="r"), np.load(self.lr_path, mmap_mode="r")
+
+
+def random_crops(images: list[CachedImage], count: int, lr_size: int, scale: int,
+                 rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`count` random crops of `lr_size` LR pixels a side, each of a random image: (HR, LR) uint8 views."""
+    for _ in range(count):
+        hr, lr = images[int(rng.integers(len(images)))].load()
+        y, x = (int(rng.integers(s - lr_size + 1)) for s in lr.shape[:2])
+        yield (hr[y * scale:(y + lr_size) * scale, x * scale:(x + lr_size) * scale],
+               lr[y:y + lr_size, x:x + lr_size])
 
 
 def _cache_key(path: Path, scale: int) -> str:

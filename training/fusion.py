@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from model.pretrained_encoder import PretrainedEncoder
-from training.data import prepare_images
+from training.data import prepare_images, random_crops
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,8 @@ def fit_mix(encoder: PretrainedEncoder, train_dir: str | Path, cache_dir: str | 
     rng = np.random.default_rng(seed)
     gram = torch.zeros(3, n, n, dtype=torch.float64)
     rhs = torch.zeros(3, n, dtype=torch.float64)
-    for _ in range(patches):
-        hr, lr = images[int(rng.integers(len(images)))].load()
-        y, x = (int(rng.integers(s - lr_patch + 1)) for s in lr.shape[:2])
-        lr_t = torch.from_numpy(np.array(lr[y:y + lr_patch, x:x + lr_patch])).permute(2, 0, 1)[None].float() / 255
-        hr_c = hr[y * scale:(y + lr_patch) * scale, x * scale:(x + lr_patch) * scale]
+    for hr_c, lr_c in random_crops(images, patches, lr_patch, scale, rng):
+        lr_t = torch.from_numpy(np.array(lr_c)).permute(2, 0, 1)[None].float() / 255
         hr_t = torch.from_numpy(np.array(hr_c)).permute(2, 0, 1).double() / 255
         _, feats = encoder(lr_t * 2 - 1)
         outs = torch.stack([o[0].double() for o in encoder.member_images(feats)])  # members x 3 x H x W, in [0, 1]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from model.network import SRDiffNet
 from model.pretrained import RLFN
 from model.pretrained_encoder import encoder_name, member_blocks, member_widths
-from training.data import prepare_images
+from training.data import prepare_images, random_crops
 from training.fusion import fit_mix
 
 log = logging.getLogger(__name__)
@@ -37,16 +37,8 @@ def lr_batches(train_dir: str | Path, cache_dir: str | Path, batches: int, batch
     images = prepare_images(train_dir, cache_dir, 4, min_hr=size * 4)
     if not images:
         raise ValueError(f"{train_dir}: no usable training images")
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(batches):
-        crops = []
-        for _ in range(batch):
-            _, lr = images[int(rng.integers(len(images)))].load()
-            y, x = (int(rng.integers(s - size + 1)) for s in lr.shape[:2])
-            crops.append(np.array(lr[y:y + size, x:x + size]))
-        out.append(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float())
-    return out
+    crops = np.stack([lr for _, lr in random_crops(images, batches * batch, size, 4, np.random.default_rng(seed))])
+    return list(torch.from_numpy(crops).permute(0, 3, 1, 2).float().split(batch))
 
 
 @torch.no_grad()
