@@ -116,16 +116,12 @@ class Models:
         self.device = resolve_device(device)
         self.runtime = TorchRuntime(net, self.info, self.device, resolve_precision(precision, self.device))
         self.config = self.info.config
-        self._batches: dict[int, int] = {}
-
-    def _batch(self, tile: int) -> int:
-        """Tiles per call as served for `tile` (`model.sizing`), chosen once per tile size: on a GPU it is timed."""
-        if tile not in self._batches:
-            self._batches[tile] = choose_batch(self.runtime, (tile, tile)).batch
-        return self._batches[tile]
+        self._batches: dict[int, int] = {}  # tiles per call as served, by tile size (`model.sizing`)
 
     def upscale(self, lr01: np.ndarray, s: SamplerSettings, steps: int) -> np.ndarray:
-        up = Upscaler(self.runtime, tile=s.tile, overlap=s.overlap, max_batch=s.max_batch or self._batch(s.tile))
+        if not s.max_batch and s.tile not in self._batches:  # chosen once per tile size: on a GPU it is timed
+            self._batches[s.tile] = choose_batch(self.runtime, (s.tile, s.tile)).batch
+        up = Upscaler(self.runtime, tile=s.tile, overlap=s.overlap, max_batch=s.max_batch or self._batches[s.tile])
         return up.upscale_rgb(lr01, steps, s.sampler, s.eta, s.seed, ensemble=s.ensemble)  # type: ignore[arg-type]
 
 
